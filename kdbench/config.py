@@ -1,0 +1,385 @@
+"""The experiment matrix as frozen dataclasses: data, protocol, cache policy, teachers, grid.
+
+Two layers of validation: ``workflow/schemas/config.schema.yaml`` checks shapes and types inside Snakemake,
+and :func:`parse_config` (used by both the workflow and every ``kdbench`` command) checks the same keys
+again plus everything a schema cannot know: registered methods and their parameters, model names,
+(teacher, student, method) compatibility. Every error names the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from kdbench._util import stable_hash, to_jsonable
+
+
+class ConfigError(ValueError):
+    """A user error in a config file; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the raw data is and how it is split and sharded.
+
+    Attributes:
+        source: Registered data source (``fashion-mnist``, ``cifar100``, ``cifar10``, ``image-folder``).
+        root: Directory holding the raw files in the source's standard format.
+        val_size: Training images held out (seeded) as the validation split, the only split used for any
+            selection; the test split is never used for selection.
+        shard_size: Samples per webdataset shard (and per teacher-output shard).
+        split_seed: Seed of the train/val split.
+        train_limit: Keep only this many training images (after the split); ``None`` keeps all.
+        test_limit: Keep only the first this many test images; ``None`` keeps all.
+    """
+
+    source: str = "fashion-mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    val_size: int = 5000
+    shard_size: int = 10000
+    split_seed: int = 0
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """How the augmented views of a training image are drawn (see :mod:`kdbench.data.views`).
+
+    Attributes:
+        count: Views V per training image; epoch e replays view ``e mod V``.
+        seed: Seed of the counter-based view generator.
+        scale: Range of the crop's area as a fraction of the image.
+        ratio: Range of the crop's aspect ratio (width / height).
+        flip: Whether views are horizontally flipped with probability 1/2.
+        mixup: Probability that a view is mixed with a partner drawn from the same data shard
+            (lambda = max(a, 1 - a), a ~ U(0, 1), as in FunMatch).
+    """
+
+    count: int = 4
+    seed: int = 0
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.3333333)
+    flip: bool = True
+    mixup: float = 0.0
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that must be equal across methods; no method can change it.
+
+    Attributes:
+        epochs: Training epochs E.
+        batch_size: Training batch size.
+        eval_batch_size: Evaluation batch size (does not change results).
+        optimizer: ``sgd`` or ``adamw``.
+        lr: Peak learning rate.
+        momentum: SGD momentum.
+        nesterov: SGD Nesterov momentum.
+        weight_decay: Weight decay.
+        schedule: ``cosine`` (per step, to zero) or ``step`` (x gamma at each milestone epoch).
+        milestones: Epochs of the ``step`` schedule.
+        gamma: Decay factor of the ``step`` schedule.
+        warmup_epochs: Linear warm-up epochs.
+        views: The view recipe.
+        image_size: Input resolution; ``None`` keeps the dataset's own.
+    """
+
+    epochs: int = 8
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    views: ViewRecipe = field(default_factory=ViewRecipe)
+    image_size: int | None = None
+
+    def hash(self) -> str:
+        """A stable hash of the whole protocol, recorded in every run."""
+        return stable_hash(self)
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """Global storage policy of the teacher-output stores.
+
+    Attributes:
+        logits_dtype: ``float16`` (default) or ``float32``.
+        topk: Keep only the top-k logits (fp16 values + int16/int32 indices + logsumexp); ``None`` = all.
+        feature_pool: Adaptive average pooling of feature maps to this spatial size before storing;
+            ``None`` stores them whole.
+        feature_dtype: ``float16`` or ``bfloat16`` (for features beyond fp16's range) or ``float32``.
+        verify: The reader re-hashes every shard against the manifest when it opens a store.
+    """
+
+    logits_dtype: str = "float16"
+    topk: int | None = None
+    feature_pool: int | None = None
+    feature_dtype: str = "float16"
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """One teacher: a timm model name, trained by the workflow or loaded from a local checkpoint.
+
+    Attributes:
+        model: timm model name (kdbench's own small models are registered in timm).
+        checkpoint: Path to a local checkpoint (a state dict) to load instead of training; its sha256 is
+            recorded.
+        train: Protocol of the teacher's own training (keys of :class:`Protocol`, unset ones from the
+            student protocol). A teacher sees a fresh view in every epoch.
+    """
+
+    model: str
+    checkpoint: str | None = None
+    train: Protocol = field(default_factory=Protocol)
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One column of the grid: a registered method with its parameters under a label.
+
+    Attributes:
+        label: The name in the config and the leaderboard (e.g. ``kd`` or ``funmatch_fixed``).
+        method: The registered method name (defaults to the label).
+        params: Parameters of the method's ``Config`` dataclass.
+    """
+
+    label: str
+    method: str
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How jobs run; never part of any hash (results must not depend on it, except device numerics).
+
+    Attributes:
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: torch intra-op threads per job.
+    """
+
+    device: str = "auto"
+    threads: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment matrix: one protocol, one leaderboard."""
+
+    name: str
+    data: DataConfig
+    protocol: Protocol
+    cache: CachePolicy
+    teachers: Mapping[str, TeacherConfig]
+    students: tuple[str, ...]
+    methods: Mapping[str, MethodEntry]
+    seeds: tuple[int, ...]
+    runtime: Runtime = field(default_factory=Runtime)
+    source: str = "<dict>"
+
+    def protocol_hash(self) -> str:
+        return self.protocol.hash()
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, (list, tuple))
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def build_dataclass(cls: type, raw: Any, where: str, source: str, base: Any = None) -> Any:
+    """Builds dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    Args:
+        cls: The frozen dataclass.
+        raw: The mapping from the config (``None`` = all defaults).
+        where: Dotted key of this mapping, for messages.
+        source: The config file, for messages.
+        base: An instance whose values replace the defaults (e.g. the student protocol for a teacher's).
+    """
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: key '{where}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key '{where}.{unknown[0]}'; valid keys of '{where}': {', '.join(sorted(fields))}"
+        )
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        key = f"{where}.{name}"
+        if dataclasses.is_dataclass(tp):
+            nested_base = getattr(base, name) if base is not None else None
+            value = build_dataclass(tp, value, key, source, nested_base)
+        elif not _type_ok(value, tp):
+            raise ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
+        elif typing.get_origin(tp) is tuple:
+            value = tuple(value)
+        values[name] = value
+    if base is not None:
+        return dataclasses.replace(base, **values)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{source}: key '{where}': {e}") from e
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_protocol(p: Protocol, where: str, source: str) -> None:
+    checks = [
+        (p.epochs >= 1, "epochs", "must be >= 1"),
+        (p.batch_size >= 1, "batch_size", "must be >= 1"),
+        (p.optimizer in ("sgd", "adamw"), "optimizer", "must be 'sgd' or 'adamw'"),
+        (p.schedule in ("cosine", "step", "constant"), "schedule", "must be 'cosine', 'step' or 'constant'"),
+        (p.lr > 0, "lr", "must be > 0"),
+        (p.views.count >= 1, "views.count", "must be >= 1"),
+        (0.0 <= p.views.mixup <= 1.0, "views.mixup", "must be a probability in [0, 1]"),
+        (0 < p.views.scale[0] <= p.views.scale[1] <= 1.0, "views.scale", "must be 0 < low <= high <= 1"),
+        (0 < p.views.ratio[0] <= p.views.ratio[1], "views.ratio", "must be 0 < low <= high"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{source}: key '{where}.{key}' {msg}")
+
+
+def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Validates a raw config mapping and returns the frozen :class:`Config`.
+
+    Raises:
+        ConfigError: naming ``source`` and the offending dotted key.
+    """
+    from kdbench import methods as method_registry  # noqa: F401  (registers all methods)
+    from kdbench.methods.base import METHODS
+    from kdbench.models import check_model_name
+
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the config must be a mapping at the top level")
+    top = {"name", "data", "protocol", "cache", "teachers", "students", "methods", "seeds", "runtime"}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key '{unknown[0]}'; valid keys: {', '.join(sorted(top))}")
+    for key in ("name", "teachers", "students", "methods", "seeds"):
+        if key not in raw:
+            raise ConfigError(f"{source}: missing required key '{key}'")
+    name = raw["name"]
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError(f"{source}: key 'name' must be a non-empty string without '/'")
+    data = build_dataclass(DataConfig, raw.get("data"), "data", source)
+    protocol = build_dataclass(Protocol, raw.get("protocol"), "protocol", source)
+    _check_protocol(protocol, "protocol", source)
+    cache = build_dataclass(CachePolicy, raw.get("cache"), "cache", source)
+    runtime = build_dataclass(Runtime, raw.get("runtime"), "runtime", source)
+
+    if not isinstance(raw["teachers"], Mapping) or not raw["teachers"]:
+        raise ConfigError(f"{source}: key 'teachers' must be a non-empty mapping of name -> {{model: ...}}")
+    teachers: dict[str, TeacherConfig] = {}
+    for tname, traw in raw["teachers"].items():
+        where = f"teachers.{tname}"
+        if not isinstance(traw, Mapping) or "model" not in traw:
+            raise ConfigError(f"{source}: key '{where}' must be a mapping with at least 'model'")
+        unknown = sorted(set(traw) - {"model", "checkpoint", "train"})
+        if unknown:
+            raise ConfigError(f"{source}: unknown key '{where}.{unknown[0]}'; valid keys: checkpoint, model, train")
+        train = build_dataclass(Protocol, traw.get("train"), f"{where}.train", source, base=protocol)
+        _check_protocol(train, f"{where}.train", source)
+        _check_model(check_model_name, traw["model"], f"{where}.model", source)
+        teachers[str(tname)] = TeacherConfig(model=traw["model"], checkpoint=traw.get("checkpoint"), train=train)
+
+    students = raw["students"]
+    if not isinstance(students, list) or not students:
+        raise ConfigError(f"{source}: key 'students' must be a non-empty list of timm model names")
+    for i, s in enumerate(students):
+        _check_model(check_model_name, s, f"students[{i}]", source)
+
+    seeds = raw["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{source}: key 'seeds' must be a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{source}: key 'seeds' has duplicates: {seeds}")
+
+    if not isinstance(raw["methods"], Mapping) or not raw["methods"]:
+        raise ConfigError(f"{source}: key 'methods' must be a non-empty mapping of label -> parameters")
+    methods: dict[str, MethodEntry] = {}
+    for label, mraw in raw["methods"].items():
+        mraw = dict(mraw or {})
+        mname = mraw.pop("method", label)
+        if mname not in METHODS:
+            raise ConfigError(
+                f"{source}: key 'methods.{label}': unknown method {mname!r}; valid choices: {', '.join(METHODS.names())}"
+            )
+        entry = MethodEntry(label=str(label), method=mname, params=mraw)
+        try:
+            METHODS.get(mname).make_config(mraw)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: key 'methods.{label}': {e}") from e
+        methods[str(label)] = entry
+    return Config(
+        name=name,
+        data=data,
+        protocol=protocol,
+        cache=cache,
+        teachers=teachers,
+        students=tuple(students),
+        methods=methods,
+        seeds=tuple(seeds),
+        runtime=runtime,
+        source=source,
+    )
+
+
+def _check_model(check: Any, name: Any, key: str, source: str) -> None:
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: key '{key}' must be a timm model name (string)")
+    reason = check(name)
+    if reason:
+        raise ConfigError(f"{source}: key '{key}': {reason}")
+
+
+def load_config(path: str | Path) -> Config:
+    """Reads and validates a YAML config file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_config(raw, source=str(path))
+
+
+def config_slice_hash(*parts: Any) -> str:
+    """Hash of the config parts one job depends on (its rerun trigger in the workflow)."""
+    return stable_hash([to_jsonable(p) for p in parts])

@@ -1,0 +1,2 @@
+"""Data: raw dataset sources -> webdataset shards (:mod:`.shards`), and seeded per-view augmentation
+(:mod:`.views`)."""

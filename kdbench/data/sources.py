@@ -1,0 +1,158 @@
+"""Raw dataset sources, each reading one standard on-disk format into memory.
+
+* ``fashion-mnist``: the IDX files (``train-images-idx3-ubyte[.gz]`` …) of Zalando's Fashion-MNIST, as
+  installed by Debian's ``dataset-fashion-mnist`` under ``/usr/share/datasets/fashion-mnist``;
+* ``cifar10`` / ``cifar100``: the "python version" pickles (``cifar-10-batches-py/`` or
+  ``cifar-100-python/``), as distributed by the dataset's authors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from kdbench.registry import Registry
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """A dataset held in memory.
+
+    Attributes:
+        train_images: ``uint8 [N, H, W, C]``.
+        train_labels: ``int64 [N]``.
+        test_images: ``uint8 [M, H, W, C]``.
+        test_labels: ``int64 [M]``.
+        class_names: One name per class.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A registered source: ``load(root)`` reads everything, ``sizes(root)`` only counts (cheap, at parse time)."""
+
+    load: Callable[[Path], RawDataset]
+    sizes: Callable[[Path], tuple[int, int]]
+    fix: str
+
+
+SOURCES: Registry[Source] = Registry("data source")
+
+
+class DatasetError(FileNotFoundError):
+    """A missing or malformed raw dataset; the message names the path and the fix."""
+
+
+def _need(path: Path, fix: str) -> Path:
+    if not path.exists():
+        raise DatasetError(f"dataset file not found: {path}. Fix: {fix}")
+    return path
+
+
+def _find(root: Path, stem: str, fix: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (root / name).exists():
+            return root / name
+    return _need(root / (stem + ".gz"), fix)
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _idx_header(path: Path) -> tuple[int, tuple[int, ...]]:
+    with _open(path) as f:
+        magic = f.read(4)
+        if len(magic) < 4 or magic[:2] != b"\x00\x00" or magic[2] != 0x08:
+            raise DatasetError(f"{path} is not an IDX file of unsigned bytes (magic {magic!r})")
+        ndim = magic[3]
+        dims = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+    return ndim, dims
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Reads an IDX file (optionally gzipped) of unsigned bytes into an array of its shape."""
+    ndim, dims = _idx_header(path)
+    with _open(path) as f:
+        f.seek(4 + 4 * ndim)
+        data = np.frombuffer(f.read(), dtype=np.uint8)
+    if data.size != int(np.prod(dims)):
+        raise DatasetError(f"{path} is truncated: header says {dims}, found {data.size} bytes of data")
+    return data.reshape(dims)
+
+
+_FMNIST_FIX = "install the Debian package 'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) or set data.root"
+_FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def _fmnist_load(root: Path) -> RawDataset:
+    f = lambda stem: _find(root, stem, _FMNIST_FIX)  # noqa: E731
+    return RawDataset(
+        train_images=read_idx(f("train-images-idx3-ubyte"))[..., None],
+        train_labels=read_idx(f("train-labels-idx1-ubyte")).astype(np.int64),
+        test_images=read_idx(f("t10k-images-idx3-ubyte"))[..., None],
+        test_labels=read_idx(f("t10k-labels-idx1-ubyte")).astype(np.int64),
+        class_names=_FMNIST_CLASSES,
+    )
+
+
+def _fmnist_sizes(root: Path) -> tuple[int, int]:
+    return (
+        _idx_header(_find(root, "train-labels-idx1-ubyte", _FMNIST_FIX))[1][0],
+        _idx_header(_find(root, "t10k-labels-idx1-ubyte", _FMNIST_FIX))[1][0],
+    )
+
+
+SOURCES.register("fashion-mnist")(Source(_fmnist_load, _fmnist_sizes, _FMNIST_FIX))
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+def _cifar_source(variant: str) -> Source:
+    folder = "cifar-10-batches-py" if variant == "cifar10" else "cifar-100-python"
+    fix = f"unpack the python version of {variant.upper()} so that <data.root>/{folder}/ exists, or set data.root"
+    label_key = "labels" if variant == "cifar10" else "fine_labels"
+    train_files = [f"data_batch_{i}" for i in range(1, 6)] if variant == "cifar10" else ["train"]
+    test_files = ["test_batch"] if variant == "cifar10" else ["test"]
+    meta_file, names_key = ("batches.meta", "label_names") if variant == "cifar10" else ("meta", "fine_label_names")
+
+    def base(root: Path) -> Path:
+        # Accept both <root>/<folder>/ and the folder itself as root.
+        return root if (root / meta_file).exists() else _need(root / folder, fix)
+
+    def read(root: Path, files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        parts = [_unpickle(_need(base(root) / name, fix)) for name in files]
+        images = np.concatenate([np.asarray(p["data"], dtype=np.uint8) for p in parts]).reshape(-1, 3, 32, 32)
+        labels = np.concatenate([np.asarray(p[label_key], dtype=np.int64) for p in parts])
+        return images.transpose(0, 2, 3, 1).copy(), labels
+
+    def load(root: Path) -> RawDataset:
+        tr, trl = read(root, train_files)
+        te, tel = read(root, test_files)
+        names = tuple(_unpickle(_need(base(root) / meta_file, fix))[names_key])
+        return RawDataset(tr, trl, te, tel, names)
+
+    def sizes(root: Path) -> tuple[int, int]:
+        count = lambda files: sum(len(_unpickle(_need(base(root) / n, fix))[label_key]) for n in files)  # noqa: E731
+        return count(train_files), count(test_files)
+
+    return Source(load, sizes, fix)
+
+
+SOURCES.register("cifar10")(_cifar_source("cifar10"))
+SOURCES.register("cifar100")(_cifar_source("cifar100"))

@@ -1,0 +1,233 @@
+"""The method contract: what a KD method declares, builds and returns.
+
+The harness (:mod:`kdbench.train`) owns the data, views, optimizer, schedule, epochs and evaluation; a method
+owns only its loss, its hyper-parameters (a frozen ``Config`` dataclass whose defaults are the paper's), its
+adapter modules and its declarations. Declarations are class methods of the config alone, so the workflow
+can plan cache jobs before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdbench.data.shards import DataInfo
+from kdbench.models import ModelInfo
+from kdbench.registry import Registry
+from kdbench.taps import TapDict
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a method needs from the harness beyond its taps.
+
+    Attributes:
+        live_teacher: The teacher module must run during training (its compute is counted and the row is
+            marked in the leaderboard).
+        sample_index: The step context carries the rows (positions) of the batch's samples (memory banks).
+        full_logits: Needs every class's logit; a grid whose cache keeps only the top-k is rejected.
+    """
+
+    live_teacher: bool = False
+    sample_index: bool = False
+    full_logits: bool = False
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Labels of a batch of (possibly mixed) views.
+
+    Attributes:
+        labels: ``int64 [B]``.
+        partner_labels: ``int64 [B]``, the mixup partner's labels (``labels`` where not mixed).
+        lam: ``float32 [B]``, weight of ``labels`` (1 where not mixed).
+    """
+
+    labels: torch.Tensor
+    partner_labels: torch.Tensor
+    lam: torch.Tensor
+
+
+@dataclass
+class StepContext:
+    """Where training stands; read-only for methods.
+
+    Attributes:
+        epoch: Current epoch (0-based).
+        num_epochs: Total epochs of the protocol.
+        step: Global step.
+        steps_per_epoch: Steps per epoch.
+        view: The view index this epoch replays.
+        index: ``int64 [B]`` rows of the batch in the training split, or ``None`` unless the method
+            requires ``sample_index``.
+    """
+
+    epoch: int
+    num_epochs: int
+    step: int
+    steps_per_epoch: int
+    view: int
+    index: torch.Tensor | None = None
+
+    @property
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1)."""
+        return self.step / max(1, self.num_epochs * self.steps_per_epoch)
+
+
+@dataclass
+class LossOutput:
+    """A method's loss: the sum of named, weighted terms, plus detached metrics for the logs.
+
+    Build it with :meth:`from_terms` so that ``loss == sum(terms)`` always holds.
+    """
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_terms(cls, terms: Mapping[str, torch.Tensor], metrics: Mapping[str, float] | None = None) -> "LossOutput":
+        terms = dict(terms)
+        if not terms:
+            raise ValueError("a loss needs at least one term")
+        return cls(loss=torch.stack(list(terms.values())).sum(), terms=terms, metrics=dict(metrics or {}))
+
+
+def cross_entropy(logits: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """Cross-entropy against (possibly mixup-mixed) hard labels, averaged over the batch."""
+    logp = F.log_softmax(logits, dim=-1)
+    own = logp.gather(1, targets.labels[:, None]).squeeze(1)
+    other = logp.gather(1, targets.partner_labels[:, None]).squeeze(1)
+    return -(targets.lam * own + (1 - targets.lam) * other).mean()
+
+
+class DistillMethod(nn.Module):
+    """Base class of every KD method. Subclasses set the class attributes and implement :meth:`loss`.
+
+    Class attributes:
+        name: Registered name.
+        Config: Frozen dataclass of hyper-parameters (defaults = the paper's / the CRD protocol's).
+        reference: Citation.
+
+    Args:
+        cfg: An instance of ``Config``.
+        teacher: Metadata of the teacher (``None`` for methods without a teacher).
+        student: Metadata of the student.
+        data: Metadata of the dataset.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    reference: ClassVar[str]
+
+    def __init__(self, cfg: Any, *, teacher: ModelInfo | None, student: ModelInfo, data: DataInfo) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.teacher_info = teacher
+        self.student_info = student
+        self.data_info = data
+
+    # --- declarations (pure functions of the config) -------------------------------------------------
+    @classmethod
+    def teacher_taps(cls, cfg: Any) -> frozenset[str]:
+        """Teacher taps the loss reads (empty: the method needs no teacher)."""
+        return frozenset({"logits"})
+
+    @classmethod
+    def student_taps(cls, cfg: Any) -> frozenset[str]:
+        """Student taps the loss reads."""
+        return frozenset({"logits"})
+
+    @classmethod
+    def requirements(cls, cfg: Any) -> Requirements:
+        return Requirements()
+
+    @classmethod
+    def assistant(cls, cfg: Any) -> str | None:
+        """A teacher-assistant model (timm name) the workflow must first distil from the teacher, which then
+        replaces the teacher for this method (TAKD); ``None`` for one-step methods."""
+        return None
+
+    @classmethod
+    def compatibility(cls, cfg: Any, teacher: ModelInfo | None, student: ModelInfo) -> str | None:
+        """``None`` if the method can run on this (teacher, student) pair, else the reason it cannot."""
+        return None
+
+    @classmethod
+    def make_config(cls, params: Mapping[str, Any]) -> Any:
+        """Builds ``Config`` from config-file parameters; an unknown or mistyped parameter names the choices."""
+        names = [f.name for f in dataclasses.fields(cls.Config)]
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise ValueError(
+                f"method {cls.name!r} has no parameter {unknown[0]!r}; valid parameters: {', '.join(names) or '(none)'}"
+            )
+        hints = {f.name: f.type for f in dataclasses.fields(cls.Config)}
+        defaults = cls.Config()
+        for k, v in params.items():
+            default = getattr(defaults, k)
+            if isinstance(default, bool) != isinstance(v, bool) or (
+                isinstance(default, (int, float)) and not isinstance(v, (int, float))
+            ) or (isinstance(default, str) and not isinstance(v, str)):
+                raise ValueError(f"method {cls.name!r}: parameter {k!r} must be {hints[k]}, got {v!r}")
+        cfg = cls.Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()})
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        return cfg
+
+    @classmethod
+    def declarations(cls, cfg: Any) -> dict[str, Any]:
+        """Everything the method declares, as JSON-serialisable data."""
+        return {
+            "teacher_taps": sorted(cls.teacher_taps(cfg)),
+            "student_taps": sorted(cls.student_taps(cfg)),
+            "requirements": dataclasses.asdict(cls.requirements(cfg)),
+            "assistant": cls.assistant(cfg),
+        }
+
+    # --- training-time hooks --------------------------------------------------------------------------
+    def loss(self, student: TapDict, teacher: TapDict, targets: Targets, ctx: StepContext) -> LossOutput:
+        """The training loss of one batch.
+
+        Args:
+            student: The declared student taps.
+            teacher: The declared teacher taps (constants: cached or computed without grad).
+            targets: Labels of the batch's views.
+            ctx: Step context.
+        """
+        raise NotImplementedError
+
+    def on_epoch_start(self, ctx: StepContext) -> None:
+        """Called before each epoch (curricula, memory-bank refreshes)."""
+
+    def live_teacher_module(self, teacher: nn.Module) -> None:
+        """Receives the teacher module when ``requirements().live_teacher`` (frozen; never trained)."""
+
+    def extra_parameters(self) -> int:
+        """Trainable parameters the method adds (adapters), counted in the cost columns."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+METHODS: Registry[type[DistillMethod]] = Registry("method")
+
+
+def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:
+    """Class decorator: registers a method under ``cls.name``."""
+    for attr in ("name", "Config", "reference"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"method class {cls.__name__} must define {attr!r}")
+    return METHODS.register(cls.name)(cls)
+
+
+def create_method(
+    name: str, params: Mapping[str, Any], *, teacher: ModelInfo | None, student: ModelInfo, data: DataInfo
+) -> DistillMethod:
+    """Builds a registered method from config parameters and model metadata."""
+    cls = METHODS.get(name)
+    return cls(cls.make_config(params), teacher=teacher, student=student, data=data)

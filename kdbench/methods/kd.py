@@ -1,0 +1,60 @@
+"""KD: Hinton, Vinyals & Dean, "Distilling the Knowledge in a Neural Network", NIPS DL workshop 2015
+(arXiv 1503.02531).
+
+Loss: ``ce_weight * CE(student, y) + kd_weight * tau^2 * KL(softmax(t / tau) || softmax(s / tau))``, with the
+KL averaged over the batch. Defaults are the CRD / RepDistiller CIFAR-100 protocol (tau = 4, weights 0.1 /
+0.9).
+
+Deviations from the paper: none (the paper fixes no weights; we take RepDistiller's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """``tau^2 * KL(p_t || p_s)`` at temperature ``tau``, averaged over the batch.
+
+    Args:
+        student_logits: ``[B, C]``.
+        teacher_logits: ``[B, C]``.
+        tau: Temperature.
+    """
+    log_ps = F.log_softmax(student_logits / tau, dim=-1)
+    log_pt = F.log_softmax(teacher_logits / tau, dim=-1)
+    return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * tau**2
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Attributes: tau (temperature), ce_weight, kd_weight."""
+
+    tau: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+    def validate(self) -> None:
+        if self.tau <= 0:
+            raise ValueError(f"method 'kd': parameter 'tau' must be > 0, got {self.tau}")
+
+
+@register_method
+class KD(DistillMethod):
+    name = "kd"
+    Config = KDConfig
+    reference = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531"
+
+    def loss(self, student, teacher, targets, ctx) -> LossOutput:
+        s = student["logits"]
+        return LossOutput.from_terms(
+            {
+                "ce": self.cfg.ce_weight * cross_entropy(s, targets),
+                "kd": self.cfg.kd_weight * kd_loss(s, teacher["logits"], self.cfg.tau),
+            }
+        )

@@ -1,0 +1,383 @@
+"""Models: a thin layer over ``timm.create_model``.
+
+kdbench registers its own small models into timm's registry, so ``timm.create_model("resnet8x4")`` works
+once :mod:`kdbench.models` is imported:
+
+* ``cnn_xs`` … ``cnn_l``: VGG-style conv nets sized for 28-32 px inputs (the Fashion-MNIST default);
+* ``resnet8`` … ``resnet110``, ``resnet8x4``, ``resnet32x4``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: the
+  CIFAR models of the CRD / RepDistiller protocol (He et al. 2016 CIFAR variants, Zagoruyko & Komodakis 2016);
+* ``vit_pico_patch4``, ``vit_nano_patch4``: tiny timm Vision Transformers for small images.
+
+Every kdbench model implements timm's feature API (``feature_info``, ``forward_features``,
+``forward_head(pre_logits=...)``, ``forward_intermediates``), which is what the taps of
+:mod:`kdbench.taps` use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer
+
+_logger = logging.getLogger(__name__)
+
+
+class _StagedNet(nn.Module):
+    """A stem followed by stages; provides timm's feature-extraction API for its subclasses.
+
+    Subclasses set ``self.stem`` and ``self.stages`` (each stage one ``nn.Module``), ``self.num_features``
+    and ``self.feature_info`` (one dict per stage: ``num_chs``, ``reduction``, ``module``).
+    """
+
+    num_classes: int
+    num_features: int
+    stem: nn.Module
+    stages: nn.ModuleList
+    head: nn.Linear
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's intermediate-feature API.
+
+        Args:
+            x: Images ``[B, C, H, W]``.
+            indices: Stage indices to return (negative counts from the end), or the last ``n`` if an int.
+            norm, output_fmt: Accepted for timm compatibility (maps are always NCHW, never normed).
+            stop_early: Stop after the last requested stage.
+            intermediates_only: Return only the list of intermediates.
+
+        Returns:
+            ``(final_features [B, C, h, w], [stage maps])`` or only the list.
+        """
+        n = len(self.stages)
+        if indices is None:
+            take = list(range(n))
+        elif isinstance(indices, int):
+            take = list(range(n - indices, n))
+        else:
+            take = [i % n for i in indices]
+        out: list[torch.Tensor] = []
+        x = self.stem(x)
+        last = max(take) if (stop_early or intermediates_only) and take else n - 1
+        for i, stage in enumerate(self.stages[: last + 1]):
+            x = stage(x)
+            if i in take:
+                out.append(x)
+        if intermediates_only:
+            return out
+        for stage in self.stages[last + 1 :]:
+            x = stage(x)
+        return x, out
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ConvNet(_StagedNet):
+    """A VGG-style net: stage ``i`` is ``depths[i]`` conv-BN-ReLU layers of ``widths[i]`` channels, then a 2x2
+    max-pool (none after the last stage); global average pooling and a linear head.
+
+    Args:
+        widths: Channels per stage.
+        depths: Conv layers per stage.
+        num_classes: Classes of the head.
+        in_chans: Input channels.
+    """
+
+    def __init__(
+        self, widths: Sequence[int], depths: Sequence[int], num_classes: int = 10, in_chans: int = 1, **kwargs
+    ) -> None:
+        super().__init__()
+        _ignore_kwargs(kwargs)
+        self.stem = nn.Identity()
+        stages, cin, reduction, info = [], in_chans, 1, []
+        for i, (w, d) in enumerate(zip(widths, depths)):
+            layers: list[nn.Module] = [nn.MaxPool2d(2)] if i > 0 else []
+            reduction *= 2 if i > 0 else 1
+            for _ in range(d):
+                layers.append(_conv_bn(cin, w))
+                cin = w
+            stages.append(nn.Sequential(*layers))
+            info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
+        self.stages = nn.ModuleList(stages)
+        self.feature_info = info
+        self.num_features = cin
+        self.reset_classifier(num_classes)
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class _PreActBlock(nn.Module):
+    """Wide-ResNet block (BN-ReLU-conv), as in Zagoruyko & Komodakis 2016."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        y = self.conv1(o)
+        y = self.conv2(F.relu(self.bn2(y)))
+        return y + (self.shortcut(o) if self.shortcut is not None else x)
+
+
+class CifarResNet(_StagedNet):
+    """The CIFAR ResNets of He et al. 2016 / RepDistiller (3x3 stem, three stages at strides 1, 2, 2).
+
+    Args:
+        depth: Total depth (6n + 2), e.g. 20 for resnet20.
+        widths: Stem width then the three stage widths, e.g. ``(16, 16, 32, 64)``.
+        wide: Use pre-activation Wide-ResNet blocks (depth 6n + 4 convention of WRN is mapped by the caller).
+        num_classes: Classes of the head.
+        in_chans: Input channels.
+    """
+
+    def __init__(
+        self,
+        depth: int,
+        widths: Sequence[int],
+        wide: bool = False,
+        num_classes: int = 100,
+        in_chans: int = 3,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        _ignore_kwargs(kwargs)
+        n = (depth - 4) // 6 if wide else (depth - 2) // 6
+        block = _PreActBlock if wide else _BasicBlock
+        self.stem = (
+            nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
+            if wide
+            else nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        )
+        stages, cin, info, reduction = [], widths[0], [], 1
+        for i, w in enumerate(widths[1:]):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            blocks = [block(cin if j == 0 else w, w, stride if j == 0 else 1) for j in range(n)]
+            if wide and i == len(widths) - 2:
+                blocks.append(nn.Sequential(nn.BatchNorm2d(w), nn.ReLU()))
+            stages.append(nn.Sequential(*blocks))
+            info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+        self.feature_info = info
+        self.num_features = cin
+        self.reset_classifier(num_classes)
+
+
+def _ignore_kwargs(kwargs: dict) -> None:
+    # timm passes pretrained_cfg and friends; img_size is accepted by every kdbench model (ViTs use it).
+    kwargs.pop("img_size", None)
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only"):
+        kwargs.pop(k, None)
+    if kwargs:
+        raise TypeError(f"unexpected model arguments: {sorted(kwargs)}")
+
+
+def _no_pretrained(pretrained: bool, name: str) -> None:
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights; give a local checkpoint file instead")
+
+
+_CONVNETS = {
+    "cnn_xs": ((8, 16, 32), (1, 1, 1)),
+    "cnn_s": ((16, 32, 64), (1, 1, 1)),
+    "cnn_m": ((32, 64, 128), (1, 2, 1)),
+    "cnn_l": ((64, 128, 256), (2, 2, 2)),
+}
+_RESNETS = {
+    "resnet8": (8, (16, 16, 32, 64)),
+    "resnet14": (14, (16, 16, 32, 64)),
+    "resnet20": (20, (16, 16, 32, 64)),
+    "resnet32": (32, (16, 16, 32, 64)),
+    "resnet44": (44, (16, 16, 32, 64)),
+    "resnet56": (56, (16, 16, 32, 64)),
+    "resnet110": (110, (16, 16, 32, 64)),
+    "resnet8x4": (8, (32, 64, 128, 256)),
+    "resnet32x4": (32, (32, 64, 128, 256)),
+}
+_WRNS = {"wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
+
+
+def _register_all() -> None:
+    def convnet(name: str, widths, depths):
+        def fn(pretrained: bool = False, **kwargs) -> ConvNet:
+            _no_pretrained(pretrained, name)
+            return ConvNet(widths, depths, **kwargs)
+
+        fn.__name__ = name
+        fn.__doc__ = f"VGG-style conv net, widths {widths}, depths {depths}."
+        return fn
+
+    def resnet(name: str, depth: int, widths):
+        def fn(pretrained: bool = False, **kwargs) -> CifarResNet:
+            _no_pretrained(pretrained, name)
+            return CifarResNet(depth, widths, **kwargs)
+
+        fn.__name__ = name
+        fn.__doc__ = f"CIFAR ResNet of depth {depth}, widths {widths} (RepDistiller's {name})."
+        return fn
+
+    def wrn(name: str, depth: int, k: int):
+        def fn(pretrained: bool = False, **kwargs) -> CifarResNet:
+            _no_pretrained(pretrained, name)
+            return CifarResNet(depth, (16, 16 * k, 32 * k, 64 * k), wide=True, **kwargs)
+
+        fn.__name__ = name
+        fn.__doc__ = f"Wide ResNet {depth}-{k} (Zagoruyko & Komodakis 2016)."
+        return fn
+
+    def vit(name: str, dim: int, depth: int, heads: int):
+        def fn(pretrained: bool = False, **kwargs) -> VisionTransformer:
+            _no_pretrained(pretrained, name)
+            for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+                kwargs.pop(k, None)
+            kwargs.setdefault("img_size", 28)
+            return VisionTransformer(patch_size=4, embed_dim=dim, depth=depth, num_heads=heads, mlp_ratio=2.0, **kwargs)
+
+        fn.__name__ = name
+        fn.__doc__ = f"Tiny ViT, patch 4, width {dim}, depth {depth}, {heads} heads."
+        return fn
+
+    fns = [convnet(n, *a) for n, a in _CONVNETS.items()]
+    fns += [resnet(n, *a) for n, a in _RESNETS.items()]
+    fns += [wrn(n, *a) for n, a in _WRNS.items()]
+    fns += [vit("vit_pico_patch4", 64, 4, 4), vit("vit_nano_patch4", 96, 6, 4)]
+    for fn in fns:
+        if fn.__name__ not in timm.list_models(fn.__name__):
+            fn.__module__ = __name__
+            register_model(fn)
+
+
+_register_all()
+
+
+def check_model_name(name: str) -> str | None:
+    """Returns ``None`` if timm knows ``name``, else a reason with close matches."""
+    if timm.is_model(name):
+        return None
+    close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+    return f"unknown timm model {name!r}" + (f"; did you mean one of: {', '.join(close)}" if close else "")
+
+
+def create_model(name: str, num_classes: int, in_chans: int, img_size: int) -> nn.Module:
+    """Creates a timm model for a dataset (never pretrained: there is no model hub here).
+
+    Args:
+        name: A timm model name.
+        num_classes: Classes of the head.
+        in_chans: Input channels.
+        img_size: Input resolution, passed to models that take it (ViTs).
+    """
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    except TypeError:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Metadata a method builds its adapters from (no weights).
+
+    Attributes:
+        name: timm model name.
+        family: ``cnn`` or ``vit`` (a ViT's feature maps are token grids).
+        num_classes: Classes.
+        num_features: Width of ``pre_logits``.
+        feature_shapes: ``(C, H, W)`` of every ``feature[i]`` tap at the protocol's resolution.
+        num_params: Parameter count.
+    """
+
+    name: str
+    family: str
+    num_classes: int
+    num_features: int
+    feature_shapes: tuple[tuple[int, int, int], ...]
+    num_params: int
+
+    def to_dict(self) -> dict:
+        return dict(
+            name=self.name,
+            family=self.family,
+            num_classes=self.num_classes,
+            num_features=self.num_features,
+            feature_shapes=[list(s) for s in self.feature_shapes],
+            num_params=self.num_params,
+        )
+
+
+@torch.no_grad()
+def model_info(model: nn.Module, name: str, in_chans: int, img_size: int) -> ModelInfo:
+    """Reads :class:`ModelInfo` from a model with one dry forward pass on zeros (in eval mode)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = torch.zeros(1, in_chans, img_size, img_size, device=device)
+    final, feats = model.forward_intermediates(x)
+    pre = model.forward_head(final, pre_logits=True)
+    model.train(was_training)
+    return ModelInfo(
+        name=name,
+        family="vit" if isinstance(model, VisionTransformer) else "cnn",
+        num_classes=model.num_classes,
+        num_features=int(pre.shape[-1]),
+        feature_shapes=tuple(tuple(int(d) for d in f.shape[1:]) for f in feats),
+        num_params=sum(p.numel() for p in model.parameters()),
+    )
