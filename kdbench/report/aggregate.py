@@ -1,0 +1,497 @@
+"""Runs table -> leaderboard cells: statistics over seeds, paired gain over the baseline, ranks.
+
+A *cell* is one (dataset, protocol hash, teacher, student, method label); its seeds are averaged. Cells
+are grouped into *groups* (same dataset, protocol hash, teacher, student: one table in the markdown) and
+groups into *tables* (same dataset and protocol hash). Records of different protocol hashes are never
+compared: they land in different tables.
+
+Headline number: last-epoch test top-1, mean ± sample std over seeds, with the 95% t-interval of the mean
+(:mod:`kdbench.report.stats`). The test top-1 at the epoch of best *validation* top-1 is a secondary,
+flagged column; nothing is ever selected on test.
+
+Rank rule (within a group, over the cells with at least two finished seeds):
+
+1. Order the cells by mean top-1, highest first (ties by method label).
+2. The best cell not yet ranked leads a new tier. Every unranked cell whose 95% interval overlaps the
+   leader's interval joins the tier (closed intervals: touching counts as overlapping).
+3. Every cell of a tier gets rank ``1 + (number of cells in better tiers)`` (competition ranking:
+   1, 1, 3, ...). Repeat from 2 until all cells are ranked.
+
+A cell with a single finished seed has no interval, so it is not ranked (its note says so) rather than
+being given a rank no data supports. Overlap of two 95% intervals is a conservative reading, not a
+significance test; the paired delta column is the sharper comparison against the baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from kdbench.report.published import Published, published_result, published_teacher
+from kdbench.report.stats import PairedDelta, Summary, paired_delta, summarize
+
+_logger = logging.getLogger(__name__)
+
+BASELINE = "baseline"
+
+
+@dataclass(eq=False)
+class Cell:
+    """One leaderboard row: a (dataset, protocol, teacher, student, method label) over its seeds.
+
+    Attributes:
+        key: ``(dataset, protocol_hash, teacher, student, method)``.
+        runs: Finished runs (``status == "ok"``), sorted by seed.
+        skipped: Skipped runs.
+        top1: Last-epoch test top-1 over seeds (the headline).
+        best_val_top1: Test top-1 at the best-validation epoch (secondary).
+        delta: Paired gain over the group's baseline (``None`` for the baseline itself and when the group
+            has no baseline).
+        rank: Rank in the group (``None`` with fewer than two finished seeds).
+        notes: Human-readable remarks (skips, missing pairs, differing provenance, ...).
+    """
+
+    key: tuple[str, str, str, str, str]
+    runs: list[Mapping[str, Any]] = field(default_factory=list)
+    skipped: list[Mapping[str, Any]] = field(default_factory=list)
+    top1: Summary = field(default_factory=Summary.empty)
+    best_val_top1: Summary = field(default_factory=Summary.empty)
+    retrieval_map: Summary = field(default_factory=Summary.empty)
+    delta: PairedDelta | None = None
+    rank: int | None = None
+    published: Published | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dataset(self) -> str:
+        return self.key[0]
+
+    @property
+    def protocol_hash(self) -> str:
+        return self.key[1]
+
+    @property
+    def teacher(self) -> str:
+        return self.key[2]
+
+    @property
+    def student(self) -> str:
+        return self.key[3]
+
+    @property
+    def method(self) -> str:
+        return self.key[4]
+
+    @property
+    def all_runs(self) -> list[Mapping[str, Any]]:
+        return sorted([*self.runs, *self.skipped], key=lambda r: r["seed"])
+
+    def first(self, column: str) -> Any:
+        """The first non-empty value of ``column`` over the cell's runs (finished ones first)."""
+        for row in [*self.runs, *self.skipped]:
+            if row.get(column) not in (None, ""):
+                return row[column]
+        return None
+
+    def mean_of(self, column: str) -> float | None:
+        """Mean of ``column`` over the finished seeds (``None`` when no seed has it)."""
+        return summarize([r.get(column) for r in self.runs]).mean
+
+    @property
+    def method_name(self) -> str:
+        return self.first("method_name")
+
+    @property
+    def teacher_model(self) -> str:
+        return self.first("teacher_model")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r["seed"] for r in self.runs]
+
+    @property
+    def status(self) -> str:
+        """``ok`` (every seed finished), ``partial`` (some skipped) or ``skipped``."""
+        if not self.runs:
+            return "skipped"
+        return "partial" if self.skipped else "ok"
+
+    @property
+    def skip_reason(self) -> str:
+        """The distinct skip reasons of the cell's skipped seeds, joined."""
+        return "; ".join(dict.fromkeys(r["skip_reason"] for r in self.skipped))
+
+    @property
+    def live_teacher(self) -> bool:
+        return any(bool(r.get("req.live_teacher")) for r in self.all_runs)
+
+    @property
+    def teacher_source(self) -> str:
+        """How the teacher's outputs reached the student.
+
+        ``live (required)``: the method needs the teacher module online; ``live``: the teacher ran although
+        the method could read a cache (no store was given); ``cache``: only stored outputs were read;
+        ``none``: no teacher signal (the baseline); ``""`` without a finished run.
+        """
+        if not self.runs:
+            return ""
+        if self.live_teacher:
+            return "live (required)"
+        if any((r.get("teacher_forward") or 0) > 0 for r in self.runs):
+            return "live"
+        if self.method_name == BASELINE or not any((r.get("cache_bytes_read") or 0) > 0 for r in self.runs):
+            return "none"
+        return "cache"
+
+    @property
+    def views_note(self) -> str:
+        """``"V views / E epochs"`` plus ``", views repeat"`` when E > V; ``""`` when unknown."""
+        count, epochs = self.first("views_count"), self.first("views_epochs")
+        if count is None or epochs is None:
+            return ""
+        repeat = self.first("views_repeat")
+        repeat = epochs > count if repeat is None else repeat
+        return f"{count} views / {epochs} epochs" + (", views repeat" if repeat else "")
+
+    def params_json(self) -> str:
+        """The method's hyper-parameters as compact JSON (from the ``param.*`` columns)."""
+        params = {
+            k[len("param.") :]: v for k, v in (self.runs or self.skipped)[0].items() if k.startswith("param.")
+        }
+        return json.dumps({k: v for k, v in params.items() if v is not None}, sort_keys=True)
+
+
+@dataclass(eq=False)
+class Group:
+    """The cells of one (dataset, protocol hash, teacher, student), in display order.
+
+    Attributes:
+        key: ``(dataset, protocol_hash, teacher, student)``.
+        cells: Ranked cells first (by rank, then mean), then cells with no finished seed.
+        teacher_top1: Teacher's own test top-1 over the group's runs.
+        teacher_published: The teacher's published top-1, if known.
+        baseline: The baseline cell, if the group has one.
+        notes: Group-level remarks.
+    """
+
+    key: tuple[str, str, str, str]
+    cells: list[Cell]
+    teacher_top1: Summary
+    teacher_published: Published | None
+    baseline: Cell | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def teacher_model(self) -> str:
+        return self.cells[0].teacher_model
+
+    @property
+    def title(self) -> str:
+        return f"{self.key[2]} ({self.teacher_model}) → {self.key[3]}"
+
+
+@dataclass
+class Table:
+    """All groups of one (dataset, protocol hash)."""
+
+    dataset: str
+    protocol_hash: str
+    groups: list[Group]
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [c for g in self.groups for c in g.cells]
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe identifier of the table."""
+        return "".join(
+            ch if ch.isalnum() or ch in "-_" else "-" for ch in f"{self.dataset}_{self.protocol_hash}"
+        )
+
+
+def build_cells(rows: Sequence[Mapping[str, Any]]) -> list[Cell]:
+    """Groups runs-table rows into cells and computes each cell's own statistics (no ranks or deltas).
+
+    Args:
+        rows: Rows of the runs table.
+
+    Returns:
+        The cells, in the order of their keys.
+    """
+    cells: dict[tuple, Cell] = {}
+    for row in rows:
+        key = (row["dataset"], row["protocol_hash"], row["teacher"], row["student"], row["method"])
+        cell = cells.setdefault(key, Cell(key))
+        (cell.runs if row["status"] == "ok" else cell.skipped).append(row)
+    for cell in cells.values():
+        cell.runs.sort(key=lambda r: r["seed"])
+        cell.skipped.sort(key=lambda r: r["seed"])
+        cell.top1 = summarize([r["test_top1"] for r in cell.runs])
+        cell.best_val_top1 = summarize([r["test_top1_at_best_val"] for r in cell.runs])
+        cell.retrieval_map = summarize([r.get("retrieval_map") for r in cell.runs])
+        cell.published = published_result(cell.dataset, cell.teacher_model, cell.student, cell.method_name)
+        _cell_notes(cell)
+    return [cells[k] for k in sorted(cells)]
+
+
+def _cell_notes(cell: Cell) -> None:
+    if cell.skipped:
+        seeds = ", ".join(str(r["seed"]) for r in cell.skipped)
+        cell.notes.append(f"skipped seed(s) {seeds}: {cell.skip_reason}")
+    param_sets = {
+        json.dumps({k: v for k, v in r.items() if k.startswith("param.")}, sort_keys=True) for r in cell.runs
+    }
+    if len(param_sets) > 1:
+        cell.notes.append("hyper-parameters differ across seeds")
+    names = {r["method_name"] for r in cell.all_runs}
+    if len(names) > 1:
+        cell.notes.append(f"label used by several methods: {', '.join(sorted(names))}")
+    differing = sorted(
+        {c for r in cell.all_runs for c in (r.get("provenance_differs") or "").split(";") if c}
+    )
+    if differing:
+        n = sum(bool(r.get("provenance_differs")) for r in cell.all_runs)
+        cell.notes.append(f"provenance differs in {n} run(s): {', '.join(differing)}")
+
+
+def _overlaps(a: Summary, b: Summary) -> bool:
+    """Whether two (defined) 95% intervals overlap, ends included."""
+    return a.low <= b.high and b.low <= a.high
+
+
+MIN_SEEDS_TO_RANK = 2
+
+
+def rank_cells(cells: Sequence[Cell]) -> None:
+    """Sets ``rank`` on the cells of one group by the tier rule of this module's docstring.
+
+    Args:
+        cells: The cells of one group; those with fewer than :data:`MIN_SEEDS_TO_RANK` finished seeds
+            keep ``rank = None`` and get a note.
+    """
+    for c in cells:
+        if c.top1.n == 1:
+            c.notes.append(f"not ranked: 1 seed (a rank needs {MIN_SEEDS_TO_RANK} for an interval)")
+    todo = sorted((c for c in cells if c.top1.n >= MIN_SEEDS_TO_RANK), key=lambda c: (-c.top1.mean, c.method))
+    ranked = 0
+    while todo:
+        leader = todo[0]
+        tier = [c for c in todo if c is leader or _overlaps(c.top1, leader.top1)]
+        for c in tier:
+            c.rank = ranked + 1
+        ranked += len(tier)
+        todo = [c for c in todo if c not in tier]
+
+
+def _pick_baseline(cells: Sequence[Cell], group_notes: list[str]) -> Cell | None:
+    baselines = [c for c in cells if c.method_name == BASELINE]
+    if not baselines:
+        return None
+    if len(baselines) > 1:
+        chosen = next((c for c in baselines if c.method == BASELINE), baselines[0])
+        group_notes.append(
+            f"several baseline cells ({', '.join(c.method for c in baselines)}); "
+            f"deltas are against {chosen.method!r}"
+        )
+        return chosen
+    return baselines[0]
+
+
+def _teacher_summary(cells: Sequence[Cell], group_notes: list[str]) -> Summary:
+    # Runs distilled from their own assistant (TAKD) record the assistant's top-1: left out.
+    values = [
+        r["teacher_test_top1"]
+        for c in cells
+        for r in c.runs
+        if r.get("teacher_test_top1") is not None and r.get("assistant_time_s") is None
+    ]
+    distinct = sorted(set(values))
+    if len(distinct) > 1:
+        group_notes.append(
+            f"teacher test top-1 differs across runs ({distinct[0]:.2f}-{distinct[-1]:.2f}); "
+            "check the teacher digest"
+        )
+    return summarize(values)
+
+
+def build_group(key: tuple[str, str, str, str], cells: list[Cell], fallback: Cell | None = None) -> Group:
+    """Ranks the cells of a group and computes each cell's paired gain over the group's baseline.
+
+    Args:
+        key: ``(dataset, protocol_hash, teacher, student)``.
+        cells: The group's cells.
+        fallback: A baseline cell of the same dataset, protocol and student under another teacher, used
+            (and named in a note) when the group has none: the student alone does not depend on the
+            teacher.
+    """
+    notes: list[str] = []
+    baseline = _pick_baseline(cells, notes)
+    if baseline is None and fallback is not None:
+        baseline = fallback
+        notes.append(
+            f"no baseline run under teacher {key[2]}; deltas are against the baseline of teacher "
+            f"{fallback.teacher} "
+            "(same student, protocol and seeds; the student alone does not depend on the teacher)"
+        )
+    if baseline is None:
+        notes.append("no baseline cell (method 'baseline'): no deltas")
+    else:
+        base = {r["seed"]: r["test_top1"] for r in baseline.runs}
+        for cell in cells:
+            if cell is not baseline:
+                cell.delta = paired_delta({r["seed"]: r["test_top1"] for r in cell.runs}, base)
+    rank_cells(cells)
+    cells = sorted(cells, key=lambda c: (c.rank is None, c.rank or 0, -(c.top1.mean or 0.0), c.method))
+    teacher = _teacher_summary(cells, notes)
+    dataset, teacher_model = key[0], cells[0].teacher_model
+    return Group(key, cells, teacher, published_teacher(dataset, teacher_model), baseline, notes)
+
+
+def build_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
+    """The whole leaderboard from the runs table: tables of groups of ranked cells.
+
+    Args:
+        rows: Rows of the runs table (with ``provenance_differs`` already set, if wanted in the notes).
+
+    Returns:
+        One :class:`Table` per (dataset, protocol hash), sorted.
+    """
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in build_cells(rows):
+        groups.setdefault(cell.key[:4], []).append(cell)
+    baselines: dict[tuple, list[Cell]] = {}
+    for key, cells in sorted(groups.items()):
+        student_key = (key[0], key[1], key[3])
+        baselines.setdefault(student_key, []).extend(c for c in cells if c.method_name == BASELINE and c.runs)
+    tables: dict[tuple[str, str], list[Group]] = {}
+    for key, cells in sorted(groups.items()):
+        fallback = next(iter(baselines.get((key[0], key[1], key[3]), [])), None)
+        tables.setdefault(key[:2], []).append(build_group(key, cells, fallback))
+    out = [Table(ds, ph, gs) for (ds, ph), gs in sorted(tables.items())]
+    per_dataset = Counter(t.dataset for t in out)
+    for ds, n in per_dataset.items():
+        if n > 1:
+            _logger.warning(
+                "dataset %s has records from %d protocols; they are reported in separate tables", ds, n
+            )
+    return out
+
+
+def protocols_per_dataset(tables: Sequence[Table]) -> dict[str, list[str]]:
+    """Protocol hashes per dataset (more than one means the tables must not be compared)."""
+    out: dict[str, list[str]] = {}
+    for t in tables:
+        out.setdefault(t.dataset, []).append(t.protocol_hash)
+    return out
+
+
+LEADERBOARD_COLUMNS = (
+    "dataset",
+    "protocol_hash",
+    "teacher",
+    "teacher_model",
+    "teacher_test_top1",
+    "student",
+    "student_params",
+    "method",
+    "method_name",
+    "params",
+    "status",
+    "seeds",
+    "seed_list",
+    "n_skipped",
+    "skip_reason",
+    "rank",
+    "top1_mean",
+    "top1_std",
+    "top1_ci95",
+    "delta_vs_baseline",
+    "delta_ci95_low",
+    "delta_ci95_high",
+    "delta_n",
+    "delta_note",
+    "best_val_test_top1_mean",
+    "best_val_test_top1_std",
+    "best_epoch_mean",
+    "teacher_agreement",
+    "retrieval_map",
+    "wall_time_s",
+    "train_time_s",
+    "teacher_forward",
+    "student_forward",
+    "cache_bytes_read",
+    "extra_params",
+    "assistant_time_s",
+    "live_teacher",
+    "teacher_source",
+    "views_count",
+    "views_epochs",
+    "views_note",
+    "published_top1",
+    "published_source",
+    "notes",
+)
+
+
+def cell_row(cell: Cell, group: Group) -> dict[str, Any]:
+    """The machine-readable leaderboard row of a cell (``leaderboard.csv``, :data:`LEADERBOARD_COLUMNS`).
+
+    ``best_val_test_top1_*`` is the secondary number (test top-1 at the epoch chosen on validation); cost
+    columns are means over the finished seeds.
+    """
+    d = cell.delta
+    return {
+        "dataset": cell.dataset,
+        "protocol_hash": cell.protocol_hash,
+        "teacher": cell.teacher,
+        "teacher_model": cell.teacher_model,
+        "teacher_test_top1": group.teacher_top1.mean,
+        "student": cell.student,
+        "student_params": cell.first("student_params"),
+        "method": cell.method,
+        "method_name": cell.method_name,
+        "params": cell.params_json(),
+        "status": cell.status,
+        "seeds": cell.top1.n,
+        "seed_list": " ".join(str(s) for s in cell.seeds),
+        "n_skipped": len(cell.skipped),
+        "skip_reason": cell.skip_reason,
+        "rank": cell.rank,
+        "top1_mean": cell.top1.mean,
+        "top1_std": cell.top1.std,
+        "top1_ci95": cell.top1.ci95,
+        "delta_vs_baseline": d.diff.mean if d else None,
+        "delta_ci95_low": d.diff.low if d else None,
+        "delta_ci95_high": d.diff.high if d else None,
+        "delta_n": len(d.seeds) if d else None,
+        "delta_note": (d.note if d else ("baseline" if cell is group.baseline else "no baseline in group")),
+        "best_val_test_top1_mean": cell.best_val_top1.mean,
+        "best_val_test_top1_std": cell.best_val_top1.std,
+        "best_epoch_mean": cell.mean_of("best_epoch"),
+        "teacher_agreement": cell.mean_of("teacher_agreement"),
+        "retrieval_map": cell.retrieval_map.mean,
+        "wall_time_s": cell.mean_of("wall_time_s"),
+        "train_time_s": cell.mean_of("train_time_s"),
+        "teacher_forward": cell.mean_of("teacher_forward"),
+        "student_forward": cell.mean_of("student_forward"),
+        "cache_bytes_read": cell.mean_of("cache_bytes_read"),
+        "extra_params": cell.first("extra_params"),
+        "assistant_time_s": cell.mean_of("assistant_time_s"),
+        "live_teacher": cell.live_teacher,
+        "teacher_source": cell.teacher_source,
+        "views_count": cell.first("views_count"),
+        "views_epochs": cell.first("views_epochs"),
+        "views_note": cell.views_note,
+        "published_top1": cell.published.top1 if cell.published else None,
+        "published_source": cell.published.source if cell.published else "",
+        "notes": "; ".join(cell.notes),
+    }
+
+
+def leaderboard_rows(tables: Sequence[Table]) -> list[dict[str, Any]]:
+    """Every cell of every table as a :func:`cell_row`, in display order."""
+    return [cell_row(c, g) for t in tables for g in t.groups for c in g.cells]

@@ -1,0 +1,297 @@
+"""The human-readable leaderboard: captions, headers and text cells shared by markdown and HTML.
+
+Markdown and HTML render exactly the same :class:`DisplayTable` per group, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from kdbench import __version__
+from kdbench.report import _format as fmt
+from kdbench.report.aggregate import Cell, Group, Table, protocols_per_dataset
+from kdbench.report.provenance import ProvenanceField
+
+LEGEND = (
+    (
+        "**Top-1 (last epoch)** is the headline: test top-1 (%) of the last epoch, mean ± sample std "
+        "(ddof 1) over seeds."
+    ),
+    (
+        "**95% CI** is the half width of the Student-t interval of the mean, t(0.975, n−1)·std/√n (t from a "
+        "table for df ≤ 30, 1.960 beyond)."
+    ),
+    (
+        "**Δ vs baseline** is the mean over seeds of the paired difference (method − student alone, same "
+        "seed) with its paired 95% t-interval over the seeds both ran; it needs at least 2 such seeds."
+    ),
+    (
+        "**Rank** (within a teacher→student table): cells are ordered by mean; the best unranked cell leads "
+        "a tier and every unranked cell whose 95% interval overlaps the leader's joins it; a tier shares the "
+        "rank 1 + (cells in better tiers). A cell with a single seed has no interval and is not ranked."
+    ),
+    (
+        "**Top-1 @ best-val epoch†** is secondary: the test top-1 at the epoch with the best *validation* "
+        "top-1 (model selection never uses test)."
+    ),
+    (
+        "**Agreement**: % of test images where student and teacher argmax agree. Cost columns are means per "
+        "run. **Teacher**: how the teacher's outputs reached the student: `cache` = read from the "
+        "teacher-output store; `live` = the teacher ran during training (its compute is in *Teacher fwd*), "
+        "`live (required)` when the method needs the teacher module online."
+    ),
+    (
+        "**Published** numbers come from their authors' own protocols and reporting rules (see the "
+        "footnotes): context, not a target."
+    ),
+)
+
+
+@dataclass
+class DisplayTable:
+    """One group as text: a caption, a header row, text rows and footnotes.
+
+    Attributes:
+        title: Heading (``teacher (model) → student``).
+        caption: One-paragraph caption (teacher top-1, student size, views).
+        headers: Column titles.
+        rows: One list of cell texts per leaderboard cell.
+        footnotes: Sources of published numbers and group-level notes.
+    """
+
+    title: str
+    caption: str
+    headers: list[str]
+    rows: list[list[str]]
+    footnotes: list[str] = field(default_factory=list)
+
+
+def _method_label(cell: Cell) -> str:
+    name = cell.method_name
+    return cell.method if name in (None, cell.method) else f"{cell.method} ({name})"
+
+
+def _seeds(cell: Cell) -> str:
+    return f"{cell.top1.n}" + (f" (+{len(cell.skipped)} skipped)" if cell.skipped else "")
+
+
+def _caption(group: Group, views: set[str]) -> str:
+    teacher = f"Teacher {group.key[2]} ({group.teacher_model}): "
+    t = group.teacher_top1
+    if t.mean is None:
+        teacher += "test top-1 not recorded"
+    else:
+        spread = " (range over runs; see notes)" if t.std else ""
+        teacher += f"test top-1 {fmt.num(t.mean)}%{spread}"
+    if group.teacher_published:
+        teacher += f", published {fmt.num(group.teacher_published.top1)} ({group.teacher_published.source})"
+    student_params = next((c.first("student_params") for c in group.cells if c.first("student_params")), None)
+    student = f"Student {group.key[3]}" + (f": {fmt.si(student_params)} parameters" if student_params else "")
+    parts = [teacher, student]
+    if len(views) == 1 and next(iter(views)):
+        parts.append(f"Views: {next(iter(views))}")
+    return ". ".join(parts) + "."
+
+
+def group_display(group: Group) -> DisplayTable:
+    """The text table of one group."""
+    cells = group.cells
+    views = {c.views_note for c in cells if c.views_note}
+    show_map = any(c.retrieval_map.n for c in cells)
+    show_pub = any(c.published for c in cells)
+    headers = [
+        "Rank",
+        "Method",
+        "Seeds",
+        "Top-1 (last epoch)",
+        "95% CI",
+        "Δ vs baseline [95% CI]",
+        "Top-1 @ best-val epoch†",
+        "Agreement",
+    ]
+    headers += ["Retrieval mAP"] * show_map + ["Published"] * show_pub
+    headers += ["Wall time", "Teacher fwd", "Cache read", "Extra params", "Teacher", "Notes"]
+    footnotes: list[str] = []
+    rows = []
+    for cell in cells:
+        notes = list(cell.notes)
+        if len(views) > 1 and cell.views_note:
+            notes.append(cell.views_note)
+        if cell.top1.n:
+            top1 = fmt.mean_std(cell.top1)
+            ci = f"±{fmt.num(cell.top1.ci95)}" if cell.top1.ci95 is not None else "n/a (1 seed)"
+        else:
+            top1, ci = f"skipped: {cell.skip_reason}", ""
+        if cell is group.baseline:
+            delta = "(baseline)"
+        else:
+            delta = fmt.delta(cell.delta) if cell.top1.n else ""
+        row = [
+            str(cell.rank) if cell.rank is not None else fmt.DASH,
+            _method_label(cell),
+            _seeds(cell),
+            top1,
+            ci,
+            delta,
+            fmt.mean_std(cell.best_val_top1),
+            fmt.num(cell.mean_of("teacher_agreement"), 1),
+        ]
+        if show_map:
+            row.append(fmt.num(cell.retrieval_map.mean, 3))
+        if show_pub:
+            pub = ""
+            if cell.published:
+                footnotes.append(
+                    f"Published {cell.method}: {fmt.num(cell.published.top1)} — {cell.published.source}"
+                )
+                pub = f"{fmt.num(cell.published.top1)} [{len(footnotes)}]"
+            row.append(pub)
+        row += [
+            fmt.seconds(cell.mean_of("wall_time_s")),
+            fmt.si(cell.mean_of("teacher_forward")),
+            fmt.si(cell.mean_of("cache_bytes_read"), "B"),
+            fmt.si(cell.first("extra_params")),
+            fmt.DASH if cell.teacher_source == "none" else cell.teacher_source,
+            "; ".join(notes),
+        ]
+        rows.append(row)
+    footnotes = [f"[{i}] {text}" for i, text in enumerate(footnotes, 1)] + group.notes
+    return DisplayTable(group.title, _caption(group, views), headers, rows, footnotes)
+
+
+def protocol_warnings(tables: Sequence[Table]) -> list[str]:
+    """One sentence per dataset whose records come from more than one protocol."""
+    out = []
+    for dataset, hashes in protocols_per_dataset(tables).items():
+        if len(hashes) > 1:
+            out.append(
+                f"Dataset {dataset} has records from {len(hashes)} different protocols "
+                f"({', '.join(hashes)}); each protocol gets its own table and numbers from different tables "
+                "must not be compared."
+            )
+    return out
+
+
+PROVENANCE_HEADERS = ["Item", "Scope", "Value", "Runs"]
+_DIGEST_CHARS = 16
+
+
+def _label(column: str) -> str:
+    if column.startswith("pkg."):
+        return f"package {column[4:]}"
+    if column.startswith("store."):
+        return f"store manifest {column[6:]}"
+    return column.removeprefix("prov.")
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    is_digest = len(text) > 2 * _DIGEST_CHARS and all(ch in "0123456789abcdef" for ch in text.lower())
+    return text[:_DIGEST_CHARS] + "…" if is_digest else text
+
+
+def provenance_display(fields: Sequence[ProvenanceField]) -> list[list[str]]:
+    """Rows of the provenance footer (:data:`PROVENANCE_HEADERS`): one per item and scope, identical values
+    collapsed into one, differing values listed with their run counts and flagged ``DIFFERS``.
+
+    Long hex digests are shortened to 16 characters (the full values are in ``runs.csv``).
+    """
+    rows = []
+    for f in fields:
+        total = sum(n for _, n in f.values)
+        if f.differs:
+            value = "DIFFERS: " + "; ".join(f"{_short(v)} ({n} run{'s' * (n != 1)})" for v, n in f.values)
+        else:
+            value = _short(f.values[0][0])
+        rows.append([_label(f.column), " / ".join(f.scope) or "all runs", value, str(total)])
+    return rows
+
+
+def flagged_display(flagged: dict[str, list[str]]) -> list[str]:
+    """One line per run whose provenance differs from the majority of its scope."""
+    return [f"{record}: {', '.join(_label(c) for c in cols)}" for record, cols in sorted(flagged.items())]
+
+
+@dataclass
+class TableView:
+    """One (dataset, protocol) table as text, with its plots.
+
+    Attributes:
+        heading: ``"<dataset> — protocol <hash>"``.
+        groups: The text table of each group and the path of its training-curve plot (or ``None``).
+        plots: The table's own plots (accuracy vs size, gain vs baseline).
+    """
+
+    heading: str
+    groups: list[tuple[DisplayTable, Path | None]]
+    plots: list[Path]
+
+
+@dataclass
+class ReportView:
+    """Everything the markdown and HTML renderers show.
+
+    Attributes:
+        title: Report title.
+        summary: One sentence on what the report was built from.
+        warnings: Sentences that must stand out (several protocols per dataset, differing provenance).
+        tables: One :class:`TableView` per (dataset, protocol).
+        provenance: Rows of the provenance footer (:data:`PROVENANCE_HEADERS`).
+        flagged: Runs whose provenance differs, one line each.
+    """
+
+    title: str
+    summary: str
+    warnings: list[str]
+    tables: list[TableView]
+    provenance: list[list[str]]
+    flagged: list[str]
+
+
+def report_view(
+    title: str,
+    tables: Sequence[Table],
+    plots: dict[str, list[Path]],
+    fields: Sequence[ProvenanceField],
+    flagged: dict[str, list[str]],
+    n_runs: int,
+) -> ReportView:
+    """Assembles the :class:`ReportView` of a leaderboard.
+
+    Args:
+        title: Report title.
+        tables: The leaderboard tables.
+        plots: Plot paths as returned by :func:`kdbench.report.plots.write_plots`.
+        fields: Provenance fields (:func:`kdbench.report.provenance.summarize_provenance`).
+        flagged: Runs whose provenance differs, with their columns.
+        n_runs: Number of run records read.
+    """
+    n_skipped = sum(len(c.skipped) for t in tables for c in t.cells)
+    summary = (
+        f"Built by kdbench {__version__} from {n_runs} run records ({n_skipped} skipped) in {len(tables)} "
+        f"table(s), {sum(len(t.groups) for t in tables)} teacher→student group(s)."
+    )
+    warnings = protocol_warnings(tables)
+    dirty = sum(
+        n for f in fields if f.column == "prov.git_commit" for v, n in f.values if str(v).endswith("dirty")
+    )
+    if dirty:
+        warnings.append(
+            f"{dirty} run(s) were made from a kdbench checkout with uncommitted changes (git commit '+dirty'): "
+            "their code cannot be recovered from the commit alone."
+        )
+    if flagged:
+        warnings.append(
+            f"{len(flagged)} run(s) have provenance that differs from the other runs of their scope; "
+            "see the provenance section."
+        )
+    views = []
+    for t in tables:
+        groups = []
+        for g in t.groups:
+            curves = plots.get(f"{t.slug}/{g.key[2]}/{g.key[3]}") or [None]
+            groups.append((group_display(g), curves[0]))
+        views.append(TableView(f"{t.dataset} — protocol {t.protocol_hash}", groups, plots.get(t.slug, [])))
+    return ReportView(title, summary, warnings, views, provenance_display(fields), flagged_display(flagged))

@@ -1,0 +1,97 @@
+"""The leaderboard: run records -> tidy runs table -> tables, plots, markdown, CSV and HTML.
+
+Everything is derived from the runs table (``runs.csv``): the leaderboard cells, the plots (training
+curves read the ``epochs_file`` each row names) and the provenance footer. Outputs in ``out_dir``:
+
+* ``runs.csv``: one row per run record (identity, ``param.*``, final metrics, cost, provenance);
+* ``leaderboard.csv``: one row per (dataset, protocol hash, teacher, student, method label);
+* ``leaderboard.md`` and ``index.html`` (self-contained): the same tables for people, with plots;
+* ``plots/*.png``.
+
+See :mod:`kdbench.report.aggregate` for the rank rule and :mod:`kdbench.report.stats` for the formulas.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+from kdbench._util import atomic_path
+from kdbench.report._format import write_csv
+from kdbench.report.aggregate import LEADERBOARD_COLUMNS, build_tables, leaderboard_rows
+from kdbench.report.display import report_view
+from kdbench.report.html_page import render_html
+from kdbench.report.markdown import render_markdown
+from kdbench.report.plots import write_plots
+from kdbench.report.provenance import summarize_provenance
+from kdbench.report.records import RecordError, load_runs, runs_columns
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["RecordError", "write_leaderboard"]
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_leaderboard(record_paths: Sequence[Path], out_dir: Path, title: str) -> dict[str, Any]:
+    """Builds the whole leaderboard of a set of run records.
+
+    Args:
+        record_paths: ``record.json`` files (one per teacher, student, method label and seed).
+        out_dir: Output directory (created).
+        title: Title of the markdown and HTML pages.
+
+    Returns:
+        A summary: ``runs`` and ``skipped`` (records), ``cells``, ``tables`` (dataset × protocol),
+        ``groups`` (teacher × student), ``provenance_flagged`` (runs whose provenance differs),
+        ``protocols`` (hashes per dataset) and ``files`` (every file written, as strings).
+
+    Raises:
+        RecordError: A record is not valid JSON or lacks a key (the message names the file and the key),
+            or two records are the same run.
+        ValueError: No record paths were given.
+    """
+    if not record_paths:
+        raise ValueError("write_leaderboard needs at least one run record")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    rows = load_runs(Path(p) for p in record_paths)
+    fields, flagged = summarize_provenance(rows, runs_columns(rows))
+    columns = runs_columns(rows)
+    files = {"runs.csv": out_dir / "runs.csv"}
+    write_csv(files["runs.csv"], rows, columns)
+
+    tables = build_tables(rows)
+    files["leaderboard.csv"] = out_dir / "leaderboard.csv"
+    cells = leaderboard_rows(tables)
+    write_csv(files["leaderboard.csv"], cells, LEADERBOARD_COLUMNS)
+
+    plots = write_plots(tables, out_dir / "plots")
+    view = report_view(title, tables, plots, fields, flagged, n_runs=len(rows))
+    files["leaderboard.md"] = out_dir / "leaderboard.md"
+    _write_text(files["leaderboard.md"], render_markdown(view, out_dir))
+    files["index.html"] = out_dir / "index.html"
+    _write_text(files["index.html"], render_html(view))
+
+    plot_files = sorted({p for paths in plots.values() for p in paths})
+    for w in view.warnings:
+        _logger.warning("%s", w)
+    _logger.info("leaderboard of %d runs (%d cells) written to %s", len(rows), len(cells), out_dir)
+    return {
+        "runs": len(rows),
+        "skipped": sum(r["status"] == "skipped" for r in rows),
+        "cells": len(cells),
+        "tables": len(tables),
+        "groups": sum(len(t.groups) for t in tables),
+        "provenance_flagged": len(flagged),
+        "protocols": {
+            t.dataset: sorted({u.protocol_hash for u in tables if u.dataset == t.dataset}) for t in tables
+        },
+        "files": {name: str(path) for name, path in files.items()}
+        | {f"plots/{p.name}": str(p) for p in plot_files},
+    }

@@ -1,0 +1,306 @@
+"""Reading run records and flattening them into the tidy runs table.
+
+A run record (``record.json``, written by the distill job) is one (teacher, student, method label, seed).
+:func:`load_runs` turns a list of them into rows of one flat table (``runs.csv``): identity columns,
+``param.<name>`` for every resolved method hyper-parameter, final metrics, cost, requirements and
+provenance (``prov.*``, ``pkg.<package>``, ``store.<tap>``). Every later table and plot is derived from
+these rows; nothing downstream reads a record again (training curves read the ``epochs_file`` a row
+names).
+
+A record that is not valid JSON or lacks a key the report needs raises :class:`RecordError` naming the
+file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+_logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+# Keys every record needs, and the keys an "ok" record needs on top (dotted paths).
+_REQUIRED = (
+    "schema_version",
+    "status",
+    "identity.config",
+    "identity.dataset",
+    "identity.teacher",
+    "identity.teacher_model",
+    "identity.student",
+    "identity.method",
+    "identity.method_name",
+    "identity.params",
+    "identity.seed",
+    "protocol_hash",
+)
+_REQUIRED_OK = (
+    "views.count",
+    "views.epochs",
+    "final.test_top1",
+    "final.test_top5",
+    "final.val_top1",
+    "final.best_epoch",
+    "final.best_val_top1",
+    "final.test_top1_at_best_val",
+    "cost.wall_time_s",
+    "cost.train_time_s",
+    "cost.student_params",
+    "cost.extra_params",
+    "cost.teacher_forward",
+    "cost.student_forward",
+    "cost.cache_bytes_read",
+    "requirements.live_teacher",
+    "provenance.kdbench_version",
+    "provenance.git_commit",
+    "provenance.packages",
+    "provenance.python",
+    "provenance.device",
+    "provenance.torch_threads",
+    "provenance.config_hash",
+    "provenance.data_manifest_sha256",
+)
+
+# Flattened column -> dotted key in the record; ``None`` when the key may be missing or null.
+_FINAL = ("test_top1", "test_top5", "val_top1", "best_epoch", "best_val_top1", "test_top1_at_best_val")
+_FINAL_OPTIONAL = ("teacher_agreement", "teacher_test_top1", "retrieval_map")
+_COST = (
+    "wall_time_s",
+    "train_time_s",
+    "student_params",
+    "extra_params",
+    "teacher_forward",
+    "student_forward",
+    "cache_bytes_read",
+    "assistant_time_s",
+)
+_REQUIREMENTS = ("live_teacher", "sample_index", "full_logits")
+_PROVENANCE = (
+    "kdbench_version",
+    "git_commit",
+    "python",
+    "device",
+    "torch_threads",
+    "config_file",
+    "config_hash",
+    "teacher_sha256",
+    "data_manifest_sha256",
+)
+
+IDENTITY_COLUMNS = (
+    "dataset",
+    "protocol_hash",
+    "teacher",
+    "teacher_model",
+    "student",
+    "method",
+    "method_name",
+    "seed",
+)
+CELL_KEY = ("dataset", "protocol_hash", "teacher", "student", "method")
+TRAILING_COLUMNS = ("epochs_file", "provenance_differs")
+
+
+class RecordError(ValueError):
+    """A run record that cannot be read; the message names the file and the key."""
+
+
+def _get(obj: Mapping[str, Any], dotted: str) -> Any:
+    """``obj["a"]["b"]`` for ``"a.b"``; raises ``KeyError(dotted)`` when any level is missing."""
+    for part in dotted.split("."):
+        if not isinstance(obj, Mapping) or part not in obj:
+            raise KeyError(dotted)
+        obj = obj[part]
+    return obj
+
+
+def _opt(obj: Mapping[str, Any], dotted: str) -> Any:
+    try:
+        return _get(obj, dotted)
+    except KeyError:
+        return None
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """Reads and checks one run record.
+
+    Args:
+        path: The ``record.json`` file.
+
+    Returns:
+        The parsed record.
+
+    Raises:
+        RecordError: The file is missing, not valid JSON, of another schema version, or lacks a key the
+            report needs (the message names the file and the dotted key).
+    """
+    try:
+        rec = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RecordError(f"run record {path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RecordError(
+            f"run record {path}: not valid JSON ({e}); rerun the distill job that writes it"
+        ) from e
+    if not isinstance(rec, dict):
+        raise RecordError(f"run record {path}: expected a JSON object, got {type(rec).__name__}")
+    required = _REQUIRED + (_REQUIRED_OK if rec.get("status") == "ok" else ())
+    for key in required:
+        try:
+            _get(rec, key)
+        except KeyError:
+            raise RecordError(
+                f"run record {path}: missing key {key!r}; rerun the distill job that writes it"
+            ) from None
+    if rec["schema_version"] != SCHEMA_VERSION:
+        raise RecordError(
+            f"run record {path}: key 'schema_version' is {rec['schema_version']!r}, this report reads "
+            f"version {SCHEMA_VERSION}"
+        )
+    if rec["status"] not in ("ok", "skipped"):
+        raise RecordError(f"run record {path}: key 'status' is {rec['status']!r}, expected 'ok' or 'skipped'")
+    if rec["status"] == "skipped" and not rec.get("skip_reason"):
+        raise RecordError(f"run record {path}: status is 'skipped' but key 'skip_reason' is empty")
+    return rec
+
+
+def _scalar(value: Any) -> Any:
+    """Keeps scalars; lists and dicts (e.g. a tuple-valued hyper-parameter) become compact JSON."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """One row of the runs table from a checked record (see :func:`read_record`).
+
+    Args:
+        rec: The record.
+        path: Where it was read from (kept in the ``record`` column; ``epochs_file`` is resolved from it).
+
+    Returns:
+        A flat dict; columns a skipped record does not have are ``None``.
+    """
+    ident = rec["identity"]
+    row: dict[str, Any] = {
+        "record": str(path),
+        "status": rec["status"],
+        "skip_reason": rec.get("skip_reason") or "",
+        "config": ident["config"],
+        "dataset": ident["dataset"],
+        "protocol_hash": rec["protocol_hash"],
+        "teacher": ident["teacher"],
+        "teacher_model": ident["teacher_model"],
+        "student": ident["student"],
+        "method": ident["method"],
+        "method_name": ident["method_name"],
+        "seed": int(ident["seed"]),
+    }
+    row.update({f"param.{k}": _scalar(v) for k, v in sorted(ident["params"].items())})
+    row["views_count"] = _opt(rec, "views.count")
+    row["views_epochs"] = _opt(rec, "views.epochs")
+    repeats = _opt(rec, "views.repeats")
+    if repeats is None and row["views_count"] is not None:
+        repeats = row["views_epochs"] > row["views_count"]
+    row["views_repeat"] = repeats
+    row.update({k: _opt(rec, f"final.{k}") for k in _FINAL + _FINAL_OPTIONAL})
+    row.update({k: _opt(rec, f"cost.{k}") for k in _COST})
+    row.update({f"req.{k}": _opt(rec, f"requirements.{k}") for k in _REQUIREMENTS})
+    prov = rec.get("provenance") or {}
+    row.update({f"prov.{k}": prov.get(k) for k in _PROVENANCE})
+    # Further scalar provenance (e.g. the student's model digest) is kept too, after the known keys.
+    row.update(
+        {
+            f"prov.{k}": _scalar(v)
+            for k, v in sorted(prov.items())
+            if k not in _PROVENANCE and not isinstance(v, dict)
+        }
+    )
+    row.update({f"pkg.{k}": v for k, v in sorted((_opt(rec, "provenance.packages") or {}).items())})
+    row.update({f"store.{k}": v for k, v in sorted((_opt(rec, "provenance.store_manifests") or {}).items())})
+    epochs = rec.get("epochs_file")
+    row["epochs_file"] = str(Path(path).parent / epochs) if epochs else ""
+    return row
+
+
+def load_runs(record_paths: Iterable[Path]) -> list[dict[str, Any]]:
+    """Reads every record into rows of the runs table, sorted by cell and seed.
+
+    Args:
+        record_paths: ``record.json`` files.
+
+    Returns:
+        One row per record.
+
+    Raises:
+        RecordError: A record cannot be read, or two records are the same run (same cell and seed).
+    """
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple, str] = {}
+    for path in record_paths:
+        row = flatten_record(read_record(Path(path)), Path(path))
+        key = tuple(row[k] for k in CELL_KEY) + (row["seed"],)
+        if key in seen:
+            raise RecordError(
+                f"run records {seen[key]} and {path} are the same run "
+                f"{dict(zip((*CELL_KEY, 'seed'), key))}; "
+                "pass only one of them"
+            )
+        seen[key] = str(path)
+        rows.append(row)
+    rows.sort(key=lambda r: tuple(str(r[k]) for k in CELL_KEY) + (r["seed"],))
+    _logger.info("read %d run records (%d skipped)", len(rows), sum(r["status"] == "skipped" for r in rows))
+    return rows
+
+
+def runs_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The column order of the runs table over the union of the rows' keys.
+
+    Identity first, then ``param.*`` (sorted), metrics, cost, ``req.*`` and ``prov.*`` in record order,
+    then ``pkg.*`` and ``store.*`` (sorted), then :data:`TRAILING_COLUMNS`.
+    """
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    head = ("record", "status", "skip_reason", "config") + IDENTITY_COLUMNS
+    sections = {"param": 1, "pkg": 3, "store": 4}
+
+    def rank(item: tuple[int, str]) -> tuple[int, int, str]:
+        pos, name = item
+        if name in head:
+            return (0, head.index(name), "")
+        if name in TRAILING_COLUMNS:
+            return (5, TRAILING_COLUMNS.index(name), "")
+        section = sections.get(name.split(".", 1)[0]) if "." in name else None
+        return (section, 0, name) if section else (2, pos, "")
+
+    return [name for _, name in sorted(enumerate(columns), key=rank)]
+
+
+def read_epochs(path: Path) -> list[dict[str, Any]]:
+    """Reads an ``epochs.jsonl`` file (one JSON object per epoch).
+
+    Args:
+        path: The file.
+
+    Returns:
+        The epoch objects in file order.
+
+    Raises:
+        RecordError: A line is not valid JSON or lacks ``epoch`` (names the file and line).
+    """
+    out = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"epochs file {path}, line {lineno}: not valid JSON ({e})") from e
+        if not isinstance(obj, dict) or "epoch" not in obj:
+            raise RecordError(f"epochs file {path}, line {lineno}: missing key 'epoch'")
+        out.append(obj)
+    return out
