@@ -215,8 +215,14 @@ def data_info(manifest: dict) -> DataInfo:
     )
 
 
-def load_split(data_dir: str | Path, split: str, verify: bool = True) -> Split:
-    """Loads all shards of a split into memory, checking each shard against the manifest.
+def load_split(data_dir: str | Path, split: str, verify: bool = True, shards: list[int] | None = None) -> Split:
+    """Loads the shards of a split into memory, checking each shard against the manifest.
+
+    Args:
+        data_dir: The data directory.
+        split: ``train``, ``val`` or ``test``.
+        verify: Check every shard's sha256 against the manifest.
+        shards: Load only these shards (rows then count from the first of them); ``None`` loads all.
 
     Raises:
         ValueError: a shard's checksum or sample count differs from the manifest (names the shard and fix).
@@ -224,7 +230,8 @@ def load_split(data_dir: str | Path, split: str, verify: bool = True) -> Split:
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
     images, labels, ids = [], [], []
-    for shard in manifest["splits"][split]["shards"]:
+    entries = manifest["splits"][split]["shards"]
+    for shard in entries if shards is None else [entries[i] for i in shards]:
         path = data_dir / shard["file"]
         if not path.exists():
             raise FileNotFoundError(f"data shard missing: {path}; rerun `kdbench prepare-data` (delete {data_dir})")

@@ -1,0 +1,166 @@
+"""The one training loop. A method supplies a loss; everything else is the protocol's."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kdbench.config import Protocol
+from kdbench.data.shards import DataInfo, Split
+from kdbench.data.views import ViewRenderer
+from kdbench.evaluate import predict, topk_accuracy
+from kdbench.methods.base import DistillMethod, StepContext, Targets
+from kdbench.taps import TapDict, compute_taps
+from kdbench.train.optim import build_optimizer, lr_factor
+from kdbench.train.teacher_source import TeacherSource
+
+_logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run is stopped and nothing is recorded as complete."""
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` measured.
+
+    Attributes:
+        history: One dict per epoch (also written as JSONL).
+        train_time_s: Wall time of the training loop, evaluation included.
+        student_forward: Training samples the student processed.
+        teacher_forward: Samples the teacher processed during training (0 when cached).
+        cache_bytes_read: Stored teacher-output bytes read.
+    """
+
+    history: list[dict] = field(default_factory=list)
+    train_time_s: float = 0.0
+    student_forward: int = 0
+    teacher_forward: int = 0
+    cache_bytes_read: int = 0
+
+
+def fit(
+    model: nn.Module,
+    method: DistillMethod,
+    train: Split,
+    evals: dict[str, Split],
+    data: DataInfo,
+    protocol: Protocol,
+    seed: int,
+    device: torch.device,
+    teacher: TeacherSource | None = None,
+    epochs_log: Path | None = None,
+    label: str = "",
+) -> FitResult:
+    """Trains ``model`` with ``method``'s loss under ``protocol``.
+
+    Epoch ``e`` replays view ``e mod V`` of every training image, in a seeded random order; the teacher's
+    outputs for exactly that view come from ``teacher``.
+
+    Args:
+        model: The student (trained in place).
+        method: The KD method (its adapters are trained with the student).
+        train: The training split.
+        evals: Splits evaluated after every epoch (``val``, ``test``).
+        data: Dataset metadata.
+        protocol: The protocol.
+        seed: Seed of the batch order (model init is seeded by the caller).
+        device: Where to train.
+        teacher: Source of teacher taps; ``None`` if the method declares none.
+        epochs_log: JSONL file for the per-epoch metrics (written as the run goes).
+        label: Name of the run in progress logs.
+    """
+    image_size = protocol.image_size or data.image_size
+    renderer = ViewRenderer(protocol.views, train.images, train.ids, train.shard_size, data.mean, data.std)
+    model.to(device).to(memory_format=torch.channels_last)
+    method.to(device)
+    optimizer = build_optimizer(list(model.parameters()) + list(method.parameters()), protocol)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / protocol.batch_size)
+    student_taps = method.student_taps(method.cfg)
+    teacher_taps = method.teacher_taps(method.cfg)
+    needs_index = method.requirements(method.cfg).sample_index
+    owner = f"method {method.name!r}"
+    result = FitResult()
+    if epochs_log:
+        epochs_log.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(epochs_log, "w") if epochs_log else None
+    start = time.perf_counter()
+    step = 0
+    try:
+        for epoch in range(protocol.epochs):
+            view = epoch % protocol.views.count
+            ctx = StepContext(epoch, protocol.epochs, step, steps_per_epoch, view)
+            method.on_epoch_start(ctx)
+            model.train()
+            method.train()
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g).numpy()
+            t0, loss_sum, term_sums = time.perf_counter(), 0.0, {}
+            for b in range(steps_per_epoch):
+                rows = np.sort(order[b * protocol.batch_size : (b + 1) * protocol.batch_size])
+                x, params = renderer.render(view, rows, image_size, device)
+                labels = train.labels[rows]
+                partner = torch.from_numpy(params.partner)
+                partner_labels = torch.where(partner >= 0, train.labels[partner.clamp(min=0)], labels)
+                targets = Targets(labels.to(device), partner_labels.to(device), torch.from_numpy(params.lam).to(device))
+                ctx = StepContext(epoch, protocol.epochs, step, steps_per_epoch, view,
+                                  torch.from_numpy(rows).to(device) if needs_index else None)
+                t_out = teacher.outputs(view, rows, device) if teacher_taps else {}
+                s_out = compute_taps(model, x.contiguous(memory_format=torch.channels_last), student_taps)
+                out = method.loss(TapDict(s_out, owner + " (student)"), TapDict(t_out, owner + " (teacher)"), targets, ctx)
+                if not torch.isfinite(out.loss):
+                    raise NonFiniteLossError(
+                        f"{label}: loss is {out.loss.item()} at epoch {epoch} step {step} "
+                        f"(terms: { {k: float(v) for k, v in out.terms.items()} }); lower the learning rate or "
+                        "check the method's parameters"
+                    )
+                for group in optimizer.param_groups:
+                    group["lr"] = protocol.lr * lr_factor(protocol, step, steps_per_epoch)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                loss_sum += out.loss.item()
+                for k, v in out.terms.items():
+                    term_sums[k] = term_sums.get(k, 0.0) + v.item()
+                result.student_forward += len(rows)
+                step += 1
+            train_s = time.perf_counter() - t0
+            row = {
+                "epoch": epoch,
+                "view": view,
+                "lr": optimizer.param_groups[0]["lr"],
+                "train_loss": loss_sum / steps_per_epoch,
+                "terms": {k: v / steps_per_epoch for k, v in term_sums.items()},
+            }
+            for name, split in evals.items():
+                logits = predict(model, split, data, image_size, protocol.eval_batch_size, device)
+                row[f"{name}_top1"] = topk_accuracy(logits, split.labels, (1,))[1]
+            row["time_s"] = time.perf_counter() - t0
+            row["samples_per_s"] = n / train_s
+            result.history.append(row)
+            if log_file:
+                log_file.write(json.dumps(row) + "\n")
+                log_file.flush()
+            _logger.info(
+                "%s epoch %d/%d view %d loss %.4f %s | %.0f samples/s",
+                label, epoch + 1, protocol.epochs, view, row["train_loss"],
+                " ".join(f"{k}={row[k]:.2f}" for k in row if k.endswith("_top1")), row["samples_per_s"],
+            )
+    finally:
+        if log_file:
+            log_file.close()
+    result.train_time_s = time.perf_counter() - start
+    if teacher is not None:
+        result.teacher_forward = teacher.forward_count
+        result.cache_bytes_read = teacher.bytes_read()
+    return result

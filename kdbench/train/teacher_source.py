@@ -1,0 +1,65 @@
+"""Where a student's teacher outputs come from: the cache (default) or the live teacher module."""
+
+from __future__ import annotations
+
+from typing import Protocol as TypingProtocol
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kdbench.cache.store import TeacherStore
+from kdbench.data.views import ViewRenderer
+from kdbench.taps import compute_taps
+
+
+class TeacherSource(TypingProtocol):
+    """Serves the declared teacher taps for the views of a batch."""
+
+    forward_count: int
+
+    def outputs(self, view: int, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]: ...
+
+    def bytes_read(self) -> int: ...
+
+
+class CachedTeacher:
+    """Teacher outputs read from stores (one per tap); the teacher never runs."""
+
+    forward_count = 0
+
+    def __init__(self, stores: dict[str, TeacherStore]) -> None:
+        self.stores = stores
+
+    def outputs(self, view: int, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        idx = torch.from_numpy(rows)
+        return {tap: store.fetch(view % store.views, idx).to(device) for tap, store in self.stores.items()}
+
+    def bytes_read(self) -> int:
+        return sum(s.bytes_read for s in self.stores.values())
+
+
+class LiveTeacher:
+    """The teacher module run on the exact same views (frozen, eval mode, no grad).
+
+    Args:
+        model: The teacher.
+        taps: Taps to compute.
+        renderer: The split's view renderer.
+        image_size: The teacher's input resolution.
+    """
+
+    def __init__(self, model: nn.Module, taps: frozenset[str], renderer: ViewRenderer, image_size: int) -> None:
+        self.model, self.taps, self.renderer, self.image_size = model.eval(), taps, renderer, image_size
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.forward_count = 0
+
+    @torch.no_grad()
+    def outputs(self, view: int, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        x, _ = self.renderer.render(view, rows, self.image_size, device)
+        self.forward_count += len(rows)
+        return compute_taps(self.model, x.contiguous(memory_format=torch.channels_last), self.taps)
+
+    def bytes_read(self) -> int:
+        return 0
