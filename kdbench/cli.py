@@ -50,6 +50,16 @@ def cmd_cache_manifest(args) -> None:
     finalize_store(_config(args), Path(args.teacher_dir), Path(args.data), args.tap, Path(args.store))
 
 
+def cmd_check_cache(args) -> None:
+    from kdbench.cache.check import check_store
+    from kdbench.cache.store import StoreError
+
+    report = check_store(_config(args), Path(args.store), Path(args.teacher_dir), Path(args.data), args.samples, args.seed)
+    print(report.render())
+    if not report.ok:
+        raise StoreError(report.failure())
+
+
 def _stores(items: list[str]) -> dict[str, Path]:
     stores = {}
     for item in items or []:
@@ -74,6 +84,22 @@ def cmd_leaderboard(args) -> None:
 
     cfg = _config(args)
     write_leaderboard([Path(p) for p in args.runs], Path(args.out), title=cfg.name)
+
+
+def cmd_verify(args) -> int:
+    from kdbench.verify import GPU_TOLERANCE_PP, verify
+
+    report = verify(Path(args.run_dir), Path(args.config) if args.config else None)
+    if report.status == "identical":
+        print(f"identical: {args.run_dir} re-ran bit for bit on {report.device} (timings excluded)")
+    elif report.status == "within_tolerance":
+        print(f"within tolerance: {args.run_dir} re-ran on {report.device} within {GPU_TOLERANCE_PP} points; "
+              "GPU kernels are nondeterministic, so the run is not bit-reproducible")
+    else:
+        print(f"DIFFERS: {args.run_dir} re-ran on {report.device} with {len(report.differences)} differences:")
+    for line in report.differences[:20]:
+        print(f"  {line}")
+    return 0 if report.ok else 1
 
 
 def cmd_methods(args) -> None:
@@ -123,6 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True)
     p.add_argument("--tap", required=True)
     p.add_argument("--store", required=True, help="store directory")
+    p = add("check-cache", cmd_check_cache, "verify a store's checksums and re-run the live teacher on a sample of"
+            " its views (exit 2 if a shard is corrupt or a value differs beyond its stored dtype's rounding)")
+    p.add_argument("store", help="store directory")
+    p.add_argument("--teacher-dir", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--samples", type=int, default=256, help="(view, sample) pairs to re-run (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
     p = add("distill", cmd_distill, "train one (teacher, student, method, seed) cell -> run record")
     p.add_argument("--teacher", required=True, help="teacher name in the config")
     p.add_argument("--student", required=True, help="timm model name")
@@ -135,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p = add("leaderboard", cmd_leaderboard, "run records -> leaderboard tables, page and plots")
     p.add_argument("--runs", nargs="+", required=True, help="record.json files")
     p.add_argument("--out", required=True)
+    p = add("verify", cmd_verify, "re-run one cell from its record and compare (bit-identical on CPU)", config=False)
+    p.add_argument("run_dir", help="a run directory (holding record.json)")
+    p.add_argument("--config", help="config file (default: the one named in the record)")
     p = add("methods", cmd_methods, "list registered methods with their declarations", config=False)
     p.add_argument("--json", action="store_true")
 
@@ -147,12 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     from kdbench.errors import USER_ERRORS
 
     try:
-        args.fn(args)
+        return int(args.fn(args) or 0)
     except USER_ERRORS as e:
         _logger.error("%s", e)
         print(f"kdbench: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

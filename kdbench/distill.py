@@ -192,6 +192,8 @@ def run_distill(
             "store_manifests": store_manifests,
             "model_sha256": model_dir_meta["sha256"],
         },
+        "inputs": {"data": str(data_dir), "teacher_dir": str(teacher_dir) if teacher_dir else None,
+                   "stores": {tap: str(d) for tap, d in stores.items()}},
         "epochs_file": "epochs.jsonl",
     }
     write_json_atomic(out_dir / "record.json", record)

@@ -121,7 +121,7 @@ def fit(
                 if not torch.isfinite(out.loss):
                     raise NonFiniteLossError(
                         f"{label}: loss is {out.loss.item()} at epoch {epoch} step {step} "
-                        f"(terms: { {k: float(v) for k, v in out.terms.items()} }); lower the learning rate or "
+                        f"(terms: { {k: float(v.detach()) for k, v in out.terms.items()} }); lower the learning rate or "
                         "check the method's parameters"
                     )
                 for group in optimizer.param_groups:
@@ -134,6 +134,10 @@ def fit(
                     term_sums[k] = term_sums.get(k, 0.0) + v.item()
                 result.student_forward += len(rows)
                 step += 1
+                if (b + 1) % max(1, steps_per_epoch // 4) == 0 and b + 1 < steps_per_epoch:
+                    _logger.info("%s epoch %d/%d step %d/%d loss %.4f | %.0f samples/s", label, epoch + 1,
+                                 protocol.epochs, b + 1, steps_per_epoch, loss_sum / (b + 1),
+                                 (b + 1) * protocol.batch_size / (time.perf_counter() - t0))
             train_s = time.perf_counter() - t0
             row = {
                 "epoch": epoch,

@@ -16,7 +16,7 @@ rule cache_shard:
         f"{LOGS}/cache/{{tkey}}/{{tapdir}}/{{shard}}.log",
     shell:
         "kdbench cache {CONF} --threads {threads} --teacher-dir {params.teacher_dir} --data {DATA} --tap {params.tap}"
-        " --shard $((10#{wildcards.shard})) --out {output} 2> {log}"
+        " --shard $((10#{wildcards.shard})) --out {output} 2>&1 | tee {log}"
 
 
 rule cache_manifest:

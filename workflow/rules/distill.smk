@@ -15,4 +15,4 @@ rule distill:
         f"{LOGS}/distill/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:
         "kdbench distill {CONF} --threads {threads} --teacher {wildcards.teacher} --student {wildcards.student} --method {wildcards.label}"
-        " --seed {wildcards.seed} --data {DATA} {params.args} --out {params.out} 2> {log}"
+        " --seed {wildcards.seed} --data {DATA} {params.args} --out {params.out} 2>&1 | tee {log}"

@@ -13,7 +13,7 @@ rule train_teacher:
     log:
         f"{LOGS}/teacher/{{teacher}}.log",
     shell:
-        "kdbench train-teacher {CONF} --threads {threads} --teacher {wildcards.teacher} --data {DATA} --out {params.out} 2> {log}"
+        "kdbench train-teacher {CONF} --threads {threads} --teacher {wildcards.teacher} --data {DATA} --out {params.out} 2>&1 | tee {log}"
 
 
 rule train_assistant:
@@ -36,4 +36,4 @@ rule train_assistant:
         f"{LOGS}/assistant/{{teacher}}/{{label}}.log",
     shell:
         "kdbench distill {CONF} --threads {threads} --teacher {wildcards.teacher} --student {params.model} --method {wildcards.label} --seed 0"
-        " --data {DATA} --teacher-dir {RES}/teachers/{wildcards.teacher} {params.stores} --out {params.out} 2> {log}"
+        " --data {DATA} --teacher-dir {RES}/teachers/{wildcards.teacher} {params.stores} --out {params.out} 2>&1 | tee {log}"

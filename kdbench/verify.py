@@ -1,0 +1,107 @@
+"""``kdbench verify RUN_DIR``: re-run one cell from its record and compare.
+
+On CPU the re-run must be bit-identical (final metrics and every per-epoch metric, timings excluded). On
+CUDA, cuDNN/cuBLAS kernels are not deterministic by default: metrics are compared within a tolerance and the
+report says the run is not bit-reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdbench._util import read_json
+from kdbench.config import ConfigError, load_config
+from kdbench.distill import run_distill
+
+_logger = logging.getLogger(__name__)
+TIMING_KEYS = {"time_s", "samples_per_s", "wall_time_s", "train_time_s", "assistant_time_s"}
+GPU_TOLERANCE_PP = 0.5
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of a verification: ``identical`` (bit for bit), ``within_tolerance`` or ``differs``."""
+
+    status: str
+    device: str
+    differences: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("identical", "within_tolerance")
+
+
+def strip_timings(obj):
+    """A copy of a record/epoch row without wall-clock figures (which legitimately differ between runs)."""
+    if isinstance(obj, dict):
+        return {k: strip_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timings(v) for v in obj]
+    return obj
+
+
+def _diff(a, b, path: str, out: list[str], tol: float) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k, out, tol)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _diff(x, y, f"{path}[{i}]", out, tol)
+    elif isinstance(a, float) and isinstance(b, float) and tol > 0:
+        if abs(a - b) > tol:
+            out.append(f"{path}: {a!r} != {b!r}")
+    elif a != b:
+        out.append(f"{path}: {a!r} != {b!r}")
+
+
+def compare_runs(original: Path, rerun: Path, tolerance: float = 0.0) -> list[str]:
+    """Differences between two run directories' metrics (final + per epoch), timings excluded."""
+    out: list[str] = []
+    a, b = read_json(original / "record.json", "run record"), read_json(rerun / "record.json", "run record")
+    _diff(strip_timings(a.get("final")), strip_timings(b.get("final")), "final", out, tolerance)
+    _diff(strip_timings(a.get("cost")), strip_timings(b.get("cost")), "cost", out, 0.0)
+    ea = [json.loads(line) for line in (original / "epochs.jsonl").read_text().splitlines()]
+    eb = [json.loads(line) for line in (rerun / "epochs.jsonl").read_text().splitlines()]
+    _diff(strip_timings(ea), strip_timings(eb), "epochs", out, tolerance)
+    if a["provenance"]["model_sha256"] != b["provenance"]["model_sha256"] and tolerance == 0.0:
+        out.append("provenance.model_sha256: the trained weights differ")
+    return out
+
+
+def verify(run_dir: Path, config: Path | None = None, keep: Path | None = None) -> VerifyReport:
+    """Re-runs the cell of ``run_dir/record.json`` and compares it with the recorded run.
+
+    Args:
+        run_dir: A run directory written by ``kdbench distill``.
+        config: The config file (default: the one named in the record's provenance).
+        keep: Where to write the re-run (default: a temporary directory, removed afterwards).
+    """
+    record = read_json(run_dir / "record.json", "run record")
+    if record.get("status") != "ok":
+        raise ConfigError(f"{run_dir / 'record.json'}: status is {record.get('status')!r}; only completed runs can be verified")
+    cfg = load_config(config or record["provenance"]["config_file"])
+    if cfg.protocol.hash() != record["protocol_hash"]:
+        raise ConfigError(
+            f"{cfg.source}: its protocol (hash {cfg.protocol.hash()}) is not the one of {run_dir} "
+            f"({record['protocol_hash']}); pass the config the run was made with (--config)"
+        )
+    ident, inputs = record["identity"], record["inputs"]
+    with tempfile.TemporaryDirectory(prefix="kdbench-verify-") as tmp:
+        out = keep or Path(tmp) / "rerun"
+        new = run_distill(
+            cfg, ident["teacher"], ident["student"], ident["method"], ident["seed"], Path(inputs["data"]),
+            Path(inputs["teacher_dir"]) if inputs["teacher_dir"] else None,
+            {tap: Path(d) for tap, d in inputs["stores"].items()}, out,
+        )
+        cuda = "cpu" not in new["provenance"]["device"] or "cpu" not in record["provenance"]["device"]
+        exact = compare_runs(run_dir, out)
+        if not exact:
+            return VerifyReport("identical", new["provenance"]["device"])
+        if cuda:
+            loose = compare_runs(run_dir, out, tolerance=GPU_TOLERANCE_PP)
+            return VerifyReport("within_tolerance" if not loose else "differs", new["provenance"]["device"], loose or exact)
+        return VerifyReport("differs", new["provenance"]["device"], exact)
