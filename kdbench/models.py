@@ -301,7 +301,7 @@ def _register_all() -> None:
     fns += [wrn(n, *a) for n, a in _WRNS.items()]
     fns += [vit("vit_pico_patch4", 64, 4, 4), vit("vit_nano_patch4", 96, 6, 4)]
     for fn in fns:
-        if fn.__name__ not in timm.list_models(fn.__name__):
+        if not timm.is_model(fn.__name__):
             fn.__module__ = __name__
             register_model(fn)
 

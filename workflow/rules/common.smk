@@ -26,8 +26,9 @@ def _config_file():
 
 
 CONFIG_FILE = _config_file()
-validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+# kdbench's own checks first: their messages name the file and the dotted key; the schema is the second layer.
 CFG = parse_config(config, source=CONFIG_FILE)
+validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 PLAN = Plan(CFG)
 RES = f"results/{CFG.name}"
 LOGS = f"{RES}/logs"
