@@ -342,9 +342,16 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
             )
         entry = MethodEntry(label=str(label), method=mname, params=mraw)
         try:
-            METHODS.get(mname).make_config(mraw)
+            mcfg = METHODS.get(mname).make_config(mraw)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: key 'methods.{label}': {e}") from e
+        reqs = METHODS.get(mname).requirements(mcfg)
+        if cache.topk and reqs.full_logits and not reqs.live_teacher:
+            raise ConfigError(
+                f"{source}: method '{label}' ({mname}) needs the teacher's full logits, but key 'cache.topk' is"
+                f" {cache.topk}, so the cache keeps only the top-{cache.topk}. Fix: remove 'cache.topk' (store all"
+                f" logits, fp16) or remove '{label}' from 'methods'"
+            )
         methods[str(label)] = entry
     return Config(
         name=name,

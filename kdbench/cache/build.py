@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from kdbench._util import sha256_file, stable_hash
-from kdbench.cache.store import encode_tap, shard_file, write_manifest, write_shard
+from kdbench.cache.store import encode_tap, identity_attrs, write_manifest, write_shard
 from kdbench.config import CachePolicy, Config, ViewRecipe
 from kdbench.data.shards import data_info, load_split, read_manifest
 from kdbench.data.views import ViewRenderer
@@ -40,8 +41,49 @@ def store_identity(teacher_sha256: str, tap: str, recipe: ViewRecipe, policy: Ca
     }
 
 
+def encode_view(
+    model: nn.Module,
+    renderer: ViewRenderer,
+    tap: str,
+    policy: CachePolicy,
+    view: int,
+    rows: np.ndarray,
+    batch_size: int,
+    image_size: int,
+    device: torch.device | str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Renders view ``view`` of ``rows``, runs the teacher and encodes ``tap`` under ``policy``, in batches.
+
+    Args:
+        model: The teacher (eval mode).
+        renderer: The renderer of the rows' split (a shard-local one in :func:`build_shard`).
+        tap: The (normalised) tap to store.
+        policy: The storage policy.
+        view: The view index.
+        rows: ``int64 [n]`` rows of ``renderer``'s split.
+        batch_size: Teacher batch size (does not change the stored values beyond fp32 reordering noise).
+        image_size: The teacher's input resolution.
+        device: Where the teacher runs.
+
+    Returns:
+        Field name -> array ``[n, ...]`` (see :func:`kdbench.cache.store.encode_tap`).
+    """
+    per_batch: dict[str, list[np.ndarray]] = {}
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            x, _ = renderer.render(view, rows[start : start + batch_size], image_size, device)
+            outs = compute_taps(model, x.contiguous(memory_format=torch.channels_last), {tap})
+            for k, arr in encode_tap(tap, outs[tap], policy).items():
+                per_batch.setdefault(k, []).append(arr)
+    return {k: np.concatenate(v) for k, v in per_batch.items()}
+
+
 def build_shard(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, shard: int, out: Path) -> dict:
     """Computes ``tap`` of the teacher for every view of data shard ``shard`` and writes ``out`` atomically.
+
+    The shard is rendered on its own (rows and mixup partners are shard-local, which gives the same views as
+    the whole split because partners never leave their shard); the audit copy of the view parameters stores
+    the partners as rows of the whole split.
 
     Returns:
         Timing and size figures of the job.
@@ -54,29 +96,22 @@ def build_shard(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, shard:
     recipe = cfg.protocol.views
     renderer = ViewRenderer(recipe, split.images, split.ids, split.shard_size, data.mean, data.std)
     image_size = tmeta["image_size"]
-    n, bs = len(split), cfg.protocol.eval_batch_size
-    fields: dict[str, list] = {}
+    n = len(split)
+    rows = np.arange(n)
+    fields: dict[str, list[np.ndarray]] = {}
     params = []
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for v in range(recipe.count):
-            per_view: dict[str, list] = {}
-            rows = np.arange(n)
-            params.append(renderer.params(v, rows))
-            for start in range(0, n, bs):
-                x, _ = renderer.render(v, rows[start : start + bs], image_size, device)
-                outs = compute_taps(model, x.contiguous(memory_format=torch.channels_last), {tap})
-                for k, arr in encode_tap(tap, outs[tap], cfg.cache).items():
-                    per_view.setdefault(k, []).append(arr)
-            for k, arrs in per_view.items():
-                fields.setdefault(k, []).append(np.concatenate(arrs))
+    for v in range(recipe.count):
+        params.append(renderer.params(v, rows))
+        encoded = encode_view(model, renderer, tap, cfg.cache, v, rows, cfg.protocol.eval_batch_size, image_size, device)
+        for k, arr in encoded.items():
+            fields.setdefault(k, []).append(arr)
     seconds = time.perf_counter() - t0
-    # The partner rows are shard-local in `renderer`; store them as rows of the whole split.
     for p in params:
         p.partner[p.partner >= 0] += first
     stacked = {k: np.stack(v) for k, v in fields.items()}
-    attrs = {"tap": tap, "first_position": first, "shard": shard, "teacher_sha256": tmeta["sha256"],
-             "view_recipe_hash": stable_hash(recipe)}
+    identity = store_identity(tmeta["sha256"], tap, recipe, cfg.cache, image_size)
+    attrs = {"first_position": first, "shard": shard, **identity_attrs(identity)}
     write_shard(out, stacked, params, split.ids.numpy(), attrs)
     _logger.info("cached %s of %d samples x %d views in %.1fs (%.0f views/s) -> %s",
                  tap, n, recipe.count, seconds, n * recipe.count / seconds, out)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdbench._util import atomic_path, read_json, sha256_file, write_json_atomic
+from kdbench._util import atomic_path, read_json, sha256_file, stable_hash, write_json_atomic
 from kdbench.config import CachePolicy
 from kdbench.data.views import ViewParams
 
@@ -37,6 +37,16 @@ _logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": None}
+#: Audit copy of the view parameters, stored per (sample, view): field -> (dtype, values per record).
+VIEW_PARAM_FIELDS: dict[str, tuple[type, int]] = {
+    "box": (np.float32, 4),
+    "flip": (np.uint8, 1),
+    "partner": (np.int64, 1),
+    "lam": (np.float32, 1),
+}
+_AUDIT_FIELDS = ("ids", *VIEW_PARAM_FIELDS)
+#: Manifest fields that identify what a store holds (kept in sync with ``kdbench.cache.build.store_identity``).
+IDENTITY_KEYS = ("teacher_sha256", "tap", "view_recipe_hash", "views", "policy", "teacher_image_size")
 
 
 class StoreError(ValueError):
@@ -59,6 +69,20 @@ def shard_file(index: int) -> str:
     return f"shard-{index:05d}.h5"
 
 
+def _index_dtype(num_classes: int) -> type:
+    """Class indices of a top-k record: int16 up to 32767 classes, int32 beyond."""
+    return np.int16 if num_classes <= 32767 else np.int32
+
+
+def pool_tap(tap: str, out: torch.Tensor, policy: CachePolicy) -> torch.Tensor:
+    """Applies the policy's feature pooling: ``[n, C, H, W]`` -> ``[n, C, p, p]`` for ``feature[i]`` taps when
+    ``policy.feature_pool`` is set; anything else is returned as is (float32)."""
+    out = out.detach().float()
+    if tap.startswith("feature") and policy.feature_pool and out.ndim == 4:
+        out = F.adaptive_avg_pool2d(out, policy.feature_pool)
+    return out
+
+
 def encode_tap(tap: str, out: torch.Tensor, policy: CachePolicy) -> dict[str, np.ndarray]:
     """Turns one batch of a tap's outputs into the arrays stored for it.
 
@@ -70,18 +94,15 @@ def encode_tap(tap: str, out: torch.Tensor, policy: CachePolicy) -> dict[str, np
     Returns:
         Field name -> array ``[n, ...]``.
     """
-    out = out.detach().float()
+    out = pool_tap(tap, out, policy)
     if tap == "logits" and policy.topk:
         k = min(policy.topk, out.shape[1])
         values, indices = out.topk(k, dim=1)
-        idx_dtype = np.int16 if out.shape[1] <= 32767 else np.int32
         return {
             "topk_values": values.cpu().numpy().astype(np.float16),
-            "topk_indices": indices.cpu().numpy().astype(idx_dtype),
+            "topk_indices": indices.cpu().numpy().astype(_index_dtype(out.shape[1])),
             "lse": torch.logsumexp(out, dim=1).cpu().numpy().astype(np.float32),
         }
-    if tap.startswith("feature") and policy.feature_pool and out.ndim == 4:
-        out = F.adaptive_avg_pool2d(out, policy.feature_pool)
     dtype = policy.logits_dtype if tap == "logits" else policy.feature_dtype
     if dtype == "bfloat16":  # stored as raw 16-bit words (h5py has no bf16)
         return {"values_bf16": out.to(torch.bfloat16).view(torch.int16).cpu().numpy()}
@@ -133,49 +154,162 @@ def write_shard(
             for name, arr in fields.items():
                 f.create_dataset(name, data=arr)  # contiguous, uncompressed: see research/stores.md
             f.create_dataset("ids", data=np.asarray(ids, dtype=np.int64))
-            f.create_dataset("box", data=np.stack([p.box for p in params]))
-            f.create_dataset("flip", data=np.stack([p.flip for p in params]).astype(np.uint8))
-            f.create_dataset("partner", data=np.stack([p.partner for p in params]))
-            f.create_dataset("lam", data=np.stack([p.lam for p in params]))
+            for name, (dtype, _) in VIEW_PARAM_FIELDS.items():
+                f.create_dataset(name, data=np.stack([getattr(p, name) for p in params]).astype(dtype))
             for k, v in attrs.items():
                 f.attrs[k] = v
 
 
+def identity_attrs(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The store identity (see :func:`kdbench.cache.build.store_identity`) as HDF5 attributes of a shard:
+    scalars as they are, mappings as their stable hash. Only the keys of :data:`IDENTITY_KEYS` are kept."""
+    return {
+        k: v if isinstance(v, (str, int, float)) else stable_hash(v) for k, v in identity.items() if k in IDENTITY_KEYS
+    }
+
+
+def _inspect_shard(path: Path, index: int) -> tuple[dict[str, Any], dict[str, tuple], int]:
+    """Reads a shard's attributes, field layout (name -> (dtype, row shape)) and row count."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            layout = {k: (str(f[k].dtype), tuple(f[k].shape[2:])) for k in sorted(f.keys()) if k not in _AUDIT_FIELDS}
+            count = int(f["ids"].shape[0])
+    except (OSError, KeyError) as e:
+        raise StoreError(
+            f"store shard {path} cannot be read ({e}): it is truncated or corrupt. "
+            f"Fix: delete it and rerun the cache step for shard {index}"
+        ) from e
+    return attrs, layout, count
+
+
 def write_manifest(store_dir: str | Path, num_shards: int, meta: Mapping[str, Any]) -> dict:
-    """Checks that every shard of a store is present and complete, then writes ``manifest.json`` last.
+    """Checks that every shard of a store is present, readable and built for this store, then writes
+    ``manifest.json`` last.
 
     Args:
         store_dir: The store directory.
         num_shards: Shards the store must have.
-        meta: What the store holds (teacher, tap, recipe, policy...), copied into the manifest.
+        meta: What the store holds (its identity: teacher, tap, recipe, policy..., and extra facts), copied into
+            the manifest. Every shard's identity attributes must match it.
+
+    Raises:
+        StoreError: a shard is missing, unreadable, stale (built for another identity) or laid out differently
+            from the others; the message names the shard, the field and the fix.
     """
     store_dir = Path(store_dir)
-    shards = []
+    want = identity_attrs(meta)
+    shards, layout = [], None
     for i in range(num_shards):
         path = store_dir / shard_file(i)
         if not path.exists():
             raise StoreError(f"store shard missing: {path}; rerun the cache step for shard {i}")
-        with h5py.File(path, "r") as f:
-            fields = sorted(k for k in f.keys() if k not in ("ids", "box", "flip", "partner", "lam"))
-            count = int(f["ids"].shape[0])
-            first = int(f.attrs["first_position"])
-            shapes = {k: list(f[k].shape[2:]) for k in fields}
-            dtypes = {k: str(f[k].dtype) for k in fields}
+        attrs, shard_layout, count = _inspect_shard(path, i)
+        for key, value in want.items():
+            if attrs.get(key) != value:
+                raise StoreError(
+                    f"store shard {path}: attribute '{key}' is {attrs.get(key)!r} but the store is for {value!r}"
+                    f" (a stale shard built for another teacher/view recipe/policy). Fix: delete {path} and rerun"
+                    f" the cache step for shard {i}"
+                )
+        if layout is not None and shard_layout != layout:
+            raise StoreError(
+                f"store shard {path} holds {shard_layout} but {shard_file(0)} holds {layout}. "
+                f"Fix: delete {store_dir} and rerun the cache steps"
+            )
+        layout = shard_layout
         shards.append(
-            {"file": path.name, "count": count, "first_position": first, "bytes": path.stat().st_size,
-             "sha256": sha256_file(path)}
+            {"file": path.name, "count": count, "first_position": int(attrs["first_position"]),
+             "bytes": path.stat().st_size, "sha256": sha256_file(path)}
         )
+    layout = layout or {}
     manifest = {
         "format_version": FORMAT_VERSION,
         **meta,
-        "fields": fields,
-        "field_shapes": shapes,
-        "field_dtypes": dtypes,
+        "fields": list(layout),
+        "field_shapes": {k: list(shape) for k, (_, shape) in layout.items()},
+        "field_dtypes": {k: dtype for k, (dtype, _) in layout.items()},
         "num_samples": sum(s["count"] for s in shards),
         "shards": shards,
     }
     write_json_atomic(store_dir / "manifest.json", manifest)
     return manifest
+
+
+def read_store_manifest(store_dir: str | Path) -> dict:
+    """Reads a store's ``manifest.json``, refusing a missing one or another format version."""
+    mpath = Path(store_dir) / "manifest.json"
+    if not mpath.exists():
+        raise StoreError(f"store manifest not found: {mpath}; the cache step did not finish — rerun the workflow")
+    try:
+        manifest = read_json(mpath, "store manifest")
+    except ValueError as e:
+        raise StoreError(str(e)) from e
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{mpath}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}; rebuild the store")
+    return manifest
+
+
+def check_identity(store_dir: str | Path, manifest: Mapping[str, Any], expect: Mapping[str, Any]) -> None:
+    """Refuses a store whose manifest differs from ``expect`` in any field (the message names the field)."""
+    for key, want in expect.items():
+        have = manifest.get(key)
+        if have != want:
+            raise StoreError(
+                f"{Path(store_dir) / 'manifest.json'}: field '{key}' is {have!r} but this run expects {want!r}: the"
+                f" store was built for another teacher/view recipe/policy. Fix: delete {store_dir} and rerun the workflow"
+            )
+
+
+def shard_problems(store_dir: str | Path, manifest: Mapping[str, Any], verify: bool = True) -> list[str]:
+    """Every shard of the manifest that is missing or (``verify``) differs from its sha256; one message each,
+    naming the file and the fix. Empty when the store is intact."""
+    store_dir = Path(store_dir)
+    mpath = store_dir / "manifest.json"
+    problems = []
+    for i, shard in enumerate(manifest["shards"]):
+        path = store_dir / shard["file"]
+        if not path.exists():
+            problems.append(f"store shard missing: {path}. Fix: rerun the cache step for shard {i}, then the manifest step")
+        elif verify and sha256_file(path) != shard["sha256"]:
+            problems.append(
+                f"store shard {path} does not match its sha256 in {mpath}: the file is corrupt or was changed. "
+                f"Fix: delete {path} and {mpath} and rerun the workflow (cache step for shard {i}, then the manifest)"
+            )
+    return problems
+
+
+def _read_fields(store_dir: Path, manifest: Mapping[str, Any], names: list[str]) -> dict[str, np.ndarray]:
+    """Reads datasets ``names`` (``[V, n, ...]``) of every shard and concatenates them along the rows."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    expected_first = 0
+    for shard in manifest["shards"]:
+        path = store_dir / shard["file"]
+        if shard["first_position"] != expected_first:
+            raise StoreError(
+                f"{store_dir / 'manifest.json'}: shard {shard['file']} starts at row {shard['first_position']}, "
+                f"expected {expected_first}; delete {store_dir} and rerun the workflow"
+            )
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                for k in names:
+                    arr = f[k][()]
+                    if arr.shape[1] != shard["count"]:
+                        raise StoreError(f"{path}: field '{k}' has {arr.shape[1]} rows, manifest says {shard['count']}")
+                    parts[k].append(arr)
+        except (OSError, KeyError) as e:
+            raise StoreError(
+                f"store shard {path} cannot be read ({e}): it is truncated or corrupt. "
+                f"Fix: delete it and {store_dir / 'manifest.json'} and rerun the workflow"
+            ) from e
+        expected_first += shard["count"]
+    return {k: np.ascontiguousarray(np.concatenate(v, axis=1)) for k, v in parts.items()}
+
+
+def read_view_params(store_dir: str | Path, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The audit copy of the view parameters the teacher saw: ``box [V, N, 4]``, ``flip [V, N]`` (uint8),
+    ``partner [V, N]`` (rows of the whole split) and ``lam [V, N]``."""
+    return _read_fields(Path(store_dir), manifest, list(VIEW_PARAM_FIELDS))
 
 
 @dataclass
@@ -193,52 +327,25 @@ class TeacherStore:
 
     @classmethod
     def open(cls, store_dir: str | Path, expect: Mapping[str, Any], verify: bool = True) -> "TeacherStore":
-        """Opens a store, refusing one that was built for something else.
+        """Opens a store, refusing one that was built for something else or is damaged.
 
         Args:
             store_dir: The store directory.
             expect: Manifest fields the run requires (e.g. ``teacher_sha256``, ``view_recipe_hash``, ``tap``,
                 ``views``, ``policy``); any difference is an error naming the field.
             verify: Re-hash every shard against the manifest first.
+
+        Raises:
+            StoreError: naming the file, the field and the fix.
         """
         store_dir = Path(store_dir)
-        mpath = store_dir / "manifest.json"
-        if not mpath.exists():
-            raise StoreError(f"store manifest not found: {mpath}; the cache step did not finish — rerun the workflow")
-        manifest = read_json(mpath, "store manifest")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{mpath}: format_version {manifest.get('format_version')} != {FORMAT_VERSION}; rebuild the store")
-        for key, want in expect.items():
-            have = manifest.get(key)
-            if have != want:
-                raise StoreError(
-                    f"{mpath}: field '{key}' is {have!r} but this run expects {want!r}: the store was built for another"
-                    f" teacher/view recipe/policy. Fix: delete {store_dir} and rerun the workflow"
-                )
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in manifest["fields"]}
-        expected_first = 0
-        for shard in manifest["shards"]:
-            path = store_dir / shard["file"]
-            if not path.exists():
-                raise StoreError(f"store shard missing: {path}; delete {store_dir} and rerun the workflow")
-            if verify and sha256_file(path) != shard["sha256"]:
-                raise StoreError(
-                    f"store shard {path} does not match its sha256 in {mpath}: the file is corrupt. "
-                    f"Fix: delete {path} (and the manifest) and rerun the workflow"
-                )
-            if shard["first_position"] != expected_first:
-                raise StoreError(f"{mpath}: shard {shard['file']} starts at row {shard['first_position']}, expected {expected_first}")
-            try:
-                with h5py.File(path, "r", locking=False) as f:
-                    for k in parts:
-                        arr = f[k][()]
-                        if arr.shape[1] != shard["count"]:
-                            raise StoreError(f"{path}: field '{k}' has {arr.shape[1]} rows, manifest says {shard['count']}")
-                        parts[k].append(arr)
-            except OSError as e:
-                raise StoreError(f"store shard {path} cannot be read ({e}); delete it and rerun the workflow") from e
-            expected_first += shard["count"]
-        fields = {k: torch.from_numpy(np.ascontiguousarray(np.concatenate(v, axis=1))) for k, v in parts.items()}
+        manifest = read_store_manifest(store_dir)
+        check_identity(store_dir, manifest, expect)
+        problems = shard_problems(store_dir, manifest, verify)
+        if problems:
+            raise StoreError(problems[0] + (f" (and {len(problems) - 1} more shards)" if len(problems) > 1 else ""))
+        arrays = _read_fields(store_dir, manifest, list(manifest["fields"]))
+        fields = {k: torch.from_numpy(v) for k, v in arrays.items()}
         return cls(tap=manifest["tap"], manifest=manifest, fields=fields, num_classes=manifest.get("num_classes"))
 
     @property
@@ -248,12 +355,18 @@ class TeacherStore:
     def __len__(self) -> int:
         return int(self.manifest["num_samples"])
 
-    def fetch(self, view: int, rows: torch.Tensor) -> torch.Tensor:
-        """Teacher outputs of view ``view`` for rows ``rows`` (``int64 [n]``), as float32 ``[n, ...]``."""
+    def fetch_raw(self, view: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored fields of view ``view`` for rows ``rows`` (``int64 [n]``), as stored (field -> ``[n, ...]``)."""
         if not 0 <= view < self.views:
             raise IndexError(f"view {view} out of range: the store holds {self.views} views")
         got = {k: v[view].index_select(0, rows) for k, v in self.fields.items()}
         self.bytes_read += sum(t.numel() * t.element_size() for t in got.values())
+        return got
+
+    def fetch(self, view: int, rows: torch.Tensor) -> torch.Tensor:
+        """Teacher outputs of view ``view`` for rows ``rows`` (``int64 [n]``), as float32 ``[n, ...]`` (full
+        logits rebuilt by :func:`reconstruct_topk` for a top-k store)."""
+        got = self.fetch_raw(view, rows)
         if "topk_values" in got:
             return reconstruct_topk(got["topk_values"], got["topk_indices"], got["lse"], self.num_classes)
         if "values_bf16" in got:
@@ -270,8 +383,19 @@ def record_bytes(tap_shape: tuple[int, ...], policy: CachePolicy, tap: str) -> i
     if tap == "logits" and policy.topk:
         c = tap_shape[0]
         k = min(policy.topk, c)
-        return k * 2 + k * (2 if c <= 32767 else 4) + 4
+        return k * 2 + k * np.dtype(_index_dtype(c)).itemsize + 4
     if tap.startswith("feature") and policy.feature_pool and len(tap_shape) == 3:
         tap_shape = (tap_shape[0], policy.feature_pool, policy.feature_pool)
     dtype = policy.logits_dtype if tap == "logits" else policy.feature_dtype
     return math.prod(tap_shape) * (4 if dtype == "float32" else 2)
+
+
+def view_param_bytes() -> int:
+    """Bytes of the audit copy of one view's parameters (box, flip, partner, lam) per (sample, view)."""
+    return sum(np.dtype(dtype).itemsize * n for dtype, n in VIEW_PARAM_FIELDS.values())
+
+
+def bytes_per_view(tap_shape: tuple[int, ...], policy: CachePolicy, tap: str, views: int) -> float:
+    """Stored bytes per (sample, view): the payload, the view parameters and the sample key (8 B per sample,
+    shared by its ``views`` views). HDF5's own overhead (a few KB per shard file) is not counted."""
+    return record_bytes(tap_shape, policy, tap) + view_param_bytes() + np.dtype(np.int64).itemsize / views
