@@ -60,6 +60,9 @@ class ViewRecipe:
         flip: Whether views are horizontally flipped with probability 1/2.
         mixup: Probability that a view is mixed with a partner drawn from the same data shard
             (lambda = max(a, 1 - a), a ~ U(0, 1), as in FunMatch).
+        pad: If > 0, views are whole images shifted by up to ``pad`` pixels with zero fill (the CIFAR
+            protocol's ``RandomCrop(size, padding=pad)``) instead of random-resized crops; ``scale`` and
+            ``ratio`` are then unused.
     """
 
     count: int = 4
@@ -68,6 +71,7 @@ class ViewRecipe:
     ratio: tuple[float, float] = (0.75, 1.3333333)
     flip: bool = True
     mixup: float = 0.0
+    pad: int = 0
 
 
 @dataclass(frozen=True)

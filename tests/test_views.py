@@ -167,3 +167,24 @@ def test_shard_local_renderer_gives_the_whole_splits_views(split):
             assert np.array_equal(np.where(pl.partner >= 0, pl.partner + lo, -1), pg.partner)
             assert np.array_equal(pl.box, pg.box) and np.array_equal(pl.flip, pg.flip)
             assert np.array_equal(pl.lam, pg.lam)
+
+
+def test_pad_views_are_whole_pixel_shifts_with_zero_fill():
+    """``views.pad`` reproduces RandomCrop(size, padding=pad) exactly: a zero-padded image cropped back."""
+    import torch
+
+    from kdbench.config import ViewRecipe
+
+    imgs = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    renderer = ViewRenderer(ViewRecipe(pad=4), imgs, torch.arange(16), 16, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    x, p = renderer.render(3, np.arange(16), 32)
+    shifts = np.rint(p.box[:, :2] * 32).astype(int)
+    assert np.abs(shifts).max() <= 4 and len({tuple(s) for s in shifts}) > 1
+    assert np.all(p.box[:, 2:] == 1.0)
+    for i, (dy, dx) in enumerate(shifts):
+        padded = torch.zeros(3, 40, 40)
+        padded[:, 4:36, 4:36] = imgs[i].float() / 255
+        want = padded[:, 4 + dy : 36 + dy, 4 + dx : 36 + dx]
+        if p.flip[i]:
+            want = want.flip(-1)
+        assert torch.allclose(x[i], want, atol=1e-6)

@@ -93,11 +93,12 @@ def test_end_to_end_workflow_builds_the_leaderboard(tmp_path):
     # A second run has nothing to do: every output is complete and up to date.
     again = snakemake(tmp_path, TINY, "--cores", "2", "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
-    # An interrupted cache job leaves only a temporary file, which no reader takes for a shard: after
-    # deleting a shard and leaving a stale temporary beside it, the workflow rebuilds exactly that chain.
+    # A cache job killed mid-write leaves only a temporary file and no manifest: the rerun finishes the
+    # store (and redoes what depends on it), and no reader ever took the temporary file for a shard.
     shard = next((tmp_path / "results" / raw["name"] / "cache").rglob("shard-00000.h5"))
     shard.rename(shard.with_name(shard.name + ".tmp-12345"))
+    (shard.parent / "manifest.json").unlink()
     redo = snakemake(tmp_path, TINY, "--cores", "2")
     assert redo.returncode == 0, redo.stderr[-3000:]
-    assert shard.exists()
+    assert shard.exists() and (shard.parent / "manifest.json").exists()
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)

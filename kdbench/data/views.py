@@ -62,9 +62,23 @@ class ViewParams:
     lam: np.ndarray
 
 
-def crop_params(recipe: ViewRecipe, ids: np.ndarray, view: int, aspect: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Crop boxes and flips only (what a mixup partner contributes)."""
+def crop_params(
+    recipe: ViewRecipe, ids: np.ndarray, view: int, aspect: float = 1.0, image_hw: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop boxes and flips only (what a mixup partner contributes).
+
+    With ``recipe.pad`` the box is the whole image shifted by a whole number of pixels in
+    ``[-pad, pad]`` (``image_hw`` is then required); otherwise a random-resized crop.
+    """
     u = lambda s: counter_uniform(recipe.seed, ids, view, _STREAMS[s])  # noqa: E731
+    flip = (u("flip") < 0.5) if recipe.flip else np.zeros(len(ids), dtype=bool)
+    if recipe.pad:
+        if image_hw is None:
+            raise ValueError("views.pad needs the image size")
+        shift = lambda s: np.floor(u(s) * (2 * recipe.pad + 1)) - recipe.pad  # noqa: E731
+        top, left = shift("top") / image_hw[0], shift("left") / image_hw[1]
+        ones = np.ones(len(ids))
+        return np.stack([top, left, ones, ones], axis=1).astype(np.float32), flip
     area = recipe.scale[0] + (recipe.scale[1] - recipe.scale[0]) * u("scale")
     lo, hi = np.log(recipe.ratio[0]), np.log(recipe.ratio[1])
     ratio = np.exp(lo + (hi - lo) * u("ratio"))
@@ -74,12 +88,17 @@ def crop_params(recipe: ViewRecipe, ids: np.ndarray, view: int, aspect: float = 
     top = (1.0 - h) * u("top")
     left = (1.0 - w) * u("left")
     box = np.stack([top, left, h, w], axis=1).astype(np.float32)
-    flip = (u("flip") < 0.5) if recipe.flip else np.zeros(len(ids), dtype=bool)
     return box, flip
 
 
 def view_params(
-    recipe: ViewRecipe, ids: np.ndarray, positions: np.ndarray, view: int, shard_size: int, num_samples: int
+    recipe: ViewRecipe,
+    ids: np.ndarray,
+    positions: np.ndarray,
+    view: int,
+    shard_size: int,
+    num_samples: int,
+    image_hw: tuple[int, int] | None = None,
 ) -> ViewParams:
     """Parameters of view ``view`` for the samples with keys ``ids`` at rows ``positions`` of a split.
 
@@ -90,10 +109,11 @@ def view_params(
         view: View index (``epoch mod V`` for a student).
         shard_size: Samples per data shard.
         num_samples: Rows in the split (the last shard may be short).
+        image_hw: Source image size (needed by ``recipe.pad``).
     """
     ids = np.asarray(ids, dtype=np.int64)
     positions = np.asarray(positions, dtype=np.int64)
-    box, flip = crop_params(recipe, ids, view)
+    box, flip = crop_params(recipe, ids, view, image_hw=image_hw)
     n = len(ids)
     partner = np.full(n, -1, dtype=np.int64)
     lam = np.ones(n, dtype=np.float32)
@@ -117,6 +137,7 @@ def render(
     out_size: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    padding: str = "border",
 ) -> torch.Tensor:
     """Crops, resizes (bilinear), flips and normalises a batch in one ``grid_sample``.
 
@@ -129,6 +150,7 @@ def render(
         flip: ``bool [n]``; ``None`` = no flip.
         out_size: Output resolution.
         mean, std: Per-channel normalisation.
+        padding: ``grid_sample`` padding outside the image: ``border`` (crops), ``zeros`` (shifted views).
 
     Returns:
         ``float32 [n, C, out_size, out_size]``.
@@ -146,7 +168,7 @@ def render(
         theta[:, 1, 1] = bh
         theta[:, 1, 2] = 2 * top + bh - 1
         grid = F.affine_grid(theta, [n, c, out_size, out_size], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
     m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x - m) / s
@@ -167,9 +189,13 @@ class ViewRenderer:
     def __init__(self, recipe: ViewRecipe, images: torch.Tensor, ids: torch.Tensor, shard_size: int, mean, std):
         self.recipe, self.images, self.ids = recipe, images, ids.numpy()
         self.shard_size, self.mean, self.std = shard_size, tuple(mean), tuple(std)
+        self.image_hw = tuple(images.shape[-2:])
+        self.padding = "zeros" if recipe.pad else "border"
 
     def params(self, view: int, positions: np.ndarray) -> ViewParams:
-        return view_params(self.recipe, self.ids[positions], positions, view, self.shard_size, len(self.ids))
+        return view_params(
+            self.recipe, self.ids[positions], positions, view, self.shard_size, len(self.ids), self.image_hw
+        )
 
     def render(
         self, view: int, positions: np.ndarray, out_size: int, device: torch.device | str = "cpu"
@@ -184,13 +210,15 @@ class ViewRenderer:
             out_size,
             self.mean,
             self.std,
+            self.padding,
         )
         mixed = np.flatnonzero(p.partner >= 0)
         if len(mixed):
             partners = p.partner[mixed]
-            pbox, pflip = crop_params(self.recipe, self.ids[partners], view)
+            pbox, pflip = crop_params(self.recipe, self.ids[partners], view, image_hw=self.image_hw)
             xp = render(
-                self.images[partners].to(device), torch.from_numpy(pbox), torch.from_numpy(pflip), out_size, self.mean, self.std
+                self.images[partners].to(device), torch.from_numpy(pbox), torch.from_numpy(pflip), out_size,
+                self.mean, self.std, self.padding,
             )
             lam = torch.from_numpy(p.lam[mixed]).to(x.device).view(-1, 1, 1, 1)
             idx = torch.from_numpy(mixed).to(x.device)
