@@ -12,6 +12,7 @@ rule cache_shard:
     resources:
         mem_mb=3000,
         runtime=60,
+    priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{LOGS}/cache/{{tkey}}/{{tapdir}}/{{shard}}.log",
     shell:

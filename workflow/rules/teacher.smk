@@ -10,6 +10,7 @@ rule train_teacher:
     resources:
         mem_mb=4000,
         runtime=120,
+    priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{LOGS}/teacher/{{teacher}}.log",
     shell:
@@ -32,6 +33,7 @@ rule train_assistant:
     resources:
         mem_mb=4000,
         runtime=120,
+    priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{LOGS}/assistant/{{teacher}}/{{label}}.log",
     shell:
