@@ -37,14 +37,6 @@ PAIR_IDS = [f"{t}->{s}" for t, s in PAIRS]
 # --- helpers --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and oversubscribe a shared machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _seed(name: str) -> int:
     return zlib.crc32(name.encode())

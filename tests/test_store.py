@@ -59,13 +59,6 @@ _logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 class BuildRecorder:
     """Records, per (view, sample key), the input tensor and the fp32 logits the teacher produced while the

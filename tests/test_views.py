@@ -21,13 +21,6 @@ MEAN, STD = (0.3,), (0.25,)
 RECIPE = ViewRecipe(count=4, seed=11, scale=(0.3, 1.0), ratio=(0.75, 1.3333333), flip=True, mixup=0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def split():

@@ -98,7 +98,11 @@ def test_end_to_end_workflow_builds_the_leaderboard(tmp_path):
     shard = next((tmp_path / "results" / raw["name"] / "cache").rglob("shard-00000.h5"))
     shard.rename(shard.with_name(shard.name + ".tmp-12345"))
     (shard.parent / "manifest.json").unlink()
+    for run in (tmp_path / "results" / raw["name"] / "runs").glob("*/*/kd"):  # nothing downstream existed yet
+        shutil.rmtree(run)
+    shutil.rmtree(board)
     redo = snakemake(tmp_path, TINY, "--cores", "2")
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert shard.exists() and (shard.parent / "manifest.json").exists()
+    assert len(list(csv.DictReader(open(board / "leaderboard.csv")))) == len(want)
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)

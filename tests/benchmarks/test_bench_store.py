@@ -49,13 +49,6 @@ DATA = DataInfo(num_classes=10, in_chans=1, image_size=28, num_train=N_TRAIN, me
 TINYVIT_RECORD_BYTES = 404  # TinyViT's sparse logits record: top-100 fp16 values + int16 indices + a 4-byte seed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def enabled(request) -> bool:
