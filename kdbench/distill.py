@@ -22,7 +22,8 @@ from kdbench.cache.store import StoreError, TeacherStore
 from kdbench.taps import normalize_tap
 from kdbench.config import Config
 from kdbench.data.shards import data_info, load_split, read_manifest
-from kdbench.evaluate import agreement, predict, topk_accuracy
+from kdbench.data.views import ViewRenderer
+from kdbench.evaluate import agreement
 from kdbench.methods.base import METHODS, DistillMethod
 from kdbench.models import create_model, model_info
 from kdbench.runtime import provenance, seed_everything, setup
@@ -121,8 +122,6 @@ def run_distill(
         if reqs.live_teacher:
             method.live_teacher_module(t_model)
         if reqs.live_teacher or not stores:
-            from kdbench.data.views import ViewRenderer
-
             renderer = ViewRenderer(protocol.views, train.images, train.ids, train.shard_size, data.mean, data.std)
             source = LiveTeacher(t_model, frozenset(teacher_taps), renderer, tmeta["image_size"])
         else:
@@ -136,20 +135,19 @@ def run_distill(
                 opened[tap] = TeacherStore.open(stores[tap], expect, verify=cfg.cache.verify)
                 store_manifests[tap] = sha256_file(Path(stores[tap]) / "manifest.json")
             source = CachedTeacher(opened)
-            if not reqs.live_teacher:
-                del t_model  # the teacher never runs: only its cached outputs are read
+            del t_model  # the teacher never runs: only its cached outputs are read
     run_name = f"{teacher}/{student}/{label}/seed{seed}"
     result = fit(model, method, train, {"val": val, "test": test}, data, protocol, seed, device, source,
                  out_dir / "epochs.jsonl", label=run_name)
 
-    test_logits = predict(model, test, data, image_size, protocol.eval_batch_size, device)
-    acc = topk_accuracy(test_logits, test.labels)
+    model_dir_meta, test_logits = save_model_dir(out_dir, model, student, test, val, data, image_size,
+                                                 protocol.eval_batch_size, device, {"run": run_name})
     hist = result.history
     best = max(range(len(hist)), key=lambda i: hist[i]["val_top1"])
     t_pred = np.load(teacher_dir / "predictions.npy") if teacher_dir else None
     final = {
-        "test_top1": acc[1],
-        "test_top5": acc[5],
+        "test_top1": model_dir_meta["test_top1"],
+        "test_top5": model_dir_meta["test_top5"],
         "val_top1": hist[-1]["val_top1"],
         "best_epoch": best,
         "best_val_top1": hist[best]["val_top1"],
@@ -158,8 +156,6 @@ def run_distill(
         "teacher_test_top1": tmeta["test_top1"] if tmeta else None,
         "retrieval_map": None,
     }
-    model_dir_meta = save_model_dir(out_dir, model, student, test, val, data, image_size, protocol.eval_batch_size,
-                                    device, {"run": run_name})
     record = {
         "schema_version": SCHEMA_VERSION,
         "status": "ok",
@@ -197,5 +193,5 @@ def run_distill(
         "epochs_file": "epochs.jsonl",
     }
     write_json_atomic(out_dir / "record.json", record)
-    _logger.info("%s: test top-1 %.2f%% (last epoch), %.0fs", run_name, acc[1], record["cost"]["wall_time_s"])
+    _logger.info("%s: test top-1 %.2f%% (last epoch), %.0fs", run_name, final["test_top1"], record["cost"]["wall_time_s"])
     return record

@@ -34,8 +34,12 @@ class CheckpointError(ValueError):
 def save_model_dir(
     out_dir: Path, model: nn.Module, model_name: str, test: Split, val: Split, data: DataInfo, image_size: int,
     batch_size: int, device: torch.device, extra: dict,
-) -> dict:
-    """Evaluates ``model`` and writes ``model.pt``, ``predictions.npy`` and (last) ``metrics.json``."""
+) -> tuple[dict, torch.Tensor]:
+    """Evaluates ``model`` and writes ``model.pt``, ``predictions.npy`` and (last) ``metrics.json``.
+
+    Returns:
+        ``(metrics, test logits [N, C])``.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.pt") as tmp:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
@@ -56,7 +60,7 @@ def save_model_dir(
         "provenance": provenance(device),
     }
     write_json_atomic(out_dir / "metrics.json", metrics)
-    return metrics
+    return metrics, test_logits
 
 
 def load_checkpoint(model: nn.Module, path: Path, model_name: str) -> None:
@@ -114,7 +118,7 @@ def train_teacher(cfg: Config, name: str, data_dir: Path, out_dir: Path) -> dict
         result = fit(model, ce, train, {"val": val}, data, protocol, seed=0, device=device,
                      epochs_log=out_dir / "epochs.jsonl", label=f"teacher {name}")
         extra.update(source="trained", protocol=protocol, protocol_hash=protocol.hash(), train_time_s=result.train_time_s)
-    metrics = save_model_dir(out_dir, model, tcfg.model, test, val, data, image_size, protocol.eval_batch_size, device, extra)
+    metrics, _ = save_model_dir(out_dir, model, tcfg.model, test, val, data, image_size, protocol.eval_batch_size, device, extra)
     _logger.info("teacher %s: test top-1 %.2f%% (val %.2f%%)", name, metrics["test_top1"], metrics["val_top1"])
     return metrics
 
