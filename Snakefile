@@ -1,14 +1,16 @@
 # kdbench: regenerate every leaderboard table from raw data.
-#   snakemake --cores 2                                   # the default matrix (Fashion-MNIST, CPU-sized)
-#   snakemake --cores 2 --configfile workflow/config/fashion-mnist-full.yaml
-#   snakemake --workflow-profile workflow/profiles/slurm  # on a SLURM cluster
+#   snakemake --cores 2                                                 # the default table (Fashion-MNIST)
+#   snakemake --cores 2 --configfile workflow/config/all-tables.yaml    # every table that fits a 2-core machine
+#   snakemake --cores 2 --config seeds=[0,1,2,3,4]                      # overrides (dotted keys too)
+#   snakemake --workflow-profile workflow/profiles/slurm                # on a SLURM cluster
+#
+# `snakemake --lint` asks for a conda environment or container per rule. kdbench deliberately has none: every
+# rule runs the `kdbench` command of the environment that runs Snakemake (one `pip install -e .`, pinned torch),
+# so all jobs use the same build of the code that provenance records; a per-rule environment would install a
+# second, unpinned copy. On a cluster, make that environment visible on every node (see README, SLURM).
 from snakemake.utils import min_version
 
 min_version("9.0")
-
-if not config:
-
-    configfile: "workflow/config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
@@ -19,7 +21,23 @@ include: "workflow/rules/distill.smk"
 include: "workflow/rules/report.smk"
 
 
+# Gather jobs are cheap: never queue them on a cluster.
+localrules:
+    all,
+    cache_manifest,
+    leaderboard,
+    compare,
+
+
 rule all:
+    """Every table of the config: its leaderboard, checked against its published snapshot where there is one."""
     input:
-        LEADERBOARD,
+        final_targets(),
     default_target: True
+
+
+onsuccess:
+    for _table in PLAN.tables:
+        _check = Path(PLAN.compare_file(_table))
+        if _check.exists():
+            print(f"{_table}: {_check.read_text().strip().splitlines()[-1]} (details: {_check})")

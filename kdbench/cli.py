@@ -1,7 +1,8 @@
 """The ``kdbench`` command: one subcommand per workflow step, explicit path flags, no hidden state.
 
 Every workflow rule calls one of these; they can be run by hand just the same. This is the only module
-that sets up logging.
+that sets up logging. A user error (:data:`kdbench.errors.USER_ERRORS`) prints one line
+``kdbench: error: ...`` and exits with 2; ``--debug`` shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -9,13 +10,72 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
+import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import kdbench
+
+if TYPE_CHECKING:
+    from kdbench.config import Config
 
 _logger = logging.getLogger("kdbench")
 
 
-def _config(args):
+# --- small helpers ------------------------------------------------------------------------------------------
+
+
+def _plain(text: str) -> str:
+    """Drops reStructuredText markup (``x``, :func:`x`) from a docstring shown in ``--help``."""
+    return re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text).replace("``", "")
+
+
+def _deprecated(old: str, new: str) -> None:
+    """One line on stderr: ``old`` still works for this release, ``new`` is the syntax to use."""
+    print(f"kdbench: warning: {old} is deprecated and will be removed in the next release; use {new}",
+          file=sys.stderr)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: stores into ``target`` (default: its own dest) and warns once used.
+
+    Args:
+        use: The syntax to use instead (for the warning).
+        target: The attribute to store the value in.
+    """
+
+    def __init__(
+        self, option_strings: list[str], dest: str, use: str, target: str | None = None, **kw: Any
+    ) -> None:
+        super().__init__(option_strings, dest, **kw)
+        self.use = use
+        self.target = target or dest
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if values is None:  # an absent optional positional
+            return
+        _deprecated(option_string or f"the positional {self.metavar or self.dest}", self.use)
+        setattr(namespace, self.target, values)
+
+
+def _one_line(error: BaseException) -> str:
+    """An error message on one line (a multi-line message is joined with spaces)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+
+
+def _broken_pipe() -> int:
+    """stdout's reader went away (``kdbench methods | head -1``): exit quietly, like a tool killed by SIGPIPE."""
+    try:  # the interpreter flushes stdout once more at exit: let that go to /dev/null, not to the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured)
+        pass
+    return 128 + signal.SIGPIPE
+
+
+def _config(args: argparse.Namespace) -> Config:
     import dataclasses
 
     from kdbench.config import load_config
@@ -26,28 +86,77 @@ def _config(args):
     return cfg
 
 
+def store_tap(store: Path) -> str:
+    """The tap of a store directory, from its name (stores are named by ``tap_dirname(tap)``).
+
+    Raises:
+        StoreError: the name is not the name of a tap's store.
+    """
+    from kdbench.cache.store import StoreError, tap_from_dirname
+
+    tap = tap_from_dirname(store.name)
+    if not _is_tap(tap):
+        raise StoreError(
+            f"--store {store}: {store.name!r} is not a store's directory name, which names its tap "
+            "(logits, pre_logits, feature_<i>); pass the store directory itself"
+        )
+    return tap
+
+
+def _is_tap(name: str) -> bool:
+    from kdbench.taps import parse_tap
+
+    try:
+        parse_tap(name)
+    except ValueError:
+        return False
+    return True
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+
+
+def _done(line: str) -> None:
+    """The one line a workflow step prints on the terminal (its log lines go to stderr, the job's log file)."""
+    print(line, flush=True)
+
+
 def cmd_prepare_data(args) -> None:
     from kdbench.data.shards import prepare
 
-    prepare(_config(args).data, Path(args.out))
+    cfg = _config(args)
+    if args.teacher:
+        _check_cell(cfg, args.teacher, None)
+    data = (cfg.teachers[args.teacher].data if args.teacher else None) or cfg.data
+    manifest = prepare(data, Path(args.out))
+    counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
+    _done(f"data {data.source}: {counts} images -> {args.out}")
 
 
 def cmd_train_teacher(args) -> None:
     from kdbench.teacher import train_teacher
 
-    train_teacher(_config(args), args.teacher, Path(args.data), Path(args.out))
+    m = train_teacher(_config(args), args.teacher, Path(args.data), Path(args.out))
+    _done(f"teacher {args.teacher} ({m['model']}): test top-1 {m['test_top1']:.2f}% -> {args.out}")
 
 
 def cmd_cache(args) -> None:
     from kdbench.cache.build import build_shard
+    from kdbench.cache.store import shard_file
 
-    build_shard(_config(args), Path(args.teacher_dir), Path(args.data), args.tap, args.shard, Path(args.out))
+    out = Path(args.out) if args.out else Path(args.store) / shard_file(args.shard)
+    tap = args.tap or store_tap(out.parent)
+    stats = build_shard(_config(args), Path(args.teacher_dir), Path(args.data), tap, args.shard, out)
+    _done(f"store {tap}, shard {args.shard}: {stats['views_per_s']:.0f} views/s -> {out}")
 
 
 def cmd_cache_manifest(args) -> None:
     from kdbench.cache.build import finalize_store
 
-    finalize_store(_config(args), Path(args.teacher_dir), Path(args.data), args.tap, Path(args.store))
+    store = Path(args.store)
+    tap = args.tap or store_tap(store)
+    finalize_store(_config(args), Path(args.teacher_dir), Path(args.data), tap, store)
+    _done(f"store {tap}: manifest written -> {store}")
 
 
 def cmd_check_cache(args) -> None:
@@ -60,121 +169,250 @@ def cmd_check_cache(args) -> None:
         raise StoreError(report.failure())
 
 
-def _stores(items: list[str]) -> dict[str, Path]:
-    stores = {}
+def _stores(items: list[str] | None) -> dict[str, Path]:
+    """Tap -> store of distill's ``--store DIR`` flags (and of the deprecated ``--store TAP=DIR``)."""
+    from kdbench.cache.store import StoreError
+
+    stores: dict[str, Path] = {}
     for item in items or []:
-        tap, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"kdbench: error: --store takes TAP=DIR, got {item!r}")
+        tap, sep, path = item.partition("=")
+        if sep and _is_tap(tap):
+            _deprecated(f"--store {tap}=DIR", "--store DIR (the tap is read from the directory name)")
+            if not path:
+                raise StoreError(f"--store {item}: no directory after '='")
+        else:
+            path, tap = item, store_tap(Path(item))
+        if tap in stores:
+            raise StoreError(f"--store: two stores of tap {tap!r} ({stores[tap]} and {path}); pass one")
         stores[tap] = Path(path)
     return stores
+
+
+def _check_cell(cfg: Config, teacher: str, label: str | None) -> None:
+    from kdbench.config import ConfigError
+
+    for flag, name, choices in (("--teacher", teacher, cfg.teachers), ("--method-label", label, cfg.methods)):
+        if name is not None and name not in choices:
+            raise ConfigError(
+                f"{cfg.source}: {flag} {name!r} is not in the config; valid choices: {', '.join(choices)}"
+            )
 
 
 def cmd_distill(args) -> None:
     from kdbench.distill import run_distill
 
-    run_distill(
-        _config(args), args.teacher, args.student, args.method, args.seed, Path(args.data),
-        Path(args.teacher_dir) if args.teacher_dir else None, _stores(args.store), Path(args.out),
+    cfg = _config(args)
+    _check_cell(cfg, args.teacher, args.label)
+    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else None
+    record = run_distill(
+        cfg, args.teacher, args.student, args.label, args.seed, Path(args.data), teacher_dir, _stores(args.store),
+        Path(args.out),
     )
+    run = f"{cfg.name}: {args.teacher}/{args.student}/{args.label}/seed{args.seed}"
+    if record["status"] == "ok":
+        _done(f"{run}: test top-1 {record['final']['test_top1']:.2f}% in {record['cost']['wall_time_s']:.0f} s")
+    else:
+        _done(f"{run}: skipped ({record['skip_reason']})")
 
 
 def cmd_leaderboard(args) -> None:
+    from kdbench.config import config_hash
     from kdbench.report.leaderboard import write_leaderboard
 
     cfg = _config(args)
-    write_leaderboard([Path(p) for p in args.runs], Path(args.out), title=cfg.name)
+    title = f"{cfg.name} (config {config_hash(cfg)})"
+    summary = write_leaderboard([Path(p) for p in args.runs], Path(args.out), title=title)
+    _done(f"leaderboard {title}: {summary['cells']} cells from {summary['runs']} runs -> {args.out}")
+
+
+def cmd_plan(args) -> None:
+    from kdbench.plan import Plan
+
+    overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"kdbench: error: --config takes KEY=VALUE, got {item!r}")
+        overrides[key] = yaml_value(value)
+    plan = Plan.resolve(args.configfile or [], overrides)
+    print(plan.render())
+
+
+def yaml_value(text: str) -> Any:
+    """A ``--config`` value parsed as Snakemake does (YAML: ``[0,1]`` is a list, ``5e-2`` a number)."""
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def cmd_verify(args) -> int:
-    from kdbench.verify import GPU_TOLERANCE_PP, verify
+    from kdbench.verify import verify
 
     report = verify(Path(args.run_dir), Path(args.config) if args.config else None)
-    if report.status == "identical":
-        print(f"identical: {args.run_dir} re-ran bit for bit on {report.device} (timings excluded)")
-    elif report.status == "within_tolerance":
-        print(f"within tolerance: {args.run_dir} re-ran on {report.device} within {GPU_TOLERANCE_PP} points; "
-              "GPU kernels are nondeterministic, so the run is not bit-reproducible")
-    else:
-        print(f"DIFFERS: {args.run_dir} re-ran on {report.device} with {len(report.differences)} differences:")
-    for line in report.differences[:20]:
-        print(f"  {line}")
+    print(report.render(Path(args.run_dir)))
     return 0 if report.ok else 1
 
 
-def cmd_methods(args) -> None:
+def cmd_compare(args) -> int:
+    from kdbench._util import atomic_path
+    from kdbench.report.compare import compare_leaderboards
+
+    report = compare_leaderboards(Path(args.new), Path(args.published))
+    text = f"{report.render().rstrip()}\n{report.summary()}"
+    print(text)
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text + "\n")
+    return 0 if report.ok or args.exit_zero else 1
+
+
+def method_rows() -> list[dict[str, Any]]:
+    """Every registered method: name, default parameters, declarations and reference (JSON types)."""
+    from kdbench._util import to_jsonable
     from kdbench.methods import METHODS
 
     rows = []
     for name in METHODS.names():
         cls = METHODS.get(name)
         cfg = cls.Config()
-        rows.append({"name": name, "reference": cls.reference, **cls.declarations(cfg)})
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
+        rows.append(
+            {"name": name, "parameters": to_jsonable(cfg), **cls.declarations(cfg), "reference": cls.reference}
+        )
+    return rows
+
+
+def render_methods(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`method_rows` as a readable table, one block per method."""
+    blocks = []
     for r in rows:
-        reqs = ",".join(k for k, v in r["requirements"].items() if v) or "-"
-        print(f"{r['name']:<14} teacher={','.join(r['teacher_taps']) or '-':<28} student={','.join(r['student_taps']):<28}"
-              f" requires={reqs:<24} {r['reference']}")
+        fields = [
+            ("parameters", ", ".join(f"{k}={json.dumps(v)}" for k, v in r["parameters"].items())),
+            ("teacher taps", ", ".join(r["teacher_taps"])),
+            ("student taps", ", ".join(r["student_taps"])),
+            ("requires", ", ".join(k for k, v in r["requirements"].items() if v)),
+            ("assistant", r["assistant"] or ""),
+            ("reference", r["reference"]),
+        ]
+        blocks.append("\n".join([r["name"], *(f"  {key:<13} {value or '-'}" for key, value in fields)]))
+    return "\n\n".join(blocks)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kdbench", description=__doc__.splitlines()[0])
+def cmd_methods(args) -> None:
+    rows = method_rows()
+    print(json.dumps(rows, indent=2) if args.json else render_methods(rows))
+
+
+# --- the parser --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``kdbench`` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="kdbench", description=_plain(__doc__.splitlines()[0]))
+    parser.add_argument("--version", action="version", version=f"%(prog)s {kdbench.__version__}",
+                        help="print the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a user error instead of the one-line message")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="the step to run ('kdbench COMMAND --help' lists its options)")
 
     def add(name: str, fn, help: str, config: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        p = sub.add_parser(name, help=_plain(help), description=_plain(help))
         if config:
             p.add_argument("--config", required=True, help="the experiment matrix (YAML)")
             p.add_argument("--threads", type=int, help="torch threads (overrides runtime.threads)")
         p.set_defaults(fn=fn)
         return p
 
+    def store_option(p: argparse.ArgumentParser, help: str, **kw: Any) -> None:
+        p.add_argument("--store", metavar="DIR", help=help, **kw)
+
+    named = "; its directory name names the tap (logits, pre_logits, feature_<i>)"
+    no_tap = "deprecated: the tap is read from the store's directory name"
+
     p = add("prepare-data", cmd_prepare_data, "raw dataset -> webdataset shards + manifest")
+    p.add_argument("--teacher", help="prepare this teacher's own training data (teachers.<name>.data)")
     p.add_argument("--out", required=True, help="data directory to write")
+
+    p = add("plan", cmd_plan, "resolve config files + overrides as the workflow does and print the tables,"
+            " jobs and paths", config=False)
+    p.add_argument("--configfile", nargs="+", metavar="FILE",
+                   help="config files merged in order, or one suite file (default: workflow/config/config.yaml)")
+    p.add_argument("--config", dest="set", nargs="+", metavar="KEY=VALUE",
+                   help="overrides, as snakemake --config (dotted keys reach nested values)")
+
     p = add("train-teacher", cmd_train_teacher, "train (or load) one teacher of the config")
-    p.add_argument("--teacher", required=True)
+    p.add_argument("--teacher", required=True, help="teacher name in the config")
     p.add_argument("--data", required=True, help="data directory")
     p.add_argument("--out", required=True, help="teacher directory to write")
+
     p = add("cache", cmd_cache, "teacher outputs of one tap for every view of one data shard")
-    p.add_argument("--teacher-dir", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--tap", required=True, help="logits, pre_logits or feature[i]")
-    p.add_argument("--shard", required=True, type=int)
-    p.add_argument("--out", required=True, help="the shard's .h5 file")
+    p.add_argument("--teacher-dir", required=True, help="teacher directory")
+    p.add_argument("--data", required=True, help="data directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    store_option(group, f"the store directory to write the shard's file into{named}")
+    group.add_argument("--out", metavar="FILE", action=_DeprecatedAlias, use="--store DIR",
+                       help="deprecated: the shard's .h5 file (now named by --store DIR and --shard)")
+    p.add_argument("--shard", required=True, type=int, help="index of the data shard")
+    p.add_argument("--tap", action=_DeprecatedAlias, use="--store DIR alone (the tap is read from its name)",
+                   help=no_tap)
+
     p = add("cache-manifest", cmd_cache_manifest, "check a store's shards and write its manifest (last)")
-    p.add_argument("--teacher-dir", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--tap", required=True)
-    p.add_argument("--store", required=True, help="store directory")
+    p.add_argument("--teacher-dir", required=True, help="teacher directory")
+    p.add_argument("--data", required=True, help="data directory")
+    store_option(p, f"the store directory{named}", required=True)
+    p.add_argument("--tap", action=_DeprecatedAlias, use="--store DIR alone (the tap is read from its name)",
+                   help=no_tap)
+
     p = add("check-cache", cmd_check_cache, "verify a store's checksums and re-run the live teacher on a sample of"
             " its views (exit 2 if a shard is corrupt or a value differs beyond its stored dtype's rounding)")
-    p.add_argument("store", help="store directory")
-    p.add_argument("--teacher-dir", required=True)
-    p.add_argument("--data", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    store_option(group, "the store directory")
+    group.add_argument("old_store", nargs="?", metavar="STORE", action=_DeprecatedAlias, use="--store DIR",
+                       target="store", help="deprecated: use --store DIR")
+    p.add_argument("--teacher-dir", required=True, help="teacher directory the store was built from")
+    p.add_argument("--data", required=True, help="data directory")
     p.add_argument("--samples", type=int, default=256, help="(view, sample) pairs to re-run (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+
     p = add("distill", cmd_distill, "train one (teacher, student, method, seed) cell -> run record")
     p.add_argument("--teacher", required=True, help="teacher name in the config")
     p.add_argument("--student", required=True, help="timm model name")
-    p.add_argument("--method", required=True, help="method label in the config")
-    p.add_argument("--seed", required=True, type=int)
-    p.add_argument("--data", required=True)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--method-label", dest="label", metavar="LABEL",
+                       help="method label in the config's 'methods'")
+    group.add_argument("--method", dest="label", metavar="LABEL", action=_DeprecatedAlias, use="--method-label",
+                       help="deprecated alias of --method-label")
+    p.add_argument("--seed", required=True, type=int, help="seed of the run")
+    p.add_argument("--data", required=True, help="data directory")
     p.add_argument("--teacher-dir", help="teacher (or assistant) directory; not needed by the baseline")
-    p.add_argument("--store", action="append", metavar="TAP=DIR", help="a cached tap's store (repeatable)")
+    store_option(p, f"a store of a cached teacher tap the method reads (repeatable){named}", action="append")
     p.add_argument("--out", required=True, help="run directory")
+
     p = add("leaderboard", cmd_leaderboard, "run records -> leaderboard tables, page and plots")
     p.add_argument("--runs", nargs="+", required=True, help="record.json files")
-    p.add_argument("--out", required=True)
-    p = add("verify", cmd_verify, "re-run one cell from its record and compare (bit-identical on CPU)", config=False)
+    p.add_argument("--out", required=True, help="leaderboard directory to write")
+
+    p = add("verify", cmd_verify, "re-run one cell from its record and compare (bit-identical on the same CPU"
+            " model and ISA, not across CPUs)", config=False)
     p.add_argument("run_dir", help="a run directory (holding record.json)")
     p.add_argument("--config", help="config file (default: the one named in the record)")
-    p = add("methods", cmd_methods, "list registered methods with their declarations", config=False)
-    p.add_argument("--json", action="store_true")
 
-    args = parser.parse_args(argv)
+    p = add("compare", cmd_compare, "compare a new leaderboard with a published one (exit 1 if they disagree)",
+            config=False)
+    p.add_argument("new", metavar="NEW", help="the new leaderboard")
+    p.add_argument("published", metavar="PUBLISHED", help="the published leaderboard")
+    p.add_argument("--out", metavar="FILE", help="also write the comparison table and summary to FILE")
+    p.add_argument("--exit-zero", action="store_true", help="exit 0 even if the leaderboards disagree")
+
+    p = add("methods", cmd_methods, "list registered methods: parameters (defaults), declarations, reference",
+            config=False)
+    p.add_argument("--json", action="store_true", help="print the same as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -183,10 +421,15 @@ def main(argv: list[str] | None = None) -> int:
     from kdbench.errors import USER_ERRORS
 
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        return _broken_pipe()
     except USER_ERRORS as e:
-        _logger.error("%s", e)
-        print(f"kdbench: error: {e}", file=sys.stderr)
+        if args.debug:
+            raise
+        print(f"kdbench: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -8,20 +8,15 @@ again plus everything a schema cannot know: registered methods and their paramet
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from kdbench._typed import build_dataclass
 from kdbench._util import stable_hash, to_jsonable
-
-
-class ConfigError(ValueError):
-    """A user error in a config file; the message names the file, the key and the fix."""
+from kdbench.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -145,11 +140,14 @@ class TeacherConfig:
             recorded.
         train: Protocol of the teacher's own training (keys of :class:`Protocol`, unset ones from the
             student protocol). A teacher sees a fresh view in every epoch.
+        data: The data the teacher trains on; ``None`` is the table's own. Set by ``{from: other.yaml}``
+            (the other config's teacher, trained on that config's data, shared with it).
     """
 
     model: str
     checkpoint: str | None = None
     train: Protocol = field(default_factory=Protocol)
+    data: DataConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -197,69 +195,6 @@ class Config:
 
     def protocol_hash(self) -> str:
         return self.protocol.hash()
-
-
-def _type_ok(value: Any, tp: Any) -> bool:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin is tuple:
-        return isinstance(value, (list, tuple))
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True
-
-
-def build_dataclass(cls: type, raw: Any, where: str, source: str, base: Any = None) -> Any:
-    """Builds dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
-
-    Args:
-        cls: The frozen dataclass.
-        raw: The mapping from the config (``None`` = all defaults).
-        where: Dotted key of this mapping, for messages.
-        source: The config file, for messages.
-        base: An instance whose values replace the defaults (e.g. the student protocol for a teacher's).
-    """
-    raw = {} if raw is None else raw
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{source}: key '{where}' must be a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"{source}: unknown key '{where}.{unknown[0]}'; valid keys of '{where}': {', '.join(sorted(fields))}"
-        )
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        tp = hints[name]
-        key = f"{where}.{name}"
-        if dataclasses.is_dataclass(tp):
-            nested_base = getattr(base, name) if base is not None else None
-            value = build_dataclass(tp, value, key, source, nested_base)
-        elif not _type_ok(value, tp):
-            raise ConfigError(f"{source}: key '{key}' must be {_type_name(tp)}, got {value!r}")
-        elif typing.get_origin(tp) is tuple:
-            value = tuple(value)
-        values[name] = value
-    if base is not None:
-        return dataclasses.replace(base, **values)
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"{source}: key '{where}': {e}") from e
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
 def _check_protocol(p: Protocol, where: str, source: str) -> None:
@@ -313,14 +248,19 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     for tname, traw in raw["teachers"].items():
         where = f"teachers.{tname}"
         if not isinstance(traw, Mapping) or "model" not in traw:
-            raise ConfigError(f"{source}: key '{where}' must be a mapping with at least 'model'")
-        unknown = sorted(set(traw) - {"model", "checkpoint", "train"})
+            raise ConfigError(f"{source}: key '{where}' must be a mapping with at least 'model' (or 'from: OTHER.yaml')")
+        unknown = sorted(set(traw) - {"model", "checkpoint", "train", "data"})
         if unknown:
-            raise ConfigError(f"{source}: unknown key '{where}.{unknown[0]}'; valid keys: checkpoint, model, train")
+            raise ConfigError(f"{source}: unknown key '{where}.{unknown[0]}'; valid keys: checkpoint, data, from, model, train")
         train = build_dataclass(Protocol, traw.get("train"), f"{where}.train", source, base=protocol)
         _check_protocol(train, f"{where}.train", source)
         _check_model(check_model_name, traw["model"], f"{where}.model", source)
-        teachers[str(tname)] = TeacherConfig(model=traw["model"], checkpoint=traw.get("checkpoint"), train=train)
+        tdata = build_dataclass(DataConfig, traw["data"], f"{where}.data", source) if traw.get("data") else None
+        if tdata is not None and tdata.source != data.source:
+            raise ConfigError(f"{source}: key '{where}.data.source' is {tdata.source!r} but the table's data is"
+                              f" {data.source!r}; a teacher must know the table's classes")
+        teachers[str(tname)] = TeacherConfig(model=traw["model"], checkpoint=traw.get("checkpoint"), train=train,
+                                             data=tdata)
 
     students = raw["students"]
     if not isinstance(students, list) or not students:
@@ -371,6 +311,40 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     )
 
 
+def to_raw(cfg: Config) -> dict:
+    """The inverse of :func:`parse_config`: every value explicit (defaults filled in), plain YAML types.
+
+    This is what the workflow writes as a table's resolved config, so a record stays reproducible even if a
+    default changes in a later version.
+    """
+    from kdbench.methods.base import METHODS
+
+    def method(entry: MethodEntry) -> dict:
+        built = METHODS.get(entry.method).make_config(entry.params)
+        return {"method": entry.method, **to_jsonable(built)}
+
+    return {
+        "name": cfg.name,
+        "data": to_jsonable(cfg.data),
+        "protocol": to_jsonable(cfg.protocol),
+        "cache": to_jsonable(cfg.cache),
+        "teachers": {
+            name: {"model": t.model, "checkpoint": t.checkpoint, "train": to_jsonable(t.train),
+                   "data": to_jsonable(t.data)}
+            for name, t in cfg.teachers.items()
+        },
+        "students": list(cfg.students),
+        "methods": {label: method(entry) for label, entry in cfg.methods.items()},
+        "seeds": list(cfg.seeds),
+        "runtime": to_jsonable(cfg.runtime),
+    }
+
+
+def config_hash(cfg: Config) -> str:
+    """Hash of everything that defines a table (runtime settings excluded): tags its leaderboard."""
+    return stable_hash({k: v for k, v in to_raw(cfg).items() if k != "runtime"})
+
+
 def _check_model(check: Any, name: Any, key: str, source: str) -> None:
     if not isinstance(name, str):
         raise ConfigError(f"{source}: key '{key}' must be a timm model name (string)")
@@ -379,16 +353,41 @@ def _check_model(check: Any, name: Any, key: str, source: str) -> None:
         raise ConfigError(f"{source}: key '{key}': {reason}")
 
 
-def load_config(path: str | Path) -> Config:
-    """Reads and validates a YAML config file."""
+def read_config_file(path: str | Path) -> dict:
+    """Reads one YAML config file into a mapping (not yet validated).
+
+    Raises:
+        ConfigError: one line naming the file (for invalid YAML also the line and column) and the fix.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; pass an existing YAML file with --config")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return parse_config(raw, source=str(path))
+        raise ConfigError(f"{path}: {_yaml_problem(e)}; fix the YAML syntax there (indentation, quotes, brackets)") from None
+    if raw is None:
+        raise ConfigError(
+            f"{path}: the config file is empty (no YAML content); write the experiment matrix into it "
+            "(e.g. start from a copy of workflow/config/config.yaml)"
+        )
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path) -> Config:
+    """Reads and validates a YAML config file (a resolved one, as every workflow job does)."""
+    return parse_config(read_config_file(path), source=str(path))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: ``not valid YAML at line L, column C: <problem>`` (1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"not valid YAML{where}: {problem}" + (f" ({context})" if context else "")
 
 
 def config_slice_hash(*parts: Any) -> str:

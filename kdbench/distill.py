@@ -18,8 +18,7 @@ import torch
 
 from kdbench._util import read_json, sha256_file, stable_hash, write_json_atomic
 from kdbench.cache.build import store_identity
-from kdbench.cache.store import StoreError, TeacherStore
-from kdbench.taps import normalize_tap
+from kdbench.cache.store import StoreError, TeacherStore, tap_dirname
 from kdbench.config import Config
 from kdbench.data.shards import data_info, load_split, read_manifest
 from kdbench.data.views import ViewRenderer
@@ -27,6 +26,7 @@ from kdbench.evaluate import agreement
 from kdbench.methods.base import METHODS, DistillMethod
 from kdbench.models import create_model, model_info
 from kdbench.runtime import provenance, seed_everything, setup
+from kdbench.taps import normalize_tap
 from kdbench.teacher import load_teacher, read_teacher_metrics, save_model_dir
 from kdbench.train.loop import fit
 from kdbench.train.teacher_source import CachedTeacher, LiveTeacher
@@ -128,12 +128,14 @@ def run_distill(
             opened = {}
             n_stages = len(t_info.feature_shapes)
             for tap in teacher_taps:
-                if tap not in stores:
-                    raise StoreError(f"method {label!r} reads teacher tap {tap!r} but no --store {tap}=DIR was given")
-                expect = store_identity(tmeta["sha256"], normalize_tap(tap, n_stages), protocol.views, cfg.cache,
-                                        tmeta["image_size"])
-                opened[tap] = TeacherStore.open(stores[tap], expect, verify=cfg.cache.verify)
-                store_manifests[tap] = sha256_file(Path(stores[tap]) / "manifest.json")
+                norm = normalize_tap(tap, n_stages)
+                store_dir = stores.get(tap, stores.get(norm))  # keyed by the declared or the normalised tap
+                if store_dir is None:
+                    raise StoreError(f"method {label!r} reads teacher tap {tap!r} but no store of it was given;"
+                                     f" pass --store DIR with a store directory named {tap_dirname(norm)!r}")
+                expect = store_identity(tmeta["sha256"], norm, protocol.views, cfg.cache, tmeta["image_size"])
+                opened[tap] = TeacherStore.open(store_dir, expect, verify=cfg.cache.verify)
+                store_manifests[tap] = sha256_file(Path(store_dir) / "manifest.json")
             source = CachedTeacher(opened)
             del t_model  # the teacher never runs: only its cached outputs are read
     run_name = f"{teacher}/{student}/{label}/seed{seed}"

@@ -1,10 +1,43 @@
-"""The errors a user can cause; the CLI reports them in one line (file, key, fix) instead of a traceback."""
+"""The errors a user can cause, all derived from :class:`KdbenchError` (a leaf module: it imports nothing).
 
-from kdbench.cache.store import StoreError
-from kdbench.config import ConfigError
-from kdbench.data.sources import DatasetError
-from kdbench.teacher import CheckpointError
-from kdbench.report.records import RecordError
-from kdbench.train.loop import NonFiniteLossError
+The CLI prints each as one line, ``kdbench: error: <file, key, fix>``, and exits with 2; ``kdbench --debug``
+shows the traceback instead. Their messages name what to fix, so none needs a traceback. Each also derives
+from the builtin it refines (``ValueError``, ``FileNotFoundError``, ...), so callers may catch either.
+"""
 
-USER_ERRORS = (ConfigError, RecordError, DatasetError, StoreError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+from __future__ import annotations
+
+
+class KdbenchError(Exception):
+    """Base of every error a user can cause; its message names the file, the key and the fix."""
+
+
+class ConfigError(KdbenchError, ValueError):
+    """A user error in a config file or a ``--config`` override."""
+
+
+class DatasetError(KdbenchError, FileNotFoundError):
+    """A raw dataset or a data shard that is missing, truncated or corrupt."""
+
+
+class DataShardError(KdbenchError, ValueError):
+    """A data shard that is corrupt, truncated or changed since its manifest was written."""
+
+
+class StoreError(KdbenchError, ValueError):
+    """A teacher-output store that is missing, corrupt, stale or built for something else."""
+
+
+class CheckpointError(KdbenchError, ValueError):
+    """A teacher checkpoint that is missing or does not match its model."""
+
+
+class RecordError(KdbenchError, ValueError):
+    """A run record that is not valid JSON, lacks a key, or duplicates another."""
+
+
+class NonFiniteLossError(KdbenchError, FloatingPointError):
+    """A loss became NaN or infinite during training."""
+
+
+USER_ERRORS = (KdbenchError, FileNotFoundError)

@@ -1,33 +1,269 @@
-"""The grid a config implies, computed from the config alone (no data, no weights): which teachers and
-assistants to train, which stores to cache (the union of the taps the methods declare, per teacher), and
-one distill cell per (teacher, student, method, seed). The workflow's ``common.smk`` is a thin layer over
-this, so ``snakemake -n`` shows exactly the jobs a method adds.
+"""The resolved plan: config files + ``--config`` overrides -> tables -> every job and every output path.
+
+A config is resolved **once** (:func:`resolve_tables`): the files are merged in order, the overrides are applied
+on top (``seeds=[0,1]``, or a dotted key such as ``protocol.epochs=5``), a teacher given as
+``{from: other-config.yaml}`` is replaced by that config's teacher (its model, checkpoint, training protocol
+and training data, written out in full), and a suite file (``tables: [a.yaml, b.yaml]``) becomes one table per
+listed config. Every table's resolved config is written to ``results/<table>/config.resolved.yaml`` and every
+job of that table reads that file.
+
+:class:`Plan` turns the tables into jobs and is the only place that knows an output path. Upstream work is
+content-addressed, so two tables that need the same data, teacher or store share one job:
+
+* data shards:     ``results/data/<source>-<hash of the data config>/``
+* teachers:        ``results/teachers/<name>-<hash of model, checkpoint, training protocol, training data>/``
+* assistants:      ``results/assistants/<teacher key>.<label>-<hash of table data, protocol, cache, method>/``
+* stores:          ``results/cache/<teacher or assistant key>/<hash of data, views, cache policy>/<tap>/``
+* runs:            ``results/<table>/runs/<teacher>/<student>/<label>/seed<k>/``
+* leaderboards:    ``results/<table>/leaderboard/``; the check against ``results/published/<table>/``:
+  ``results/<table>/compare.md``.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
-from kdbench.cache.store import tap_dirname
-from kdbench.config import Config
+import yaml
+
+from kdbench._util import atomic_path, stable_hash, to_jsonable
+from kdbench.cache.store import SHARD_NAME, shard_file, tap_dirname
+from kdbench.config import (
+    Config,
+    ConfigError,
+    TeacherConfig,
+    config_hash,
+    parse_config,
+    read_config_file,
+    to_raw,
+)
+from kdbench.data.shards import shard_counts
 from kdbench.methods.base import METHODS
 from kdbench.models import create_model
 from kdbench.taps import normalize_tap
 
+RESULTS = "results"
+DEFAULT_CONFIG = "workflow/config/config.yaml"
+RESERVED = frozenset({"data", "teachers", "assistants", "cache", "published", "logs"})
+_HASH = 8
+
+
+class Layout:
+    """Every output path pattern, with the workflow's wildcards; the ``.smk`` files use these and no others."""
+
+    DATA = f"{RESULTS}/data/{{dkey}}"
+    TEACHER = f"{RESULTS}/teachers/{{tkey}}"
+    ASSISTANT = f"{RESULTS}/assistants/{{akey}}"
+    STORE = f"{RESULTS}/cache/{{key}}/{{spec}}/{{tapdir}}"
+    SHARD = f"{STORE}/{SHARD_NAME}"
+    TABLE = f"{RESULTS}/{{table}}"
+    RESOLVED = f"{TABLE}/config.resolved.yaml"
+    RUN = f"{TABLE}/runs/{{teacher}}/{{student}}/{{label}}/seed{{seed}}"
+    LEADERBOARD = f"{TABLE}/leaderboard"
+    COMPARE = f"{TABLE}/compare.md"
+    PUBLISHED = f"{RESULTS}/published/{{table}}"
+    LOGS = f"{RESULTS}/logs"
+    TABLE_LOGS = f"{TABLE}/logs"
+
+
+# --- resolving config files + overrides --------------------------------------------------------------------
+
+
+def deep_update(base: dict, new: Mapping) -> dict:
+    """Merges ``new`` into ``base`` in place (mappings recursively, everything else replaced), like Snakemake."""
+    for key, value in new.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    """Applies ``--config`` overrides; a dotted key (``protocol.epochs``) reaches into nested mappings."""
+    for key, value in overrides.items():
+        *parents, last = str(key).split(".")
+        node = raw
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--config {key}=...: '{p}' is not a mapping in the config")
+        if isinstance(value, Mapping) and isinstance(node.get(last), dict):
+            deep_update(node[last], value)
+        else:
+            node[last] = copy.deepcopy(value)
+    return raw
+
+
+def _merged(files: Sequence[Path]) -> dict:
+    raw: dict = {}
+    for f in files:
+        deep_update(raw, read_config_file(f))
+    return raw
+
+
+def _expand_teacher_refs(raw: dict, source: Path) -> dict:
+    """Replaces every ``teachers.<t>: {from: FILE[, teacher: NAME]}`` by that config's teacher, in full."""
+    for tname, traw in (raw.get("teachers") or {}).items():
+        if not isinstance(traw, Mapping) or "from" not in traw:
+            continue
+        extra = sorted(set(traw) - {"from", "teacher"})
+        if extra:
+            raise ConfigError(f"{source}: key 'teachers.{tname}.{extra[0]}': a teacher given with 'from' takes only"
+                              " 'from' and 'teacher' (the referenced config defines the rest)")
+        ref = (source.parent / str(traw["from"])).resolve()
+        if not ref.exists():
+            raise ConfigError(f"{source}: key 'teachers.{tname}.from': config file not found: {ref}")
+        other = parse_config(_expand_teacher_refs(_merged([ref]), ref), source=str(ref))
+        name = str(traw.get("teacher", tname))
+        if name not in other.teachers:
+            raise ConfigError(f"{source}: key 'teachers.{tname}': {ref} has no teacher {name!r};"
+                              f" its teachers: {', '.join(other.teachers)}")
+        t = other.teachers[name]
+        raw["teachers"][tname] = {"model": t.model, "checkpoint": t.checkpoint, "train": to_jsonable(t.train),
+                                  "data": to_jsonable(t.data or other.data)}
+    return raw
+
 
 @dataclass(frozen=True)
-class Cell:
-    """One distill job."""
+class Table:
+    """One leaderboard: a resolved config and where it came from.
 
+    Attributes:
+        cfg: The parsed config (its ``source`` is the resolved file every job reads).
+        raw: The resolved mapping, written to :attr:`resolved_path`.
+        origin: The config files and overrides it was resolved from, for the resolved file's header.
+    """
+
+    cfg: Config
+    raw: Mapping[str, Any]
+    origin: str
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def resolved_path(self) -> str:
+        return Layout.RESOLVED.format(table=self.name)
+
+    @property
+    def config_hash(self) -> str:
+        """Hash of everything that defines the table (runtime settings excluded)."""
+        return config_hash(self.cfg)
+
+
+def _table(files: Sequence[Path], overrides: Mapping[str, Any]) -> Table:
+    raw = apply_overrides(_merged(files), overrides)
+    raw = _expand_teacher_refs(raw, files[-1])
+    origin = " + ".join(str(f) for f in files)
+    if overrides:
+        origin += " + --config " + " ".join(f"{k}={v!r}" for k, v in overrides.items())
+    name = raw.get("name") if isinstance(raw, Mapping) else None
+    source = Layout.RESOLVED.format(table=name) if isinstance(name, str) and "/" not in name else str(files[-1])
+    try:
+        cfg = parse_config(raw, source=source)
+    except ConfigError as e:  # name the file the user wrote, not the resolved copy
+        raise ConfigError(str(e).replace(source, origin, 1)) from None
+    if cfg.name in RESERVED:
+        raise ConfigError(f"{origin}: key 'name' must not be one of {', '.join(sorted(RESERVED))} (result folders)")
+    raw = to_raw(cfg)  # every value explicit: what the jobs read
+    cfg = parse_config(raw, source=source)
+    return Table(cfg=cfg, raw=raw, origin=origin)
+
+
+def resolve_tables(files: Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> list[Table]:
+    """Resolves config files (or one suite file listing tables) and overrides into tables.
+
+    Args:
+        files: Config files merged in order (``--configfile``); empty means the default config.
+        overrides: ``--config`` key/value pairs, applied to every table.
+
+    Raises:
+        ConfigError: naming the file and the key.
+    """
+    paths = [Path(f) for f in files] or [Path(DEFAULT_CONFIG)]
+    overrides = dict(overrides or {})
+    merged = _merged(paths)
+    if "tables" not in merged:
+        tables = [_table(paths, overrides)]
+    else:
+        if set(merged) != {"tables"} or not isinstance(merged["tables"], list) or not merged["tables"]:
+            raise ConfigError(f"{paths[-1]}: a suite file has exactly one key, 'tables': a list of config files")
+        tables = [_table([paths[-1].parent / str(t)], overrides) for t in merged["tables"]]
+    names = [t.name for t in tables]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{paths[-1]}: two tables share the name {dup[0]!r}; give each config its own 'name'")
+    return tables
+
+
+def write_resolved(table: Table) -> Path:
+    """Writes the table's resolved config (only when it changed, atomically) and returns its path."""
+    path = Path(table.resolved_path)
+    text = (f"# Resolved by kdbench from {table.origin}\n# config hash {table.config_hash}; written by the workflow,"
+            " do not edit (edit the source file).\n" + yaml.safe_dump(to_jsonable(table.raw), sort_keys=False))
+    if not path.exists() or path.read_text() != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return path
+
+
+# --- the jobs ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistillJob:
+    """One (teacher, student, method label, seed) distillation job of a table."""
+
+    table: str
     teacher: str
     student: str
-    method: str
+    label: str
     seed: int
 
     @property
-    def path(self) -> str:
-        return f"runs/{self.teacher}/{self.student}/{self.method}/seed{self.seed}"
+    def run_dir(self) -> str:
+        return Layout.RUN.format(**dataclasses.asdict(self))
+
+
+@dataclass(frozen=True)
+class TeacherKey:
+    """A teacher (or a multi-step method's assistant) as the workflow knows it.
+
+    Attributes:
+        key: The content-addressed directory name (``cnn_m-1a2b3c4d`` or ``cnn_m-1a2b3c4d.takd-5e6f7a8b``).
+        table: The table whose resolved config defines it (the first that needs it).
+        teacher: The teacher's name in that table.
+        label: The method label whose assistant this is; ``None`` for a teacher.
+    """
+
+    key: str
+    table: str
+    teacher: str
+    label: str | None = None
+
+    @property
+    def dir(self) -> str:
+        return Layout.ASSISTANT.format(akey=self.key) if self.label else Layout.TEACHER.format(tkey=self.key)
+
+
+@dataclass(frozen=True)
+class StoreKey:
+    """One teacher-output store: a teacher key's outputs of one tap over one table's data and views."""
+
+    teacher: TeacherKey
+    spec: str
+    tap: str
+    table: str
+
+    @property
+    def dir(self) -> str:
+        return Layout.STORE.format(key=self.teacher.key, spec=self.spec, tapdir=tap_dirname(self.tap))
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,66 +271,179 @@ def _num_stages(model: str) -> int:
     return len(create_model(model, num_classes=10, in_chans=3, img_size=32).feature_info)
 
 
-class Plan:
-    """The jobs of a config. Paths are relative to the config's results directory.
+def _h(*parts: Any) -> str:
+    return stable_hash(list(parts), length=_HASH)
 
-    Teacher keys (``tkey``): a config teacher's name, or ``<teacher>.<method label>`` for the assistant a
-    multi-step method (TAKD) distils from that teacher; each key has a teacher directory and stores.
+
+class Plan:
+    """Every job of a set of tables and every output path; the workflow and the CLI read paths only here.
+
+    Args:
+        tables: The resolved tables.
     """
 
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.cells = [
-            Cell(t, s, m, seed) for t in cfg.teachers for s in cfg.students for m in cfg.methods for seed in cfg.seeds
+    def __init__(self, tables: Sequence[Table]) -> None:
+        self.tables: dict[str, Table] = {t.name: t for t in tables}
+        self.jobs = [
+            DistillJob(t.name, teacher, s, m, seed)
+            for t in tables
+            for teacher in t.cfg.teachers
+            for s in t.cfg.students
+            for m in t.cfg.methods
+            for seed in t.cfg.seeds
         ]
+        self.data: dict[str, tuple[str, str | None]] = {}  # data key -> (table, teacher whose data, or None)
+        self.teachers: dict[str, TeacherKey] = {}
+        self.stores: dict[str, StoreKey] = {}
+        for t in tables:
+            self.data.setdefault(self.data_key(t.name), (t.name, None))
+        for t in tables:
+            for teacher in t.cfg.teachers:
+                self.data.setdefault(self._teacher_data_key(t.name, teacher), (t.name, teacher))
+                tk = self.teacher_key(t.name, teacher)
+                self.teachers.setdefault(tk.key, tk)
+        for t in tables:
+            for (teacher, label) in self.assistants(t.name):
+                ak = self.assistant_key(t.name, teacher, label)
+                self.teachers.setdefault(ak.key, ak)
+                for sk in self.assistant_stores(t.name, teacher, label).values():
+                    self.stores.setdefault(sk.dir, sk)
+        for job in self.jobs:
+            for sk in self.job_stores(job).values():
+                self.stores.setdefault(sk.dir, sk)
 
-    def _method(self, label: str):
-        entry = self.cfg.methods[label]
+    @classmethod
+    def resolve(cls, files: Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> Plan:
+        return cls(resolve_tables(files, overrides))
+
+    # --- methods of a table
+
+    def method(self, table: str, label: str):
+        """``(method class, built method config)`` of a table's method label."""
+        entry = self.tables[table].cfg.methods[label]
         cls = METHODS.get(entry.method)
         return cls, cls.make_config(entry.params)
 
-    def assistant(self, label: str) -> str | None:
-        cls, mcfg = self._method(label)
+    def assistant_model(self, table: str, label: str) -> str | None:
+        cls, mcfg = self.method(table, label)
         return cls.assistant(mcfg)
 
-    def tkey(self, teacher: str, label: str) -> str | None:
-        """The teacher key a cell distils from (``None``: no teacher needed)."""
-        cls, mcfg = self._method(label)
+    def assistants(self, table: str) -> list[tuple[str, str]]:
+        """``(teacher, label)`` of every assistant a table trains."""
+        cfg = self.tables[table].cfg
+        return sorted((t, m) for t in cfg.teachers for m in cfg.methods if self.assistant_model(table, m))
+
+    # --- keys and directories
+
+    def data_key(self, table: str) -> str:
+        data = self.tables[table].cfg.data
+        return f"{data.source}-{_h(data)}"
+
+    def _teacher_data_key(self, table: str, teacher: str) -> str:
+        cfg = self.tables[table].cfg
+        data = cfg.teachers[teacher].data or cfg.data
+        return f"{data.source}-{_h(data)}"
+
+    def data_dir(self, key: str) -> str:
+        return Layout.DATA.format(dkey=key)
+
+    def teacher_key(self, table: str, teacher: str) -> TeacherKey:
+        cfg = self.tables[table].cfg
+        t: TeacherConfig = cfg.teachers[teacher]
+        key = f"{teacher}-{_h(t.model, t.checkpoint, t.train, self._teacher_data_key(table, teacher))}"
+        return self.teachers.get(key) or TeacherKey(key, table, teacher)
+
+    def teacher_data_dir(self, key: str) -> str:
+        tk = self.teachers[key]
+        if tk.label:  # an assistant learns on its table's data
+            return self.data_dir(self.data_key(tk.table))
+        return self.data_dir(self._teacher_data_key(tk.table, tk.teacher))
+
+    def assistant_key(self, table: str, teacher: str, label: str) -> TeacherKey:
+        cfg = self.tables[table].cfg
+        tk = self.teacher_key(table, teacher)
+        spec = _h(self.data_key(table), cfg.protocol, cfg.cache, cfg.methods[label])
+        key = f"{tk.key}.{label}-{spec}"
+        return self.teachers.get(key) or TeacherKey(key, table, teacher, label)
+
+    def job_teacher(self, job: DistillJob) -> TeacherKey | None:
+        """The teacher (or assistant) a job distils from; ``None`` when the method reads no teacher."""
+        cls, mcfg = self.method(job.table, job.label)
         if not cls.teacher_taps(mcfg):
             return None
-        return f"{teacher}.{label}" if cls.assistant(mcfg) else teacher
+        if cls.assistant(mcfg):
+            return self.assistant_key(job.table, job.teacher, job.label)
+        return self.teacher_key(job.table, job.teacher)
 
-    def teacher_model(self, tkey: str) -> str:
-        teacher, _, label = tkey.partition(".")
-        return self.assistant(label) if label else self.cfg.teachers[teacher].model
+    def _stores_of(self, table: str, tk: TeacherKey, taps: set[str]) -> dict[str, StoreKey]:
+        cfg = self.tables[table].cfg
+        model = self.assistant_model(tk.table, tk.label) if tk.label else self.tables[tk.table].cfg.teachers[tk.teacher].model
+        n = _num_stages(model)
+        spec = _h(self.data_key(table), cfg.protocol.views, cfg.cache, cfg.protocol.eval_batch_size)
+        return {tap: StoreKey(tk, spec, normalize_tap(tap, n), table) for tap in sorted(taps)}
 
-    def teacher_dir(self, tkey: str) -> str:
-        teacher, _, label = tkey.partition(".")
-        return f"assistants/{teacher}/{label}" if label else f"teachers/{teacher}"
-
-    def assistants(self) -> list[tuple[str, str]]:
-        """``(teacher, label)`` of every assistant to train."""
-        return sorted({(t, m) for t in self.cfg.teachers for m in self.cfg.methods if self.assistant(m)})
-
-    def cell_stores(self, cell: Cell) -> dict[str, str]:
-        """Declared tap -> store directory of a cell (empty for live-teacher methods and the baseline)."""
-        cls, mcfg = self._method(cell.method)
-        tkey = self.tkey(cell.teacher, cell.method)
-        if tkey is None or cls.requirements(mcfg).live_teacher:
+    def job_stores(self, job: DistillJob) -> dict[str, StoreKey]:
+        """Declared tap -> store of a job (empty for live-teacher methods and the student alone)."""
+        cls, mcfg = self.method(job.table, job.label)
+        tk = self.job_teacher(job)
+        if tk is None or cls.requirements(mcfg).live_teacher:
             return {}
-        n = _num_stages(self.teacher_model(tkey))
-        return {tap: f"cache/{tkey}/{tap_dirname(normalize_tap(tap, n))}" for tap in sorted(cls.teacher_taps(mcfg))}
+        return self._stores_of(job.table, tk, cls.teacher_taps(mcfg))
 
-    def stores(self) -> list[str]:
-        """Every store directory, deduplicated (one per teacher key and normalised tap)."""
-        return sorted({d for cell in self.cells for d in self.cell_stores(cell).values()})
-
-    def assistant_stores(self, teacher: str, label: str) -> dict[str, str]:
+    def assistant_stores(self, table: str, teacher: str, label: str) -> dict[str, StoreKey]:
         """Stores of the teacher that an assistant is distilled from (the method's own taps)."""
-        cls, mcfg = self._method(label)
-        n = _num_stages(self.cfg.teachers[teacher].model)
-        return {tap: f"cache/{teacher}/{tap_dirname(normalize_tap(tap, n))}" for tap in sorted(cls.teacher_taps(mcfg))}
+        cls, mcfg = self.method(table, label)
+        return self._stores_of(table, self.teacher_key(table, teacher), cls.teacher_taps(mcfg))
 
-    def all_stores(self) -> list[str]:
-        extra = {d for t, m in self.assistants() for d in self.assistant_stores(t, m).values()}
-        return sorted(set(self.stores()) | extra)
+    def store_shards(self, store_dir: str) -> list[str]:
+        sk = self.stores[store_dir]
+        n = shard_counts(self.tables[sk.table].cfg.data)["train"]
+        return [f"{store_dir}/{shard_file(i)}" for i in range(n)]
+
+    # --- per-table outputs
+
+    def leaderboard_dir(self, table: str) -> str:
+        return Layout.LEADERBOARD.format(table=table)
+
+    def published_dir(self, table: str) -> str:
+        return Layout.PUBLISHED.format(table=table)
+
+    def compare_file(self, table: str) -> str:
+        return Layout.COMPARE.format(table=table)
+
+    def store(self, key: str, spec: str, tapdir: str) -> StoreKey:
+        """The store of the workflow's ``{key}/{spec}/{tapdir}`` wildcards."""
+        return self.stores[Layout.STORE.format(key=key, spec=spec, tapdir=tapdir)]
+
+    def records(self, table: str) -> list[str]:
+        return [f"{j.run_dir}/record.json" for j in self.jobs if j.table == table]
+
+    def table_hash(self, table: str) -> str:
+        """Rerun trigger of a leaderboard: everything that defines the table (name, protocol, grid)."""
+        return self.tables[table].config_hash
+
+    def job(self, table: str, teacher: str, student: str, label: str, seed: int | str) -> DistillJob:
+        return DistillJob(table, teacher, student, label, int(seed))
+
+    def job_hash(self, job: DistillJob) -> str:
+        """Rerun trigger of a job: protocol, cache policy, data, its method entry and its teacher.
+
+        (Data, teachers, assistants and stores need none: their paths are hashes of what defines them.)
+        """
+        cfg = self.tables[job.table].cfg
+        tk = self.job_teacher(job)
+        return _h(cfg.protocol, cfg.cache, cfg.data, cfg.methods[job.label], tk.key if tk else None)
+
+    def render(self) -> str:
+        """A plain-text summary: per table its resolved file and jobs; the shared data, teachers and stores."""
+        lines = []
+        for name, table in self.tables.items():
+            jobs = [j for j in self.jobs if j.table == name]
+            lines += [f"table {name} (config {table.config_hash}) <- {table.origin}",
+                      f"  resolved config: {table.resolved_path}",
+                      f"  {len(jobs)} distill jobs -> {Layout.TABLE.format(table=name)}/runs/",
+                      f"  leaderboard: {self.leaderboard_dir(name)}/"]
+        lines += [f"data {self.data_dir(k)}" for k in self.data]
+        lines += [f"{'assistant' if t.label else 'teacher'} {t.dir}" for t in self.teachers.values()]
+        lines += [f"store {d} ({len(self.store_shards(d))} shards)" for d in self.stores]
+        return "\n".join(lines)

@@ -37,35 +37,99 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def git_commit() -> str:
-    """The commit of the kdbench checkout (``+dirty`` if modified), or ``unknown`` outside git."""
-    root = Path(kdbench.__file__).resolve().parent.parent
+#: Directories whose uncommitted changes (modified or untracked, not ignored) make a run's commit ``+dirty``.
+SOURCE_DIRS = ("kdbench", "workflow")
+
+
+def _repo_root() -> Path:
+    return Path(kdbench.__file__).resolve().parent.parent
+
+
+def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+
+
+def git_state(root: Path | None = None) -> tuple[str, list[str]]:
+    """The commit of the kdbench checkout and its uncommitted source files.
+
+    A file under :data:`SOURCE_DIRS` that is modified, staged, deleted or untracked (and not ignored) makes
+    the commit ``<sha>+dirty``: a new method file that is not committed yet counts.
+
+    Args:
+        root: The checkout (default: the one this kdbench is imported from).
+
+    Returns:
+        ``(commit, files)``: the commit (``unknown`` outside git) and the sorted paths, relative to the
+        repository's top level, of the uncommitted files (empty when clean).
+    """
+    root = _repo_root() if root is None else Path(root)
     try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", "kdbench"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()
-        return rev.stdout.strip() + ("+dirty" if dirty else "")
+        rev = _git(root, "rev-parse", "HEAD")
+        status = _git(root, "status", "--porcelain", "-z", "--untracked-files=all", "--", *SOURCE_DIRS)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown", []
+    if rev.returncode != 0 or status.returncode != 0:
+        return "unknown", []
+    files = _porcelain_paths(status.stdout)
+    return rev.stdout.strip() + ("+dirty" if files else ""), files
+
+
+def _porcelain_paths(out: str) -> list[str]:
+    """The paths listed by ``git status --porcelain -z`` (both paths of a rename or copy), sorted."""
+    files, entries = set(), iter(out.split("\0"))
+    for entry in entries:
+        if entry:
+            files.add(entry[3:])
+            if entry[0] in "RC":  # the next entry is the original path
+                files.add(next(entries, ""))
+    return sorted(files - {""})
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The commit of the kdbench checkout (``+dirty`` with uncommitted source files), ``unknown`` outside git.
+
+    Args:
+        root: The checkout (default: the one this kdbench is imported from).
+    """
+    return git_state(root)[0]
+
+
+def cpu_model() -> str:
+    """The CPU model (``model name`` of ``/proc/cpuinfo`` on Linux, else :func:`platform.processor`)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_capability() -> str:
+    """The vector ISA torch's CPU kernels dispatch to on this machine (e.g. ``AVX2``, ``AVX512``)."""
+    return str(torch.backends.cpu.get_cpu_capability())
 
 
 def provenance(device: torch.device) -> dict:
-    """Versions, commit and device, recorded in every output."""
+    """Versions, commit (and the uncommitted files that make it ``+dirty``), device and CPU, recorded in
+    every output. ``cpu`` and ``cpu_capability`` name where a CPU run is bit-reproducible: on the same CPU
+    model and ISA."""
     packages = {}
     for name in _PACKAGES:
         try:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             packages[name] = None
+    commit, dirty = git_state()
     return {
         "kdbench_version": kdbench.__version__,
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "dirty_files": dirty,
         "packages": packages,
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),
         "torch_threads": torch.get_num_threads(),
     }

@@ -18,6 +18,7 @@ import torch.nn as nn
 from kdbench._util import atomic_path, read_json, sha256_file, write_json_atomic
 from kdbench.config import Config
 from kdbench.data.shards import DataInfo, Split, data_info, load_split, read_manifest
+from kdbench.errors import CheckpointError
 from kdbench.evaluate import predict, topk_accuracy
 from kdbench.methods.base import create_method
 from kdbench.models import create_model, model_info
@@ -26,9 +27,6 @@ from kdbench.train.loop import fit
 
 _logger = logging.getLogger(__name__)
 
-
-class CheckpointError(ValueError):
-    """A teacher checkpoint that is missing or does not match its model; the message names file and fix."""
 
 
 def save_model_dir(

@@ -1,8 +1,12 @@
 """``kdbench verify RUN_DIR``: re-run one cell from its record and compare.
 
-On CPU the re-run must be bit-identical (final metrics and every per-epoch metric, timings excluded). On
-CUDA, cuDNN/cuBLAS kernels are not deterministic by default: metrics are compared within a tolerance and the
-report says the run is not bit-reproducible.
+Bit-identity holds per machine, not across CPUs: on the same CPU model and ISA (the record's provenance
+``cpu`` and ``cpu_capability``) a CPU re-run must be bit-identical (final metrics and every per-epoch
+metric, timings excluded). On another CPU, torch dispatches to other vector kernels (AVX2 vs AVX-512, other
+summation orders), so small differences are expected: the report says the machines differ, and a
+cross-machine check compares leaderboards with ``kdbench compare`` instead. On CUDA, cuDNN/cuBLAS kernels are
+not deterministic by default: metrics are compared within a tolerance and the report says the run is not
+bit-reproducible.
 """
 
 from __future__ import annotations
@@ -20,19 +24,57 @@ from kdbench.distill import run_distill
 _logger = logging.getLogger(__name__)
 TIMING_KEYS = {"time_s", "samples_per_s", "wall_time_s", "train_time_s", "assistant_time_s"}
 GPU_TOLERANCE_PP = 0.5
+#: Provenance keys naming the machine a CPU run is bit-reproducible on.
+MACHINE_KEYS = ("cpu", "cpu_capability")
 
 
 @dataclass
 class VerifyReport:
-    """The outcome of a verification: ``identical`` (bit for bit), ``within_tolerance`` or ``differs``."""
+    """The outcome of a verification: ``identical`` (bit for bit), ``within_tolerance`` or ``differs``.
+
+    Attributes:
+        status: The verdict.
+        device: The device of the re-run.
+        differences: One line per differing metric.
+        machine: How the record's machine differs from this one (:data:`MACHINE_KEYS`); empty when it is the
+            same machine or the record does not say.
+    """
 
     status: str
     device: str
     differences: list[str] = field(default_factory=list)
+    machine: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.status in ("identical", "within_tolerance")
+
+    def render(self, run_dir: Path) -> str:
+        """The verdict in a few lines, with at most 20 differences."""
+        if self.status == "identical":
+            head = f"identical: {run_dir} re-ran bit for bit on {self.device} (timings excluded)"
+        elif self.status == "within_tolerance":
+            head = (f"within tolerance: {run_dir} re-ran on {self.device} within {GPU_TOLERANCE_PP} points; "
+                    "GPU kernels are nondeterministic, so the run is not bit-reproducible")
+        else:
+            head = f"DIFFERS: {run_dir} re-ran on {self.device} with {len(self.differences)} differences"
+        lines = [head]
+        if self.machine and self.status != "identical":
+            lines.append(
+                f"note: the record was made on another machine ({'; '.join(self.machine)}). Bit-identity holds "
+                "per machine (same CPU model and ISA), not across CPUs, so small differences are expected; for "
+                "a cross-machine check compare the leaderboards with 'kdbench compare NEW PUBLISHED'"
+            )
+        return "\n".join([*lines, *(f"  {line}" for line in self.differences[:20])])
+
+
+def machine_differences(recorded: dict, here: dict) -> list[str]:
+    """How two provenance dicts' machines differ (:data:`MACHINE_KEYS`); keys a record lacks are skipped."""
+    return [
+        f"{key}: {recorded[key]!r} in the record, {here.get(key)!r} here"
+        for key in MACHINE_KEYS
+        if recorded.get(key) is not None and recorded[key] != here.get(key)
+    ]
 
 
 def strip_timings(obj):
@@ -75,6 +117,10 @@ def compare_runs(original: Path, rerun: Path, tolerance: float = 0.0) -> list[st
 def verify(run_dir: Path, config: Path | None = None, keep: Path | None = None) -> VerifyReport:
     """Re-runs the cell of ``run_dir/record.json`` and compares it with the recorded run.
 
+    Only metrics (final, per epoch, cost; timings excluded) and the trained weights' sha256 are compared,
+    never the rest of the provenance (commit, CPU, versions), so an identical re-run reads ``identical``; the
+    report also names how the record's machine differs from this one (see the module docstring).
+
     Args:
         run_dir: A run directory written by ``kdbench distill``.
         config: The config file (default: the one named in the record's provenance).
@@ -97,11 +143,14 @@ def verify(run_dir: Path, config: Path | None = None, keep: Path | None = None) 
             Path(inputs["teacher_dir"]) if inputs["teacher_dir"] else None,
             {tap: Path(d) for tap, d in inputs["stores"].items()}, out,
         )
-        cuda = "cpu" not in new["provenance"]["device"] or "cpu" not in record["provenance"]["device"]
+        device = new["provenance"]["device"]
+        machine = machine_differences(record["provenance"], new["provenance"])
+        cuda = "cpu" not in device or "cpu" not in record["provenance"]["device"]
         exact = compare_runs(run_dir, out)
         if not exact:
-            return VerifyReport("identical", new["provenance"]["device"])
+            return VerifyReport("identical", device, machine=machine)
         if cuda:
             loose = compare_runs(run_dir, out, tolerance=GPU_TOLERANCE_PP)
-            return VerifyReport("within_tolerance" if not loose else "differs", new["provenance"]["device"], loose or exact)
-        return VerifyReport("differs", new["provenance"]["device"], exact)
+            status = "within_tolerance" if not loose else "differs"
+            return VerifyReport(status, device, loose or exact, machine)
+        return VerifyReport("differs", device, exact, machine)

@@ -17,6 +17,7 @@ from _helpers_store import tiny_raw, write_config, write_fmnist_idx
 
 from kdbench.config import ConfigError, load_config, parse_config
 from kdbench.data.shards import shard_counts
+from kdbench.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,12 +54,14 @@ def test_adding_fitnet_adds_one_store_and_its_distill_jobs_only(raw_root, tmp_pa
     assert {k: v for k, v in delta.items() if v} == expected
     assert before["cache_shard"] == shards and before["cache_manifest"] == 1  # kd's logits store
 
-    # The new jobs are exactly the feature[1] store of the teacher (cnn_s has 3 stages: -2 -> 1) and fitnet's cells.
-    res = "results/store-test"
+    # The new jobs are exactly the feature[1] store of the teacher (cnn_s has 3 stages: -2 -> 1) and fitnet's
+    # jobs, at the paths the plan gives (the workflow builds no path of its own).
+    plan = Plan.resolve([tmp_path / "b.yaml"])
+    store = plan.stores[next(d for d in plan.stores if d.endswith("/feature_1"))]
     new = out_after - out_before
-    assert new == {f"{res}/cache/t/feature_1/shard-{i:05d}.h5" for i in range(shards)} | {
-        f"{res}/cache/t/feature_1/manifest.json"} | {
-        f"{res}/runs/t/{s}/fitnet/seed{seed}/record.json" for s in more["students"] for seed in more["seeds"]}
+    assert new == set(plan.store_shards(store.dir)) | {f"{store.dir}/manifest.json"} | {
+        f"{j.run_dir}/record.json" for j in plan.jobs if j.label == "fitnet"}
+    assert store.teacher.key.startswith("t-") and store.tap == "feature[1]"
     assert out_before <= out_after
 
 

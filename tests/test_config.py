@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
-from kdbench.config import ConfigError, Protocol, parse_config
+from kdbench.config import ConfigError, Protocol, build_dataclass, load_config, parse_config
 
 
 def raw(**over):
@@ -57,3 +58,68 @@ def test_method_variants_keep_their_label():
     cfg = parse_config(raw(methods={"kd_t1": {"method": "kd", "tau": 1.0}}))
     entry = cfg.methods["kd_t1"]
     assert entry.method == "kd" and entry.params == {"tau": 1.0}
+
+
+# --- numbers YAML 1.1 reads as strings -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, value", [("5e-2", 0.05), ("1e-4", 1e-4), ("-3E+2", -300.0), (".5e1", 5.0), ("2", 2.0)])
+def test_numeric_strings_become_floats_where_the_field_is_a_float(text, value):
+    proto = build_dataclass(Protocol, {"momentum": text}, "protocol", "cfg.yaml")
+    assert proto.momentum == value and isinstance(proto.momentum, float)
+
+
+@pytest.mark.parametrize("text", ["fast", "nan", "inf", "1_000", "0x10", "5e", "1e-4 "])
+def test_non_numeric_strings_are_still_rejected_for_float_fields(text):
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: key 'protocol\.lr' must be float, got"):
+        parse_config(raw(protocol={"lr": text}), source="cfg.yaml")
+
+
+def test_float_tuples_take_numeric_strings_and_keep_their_length():
+    cfg = parse_config(raw(protocol={"views": {"scale": ["5e-1", "1e0"]}}))
+    assert cfg.protocol.views.scale == (0.5, 1.0)
+    with pytest.raises(ConfigError, match=r"'protocol\.views\.scale' must be"):
+        parse_config(raw(protocol={"views": {"scale": [0.1, 0.2, 0.3]}}))
+    with pytest.raises(ConfigError, match=r"'protocol\.milestones' must be"):
+        parse_config(raw(protocol={"milestones": ["1e1"]}))  # an int field: no conversion
+
+
+def test_yaml_exponent_without_dot_loads_as_a_float(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw()) + "protocol:\n  lr: 5e-2\n  weight_decay: 1e-4\n")
+    cfg = load_config(path)
+    assert cfg.protocol.lr == 0.05 and cfg.protocol.weight_decay == 1e-4
+
+
+# --- file-level errors: one line naming the file and the fix ---------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "---\n"])
+def test_empty_config_file_is_one_clean_error(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "empty" in message
+    assert info.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    "text, line, column",
+    [("name: x\n  bad: [\n", 2, 6), ("name: x\nseeds: [0, 1\n", 3, 1), ("name: x\n\tseeds: [0]\n", 2, 1)],
+)
+def test_invalid_yaml_names_file_line_and_column_on_one_line(tmp_path, text, line, column):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}: not valid YAML at line {line}, column {column}: ")
+    assert "fix the YAML syntax" in message
+
+
+def test_missing_config_file_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")

@@ -23,7 +23,7 @@ from kdbench.report.leaderboard import write_leaderboard
 from kdbench.report.provenance import summarize_provenance
 from kdbench.report.published import published_result, published_teacher
 from kdbench.report.records import RecordError, load_runs, read_epochs, runs_columns
-from kdbench.report.stats import Summary, paired_delta, summarize, t_critical_95
+from kdbench.report.stats import paired_delta, summarize, t_critical_95
 
 _PROVENANCE = {
     "kdbench_version": "0.1.0",
@@ -297,39 +297,87 @@ def test_paired_delta_uses_only_shared_seeds_and_needs_two() -> None:
 # ---------------------------------------------------------------------------------------------- rank rule
 
 
-def _cell(method: str, mean: float, ci: float | None, n: int = 3) -> Cell:
+def _cell(method: str, top1: dict[int, float]) -> Cell:
+    """A cell of finished runs with the given test top-1 per seed."""
     cell = Cell(("ds", "p", "t", "s", method))
-    cell.top1 = Summary(n, mean, None if ci is None else 1.0, ci)
+    cell.runs = [{"seed": seed, "test_top1": value} for seed, value in sorted(top1.items())]
+    cell.top1 = summarize(list(top1.values()))
     return cell
 
 
-def test_rank_rule_tiers() -> None:
+def _ranks(top1: dict[str, dict[int, float]]) -> dict[str, int | None]:
+    cells = [_cell(method, values) for method, values in top1.items()]
+    rank_cells(cells)
+    return {c.method: c.rank for c in cells}
+
+
+# Per-seed test top-1 copied from the committed results/leaderboard/fashion-mnist-default/runs.csv
+# (teacher cnn_m). cnn_xs: kd - baseline = 1.55, 2.29, 1.77 (mean 1.87, paired 95% CI [0.93, 2.81]).
+DEFAULT_CNN_XS = {
+    "kd": {0: 84.240001, 1: 85.100001, 2: 85.320002},
+    "baseline": {0: 82.690001, 1: 82.810003, 2: 83.55},
+}
+DEFAULT_VIT = {
+    "baseline": {0: 77.249998, 1: 77.810001, 2: 78.969997},
+    "kd": {0: 77.200001, 1: 79.140002, 2: 77.209997},
+}
+# ... and from results/leaderboard/fashion-mnist-zoo/runs.csv (cnn_m -> cnn_xs, seeds 0 and 1).
+ZOO = {
+    "at": {0: 53.02, 1: 60.99},
+    "baseline": {0: 73.549998, 1: 76.279998},
+    "crd": {0: 68.000001, 1: 74.049997},
+    "dist": {0: 78.009999, 1: 78.539997},
+    "dkd": {0: 74.049997, 1: 75.849998},
+    "fitnet": {0: 69.859999, 1: 71.48},
+    "kd": {0: 78.060001, 1: 77.209997},
+    "pkt": {0: 71.319997, 1: 75.230002},
+    "rkd": {0: 69.220001, 1: 71.649998},
+    "takd": {0: 76.059997, 1: 76.130003},
+}
+
+
+def test_rank_rule_on_the_default_leaderboard() -> None:
+    # cnn_xs: the paired interval of kd - baseline excludes 0 -> baseline opens tier 2.
+    assert _ranks(DEFAULT_CNN_XS) == {"kd": 1, "baseline": 2}
+    # vit: kd - baseline = -0.16 [-4.01, +3.69] -> one tier.
+    assert _ranks(DEFAULT_VIT) == {"baseline": 1, "kd": 1}
+
+
+def test_rank_rule_on_the_zoo() -> None:
+    # By mean: dist 78.27, kd 77.63, takd 76.09, dkd 74.95, baseline 74.91, pkt 73.27, crd 71.02,
+    # fitnet 70.67, rkd 70.43, at 57.01. With 2 seeds t = 12.706; the first cell below one of its tier is
+    # fitnet: fitnet - dist = -8.15, -7.06: mean -7.605, sd 0.771, ci 12.706 * 0.771 / sqrt(2) = 6.93
+    # -> [-14.53, -0.68].
+    # rkd - fitnet = -0.64, +0.17 and at - fitnet / at - rkd are too noisy: both join fitnet's tier (rank 8).
+    ranks = _ranks(ZOO)
+    assert ranks == {m: 8 if m in ("fitnet", "rkd", "at") else 1 for m in ZOO}
+    assert ranks["rkd"] > ranks["baseline"]  # rkd - baseline = -4.48 [-6.39, -2.57]
+
+
+def test_rank_rule_checks_every_cell_of_the_tier() -> None:
     cells = {
-        "a": _cell("a", 80.0, 1.0),  # [79.0, 81.0] leads tier 1
-        "b": _cell("b", 79.5, 0.2),  # [79.3, 79.7] overlaps a -> rank 1
-        "c": _cell("c", 78.5, 0.3),  # [78.2, 78.8] misses a -> leads tier 2, rank 1 + 2 = 3
-        "d": _cell("d", 78.0, 0.5),  # [77.5, 78.5] overlaps c -> rank 3
-        "e": _cell(
-            "e", 77.0, 0.4
-        ),  # [76.6, 77.4] misses c (it would touch d, but only the leader counts) -> 5
-        "f": _cell("f", 79.0, None, n=1),  # one seed: not ranked
-        "g": _cell("g", 76.0, 0.6),  # [75.4, 76.6] touches e's interval at 76.6 -> shares rank 5
+        "a": _cell("a", {0: 80.0, 1: 76.0, 2: 84.0}),  # mean 80, noisy: opens tier 1
+        "b": _cell("b", {0: 79.0, 1: 79.2, 2: 79.4}),  # b - a = -1, 3.2, -4.6: not below a -> rank 1
+        # c - b = -1, -1, -1 (sd 0): below b although not below a (-2, 2.2, -5.6) -> opens tier 2, rank 3
+        "c": _cell("c", {0: 78.0, 1: 78.2, 2: 78.4}),
+        "d": _cell("d", {0: 77.0, 1: 77.5, 2: 78.5}),  # d - c = -1, -0.7, +0.1: not below c -> rank 3
+        # Lower mean (73.07) but above c and d on the seeds they share (g - c = +1.5, +1.5): the paired
+        # evidence contradicts the means, which is no reason for a new tier -> rank 3.
+        "g": _cell("g", {0: 79.5, 1: 79.7, 3: 60.0}),
+        "e": _cell("e", {5: 50.0, 6: 51.0}),  # no seed in common with anyone: not separable -> rank 3
+        "f": _cell("f", {0: 90.0}),  # one seed: not ranked
     }
     rank_cells(list(cells.values()))
-    assert {k: c.rank for k, c in cells.items()} == {
-        "a": 1,
-        "b": 1,
-        "c": 3,
-        "d": 3,
-        "e": 5,
-        "f": None,
-        "g": 5,
-    }
+    expected = {"a": 1, "b": 1, "c": 3, "d": 3, "g": 3, "e": 3, "f": None}
+    assert {k: c.rank for k, c in cells.items()} == expected
+    assert any(n.startswith("ranked below b: paired Δ -1.00 [-1.00, -1.00] (n=3)") for n in cells["c"].notes)
+    assert not any("ranked below" in n for c in (cells["a"], cells["b"], cells["d"]) for n in c.notes)
     assert any("not ranked" in n for n in cells["f"].notes)
 
 
-def test_rank_rule_separated_means_and_ties() -> None:
-    cells = [_cell("x", 70.0, 0.1), _cell("y", 71.0, 0.1), _cell("z", 70.0, 0.1)]
+def test_rank_rule_ties_share_a_rank() -> None:
+    x = {0: 70.0, 1: 70.1, 2: 69.9}
+    cells = [_cell("x", x), _cell("y", {s: v + 1.0 for s, v in x.items()}), _cell("z", dict(x))]
     rank_cells(cells)
     assert [c.rank for c in cells] == [2, 1, 2]
 
@@ -420,6 +468,46 @@ def test_provenance_scopes(tmp_path: Path) -> None:
     assert any("+dirty" in w for w in view.warnings)
 
 
+def test_provenance_footer_shows_dirty_files_and_cpu(tmp_path: Path) -> None:
+    new = {
+        "git_commit": _PROVENANCE["git_commit"] + "+dirty",
+        "dirty_files": ["workflow/rules/report.smk", "kdbench/methods/new_method.py"],
+        "cpu": "AMD EPYC 7B13",
+        "cpu_capability": "AVX2",
+    }
+    paths = [make_record(tmp_path, seed=s, provenance=new) for s in range(2)]
+    paths.append(make_record(tmp_path, seed=2))  # an older record: no dirty_files, cpu or cpu_capability
+    clean = {**new, "git_commit": _PROVENANCE["git_commit"], "dirty_files": []}
+    paths.append(make_record(tmp_path, seed=3, provenance=clean))
+    rows = load_runs(paths)
+    assert rows[0]["prov.dirty_files"] == "kdbench/methods/new_method.py; workflow/rules/report.smk"
+    assert rows[2]["prov.cpu"] is None and rows[3]["prov.dirty_files"] is None
+    fields, flagged = summarize_provenance(rows, runs_columns(rows))
+    view = report_view("x", build_tables(rows), {}, fields, flagged, n_runs=len(rows))
+    footer = {row[0]: row for row in view.provenance}
+    assert footer["dirty_files"][2:] == ["kdbench/methods/new_method.py; workflow/rules/report.smk", "2"]
+    assert footer["cpu"][1:] == ["all runs", "AMD EPYC 7B13", "3"]
+    assert footer["cpu_capability"][1:] == ["all runs", "AVX2", "3"]
+    (dirty,) = [w for w in view.warnings if "+dirty" in w]
+    assert dirty.startswith("2 run(s)")
+    assert "Uncommitted files: kdbench/methods/new_method.py, workflow/rules/report.smk." in dirty
+    old = load_runs([make_record(tmp_path / "old", seed=0, provenance={"git_commit": new["git_commit"]})])
+    fields, flagged = summarize_provenance(old, runs_columns(old))
+    view = report_view("x", build_tables(old), {}, fields, flagged, n_runs=1)
+    assert any("The modified files were not recorded." in w for w in view.warnings)
+    assert not any(row[0] in ("dirty_files", "cpu") for row in view.provenance)
+
+
+def test_published_legend_and_footnotes_only_with_published_numbers(tmp_path: Path) -> None:
+    models = {"dataset": "fashion-mnist", "teacher_model": "cnn_m", "student": "cnn_xs"}
+    paths = [make_record(tmp_path, method=m, seed=s, **models) for m in ("baseline", "kd") for s in range(2)]
+    rows = load_runs(paths)
+    view = report_view("x", build_tables(rows), {}, [], {}, n_runs=len(rows))
+    assert not any("Published" in item for item in view.legend)
+    ((table, _),) = view.tables[0].groups
+    assert "Published" not in table.headers and not table.footnotes and "published" not in table.caption
+
+
 def test_bad_epochs_line_names_file_and_line(tmp_path: Path) -> None:
     path = make_record(tmp_path, seed=0).parent / "epochs.jsonl"
     path.write_text(path.read_text() + "{oops\n")
@@ -483,10 +571,14 @@ def test_leaderboard_ranks_and_skips(report: tuple[dict, Path]) -> None:
         if r["student"] == "resnet8x4" and r["protocol_hash"] == "proto1"
     ]
     rank = {r["method"]: r["rank"] for r in rows}
-    # dkd 76.2 [75.70, 76.70]; scalekd 75 [72.52, 77.48] overlaps dkd -> 1; kd 73.2 [70.09, 76.31]
-    # overlaps -> 1; baseline 71 [68.52, 73.48] misses dkd -> leads tier 2 -> rank 4;
+    # By mean: dkd 76.2, scalekd 75, kd 73.2, baseline 71 (seeds 0, 1, 2 each).
+    # scalekd - dkd = -2, -1.2, -0.4: mean -1.2, sd 0.8, ci 4.303 * 0.8 / sqrt(3) = 1.988 -> not below -> 1.
+    # kd - dkd = -4, -1.7, -3.3: mean -3, SS 1 + 1.69 + 0.09 = 2.78, sd 1.178983, ci 2.928984
+    #   -> [-5.93, -0.07] is below 0 -> kd opens tier 2 -> rank 3.
+    # baseline - kd = -2.2 [-5.21, +0.81] -> joins kd's tier -> rank 3 (only the current tier is checked).
     # fitnet (1 seed) and crd (skipped) are unranked.
-    assert rank == {"dkd": "1", "scalekd": "1", "kd": "1", "baseline": "4", "fitnet": "", "crd": ""}
+    assert rank == {"dkd": "1", "scalekd": "1", "kd": "3", "baseline": "3", "fitnet": "", "crd": ""}
+    assert "ranked below dkd: paired Δ -3.00 [-5.93, -0.07] (n=3)" in _row(rows, method="kd")["notes"]
     crd = _row(rows, method="crd")
     assert crd["status"] == "skipped" and crd["seeds"] == "0" and crd["n_skipped"] == "3"
     assert crd["skip_reason"] == "needs sample_index, not provided by this store"
@@ -500,10 +592,16 @@ def test_markdown(report: tuple[dict, Path]) -> None:
     _, out = report
     md = (out / "leaderboard.md").read_text()
     assert "# Synthetic KD leaderboard" in md
-    assert "| 1 | kd | 3 | 73.20 ± 1.25 | ±3.11 | +2.20 [-0.81, +5.21] (n=3) |" in md
-    assert "| 4 | baseline | 3 | 71.00 ± 1.00 | ±2.48 | (baseline) |" in md
+    assert "| 3 | kd | 3 | 73.20 ± 1.25 | ±3.11 | +2.20 [-0.81, +5.21] (n=3) |" in md
+    assert "| 3 | baseline | 3 | 71.00 ± 1.00 | ±2.48 | (baseline) |" in md
     assert "skipped: needs sample_index, not provided by this store" in md
-    assert "Teacher t32x4 (resnet32x4): test top-1 79.10%, published 79.42" in md
+    assert "| Teacher fwd (images) |" in md and "**Teacher fwd (images)**: training images" in md
+    assert "interval entirely below 0" in md and "overlaps" not in md
+    # Published numbers: a legend item and a footnote for each marker, the teacher's included.
+    assert "Teacher t32x4 (resnet32x4): test top-1 79.10%, published 79.42 [1]" in md
+    assert "- [1] Published teacher resnet32x4: 79.42 — RepDistiller" in md
+    assert "| 73.33 [3] |" in md and "- [3] Published kd: 73.33 — RepDistiller" in md
+    assert "- **Published** numbers" in md and "footnote [n]" in md
     assert md.count("### t32x4 (resnet32x4) → resnet8x4") == 2  # once per protocol
     assert "2 different protocols (proto1, proto2)" in md
     assert "DIFFERS: 2.14.1 (22 runs); 2.15.0 (1 run)" in md

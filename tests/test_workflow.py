@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -41,12 +42,17 @@ def write_config(tmp_path: Path, **changes) -> Path:
     return path
 
 
+def job_counts(stdout: str) -> dict[str, int]:
+    """The job-count table that ``snakemake -n`` prints."""
+    table = stdout.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
 @needs_data
 def test_dry_run_shows_one_distill_job_per_cell(tmp_path):
     out = snakemake(tmp_path, TINY, "-n")
     assert out.returncode == 0, out.stderr
-    counts = dict(line.split()[:2] for line in out.stdout.splitlines() if line.split()[:1] and line.split()[0] in
-                  ("distill", "train_teacher", "cache_shard", "cache_manifest", "prepare_data", "leaderboard"))
+    counts = job_counts(out.stdout)
     raw = yaml.safe_load(TINY.read_text())
     cells = len(raw["teachers"]) * len(raw["students"]) * len(raw["methods"]) * len(raw["seeds"])
     assert int(counts["distill"]) == cells
@@ -76,7 +82,7 @@ def test_end_to_end_workflow_builds_the_leaderboard(tmp_path):
     out = snakemake(tmp_path, TINY, "--cores", "2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     raw = yaml.safe_load(TINY.read_text())
-    board = tmp_path / "results" / "leaderboard" / raw["name"]
+    board = tmp_path / "results" / raw["name"] / "leaderboard"
     rows = list(csv.DictReader(open(board / "leaderboard.csv")))
     got = {(r["teacher"], r["student"], r["method"]) for r in rows}
     want = {(t, s, m) for t in raw["teachers"] for s in raw["students"] for m in raw["methods"]}
@@ -93,9 +99,14 @@ def test_end_to_end_workflow_builds_the_leaderboard(tmp_path):
     # A second run has nothing to do: every output is complete and up to date.
     again = snakemake(tmp_path, TINY, "--cores", "2", "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+    # One more seed through --config reruns exactly the new seed's jobs and the leaderboard.
+    more = snakemake(tmp_path, TINY, "-n", "--config", f"seeds={raw['seeds'] + [7]}")
+    assert more.returncode == 0, more.stderr
+    assert job_counts(more.stdout) == {"distill": len(want), "leaderboard": 1, "all": 1, "total": len(want) + 2}
+    assert "seed7/record.json" in more.stdout and "seed0/record.json" not in more.stdout
     # A cache job killed mid-write leaves only a temporary file and no manifest: the rerun finishes the
     # store (and redoes what depends on it), and no reader ever took the temporary file for a shard.
-    shard = next((tmp_path / "results" / raw["name"] / "cache").rglob("shard-00000.h5"))
+    shard = next((tmp_path / "results" / "cache").rglob("shard-00000.h5"))
     shard.rename(shard.with_name(shard.name + ".tmp-12345"))
     (shard.parent / "manifest.json").unlink()
     for run in (tmp_path / "results" / raw["name"] / "runs").glob("*/*/kd"):  # nothing downstream existed yet
@@ -106,3 +117,29 @@ def test_end_to_end_workflow_builds_the_leaderboard(tmp_path):
     assert shard.exists() and (shard.parent / "manifest.json").exists()
     assert len(list(csv.DictReader(open(board / "leaderboard.csv")))) == len(want)
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
+
+
+@needs_data
+def test_lint_has_nothing_but_the_justified_software_environment_note(tmp_path):
+    """`snakemake --lint`: the one remaining lint (no conda/container per rule) is justified in the Snakefile."""
+    out = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--snakefile", str(REPO / "Snakefile"),
+                          "--directory", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    lints = re.findall(r"^    \* (.+?):?$", out.stdout + out.stderr, re.M)
+    assert lints and set(lints) == {"Specify a conda environment or container for each rule."}
+    assert "conda environment or container" in (REPO / "Snakefile").read_text()
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_fresh_clone_plans_every_job_of_the_default(tmp_path):
+    """No committed file sits at an output path: a fresh clone of what is committed plans the whole default."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2"], cwd=clone, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    raw = yaml.safe_load((clone / "workflow" / "config" / "config.yaml").read_text())
+    cells = len(raw["teachers"]) * len(raw["students"]) * len(raw["methods"]) * len(raw["seeds"])
+    counts = job_counts(out.stdout)
+    assert counts["distill"] == cells and counts["train_teacher"] == len(raw["teachers"])
+    assert counts["prepare_data"] == 1 and counts["leaderboard"] == 1 and counts["compare"] == 1

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from kdbench._util import atomic_path, read_json, sha256_file, stable_hash, write_json_atomic
 from kdbench.config import CachePolicy
 from kdbench.data.views import ViewParams
+from kdbench.errors import StoreError
 
 _logger = logging.getLogger(__name__)
 
@@ -49,9 +50,6 @@ _AUDIT_FIELDS = ("ids", *VIEW_PARAM_FIELDS)
 IDENTITY_KEYS = ("teacher_sha256", "tap", "view_recipe_hash", "views", "policy", "teacher_image_size")
 
 
-class StoreError(ValueError):
-    """A store that is missing, corrupt, or built for something else; the message names file, field and fix."""
-
 
 def tap_dirname(tap: str) -> str:
     """Directory name of a (normalised) tap's store: ``feature[2]`` -> ``feature_2``."""
@@ -65,8 +63,11 @@ def tap_from_dirname(name: str) -> str:
     return name
 
 
+SHARD_NAME = "shard-{shard}.h5"  # {shard}: the data shard's index, 5 digits
+
+
 def shard_file(index: int) -> str:
-    return f"shard-{index:05d}.h5"
+    return SHARD_NAME.format(shard=f"{index:05d}")
 
 
 def _index_dtype(num_classes: int) -> type:

@@ -24,6 +24,7 @@ import torch
 from kdbench._util import atomic_path, read_json, sha256_file, write_json_atomic
 from kdbench.config import DataConfig
 from kdbench.data.sources import SOURCES
+from kdbench.errors import DataShardError, DatasetError
 
 _logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def _tar_members(path: Path):
     """Yields ``(name, payload)`` of a tar file's regular members.
 
     A plain USTAR walk over the file's bytes (10x faster than :mod:`tarfile` for small members); a
-    truncated or malformed archive raises ``ValueError`` naming the file.
+    truncated or malformed archive raises ``DataShardError`` naming the file.
     """
     buf = memoryview(path.read_bytes())
     pos = 0
@@ -158,10 +159,10 @@ def _tar_members(path: Path):
         typeflag = header[156:157]
         start, pos = pos + 512, pos + 512 + -(-size // 512) * 512
         if start + size > len(buf):
-            raise ValueError(f"{path} is truncated (member {name!r} ends past the end of the file)")
+            raise DataShardError(f"{path} is truncated (member {name!r} ends past the end of the file); delete its data directory and rerun the workflow")
         if typeflag in (b"0", b"\0"):
             yield name, bytes(buf[start : start + size])
-    raise ValueError(f"{path} is truncated (no end-of-archive marker)")
+    raise DataShardError(f"{path} is truncated (no end-of-archive marker); delete its data directory and rerun the workflow")
 
 
 @dataclass(frozen=True)
@@ -234,9 +235,9 @@ def load_split(data_dir: str | Path, split: str, verify: bool = True, shards: li
     for shard in entries if shards is None else [entries[i] for i in shards]:
         path = data_dir / shard["file"]
         if not path.exists():
-            raise FileNotFoundError(f"data shard missing: {path}; rerun `kdbench prepare-data` (delete {data_dir})")
+            raise DatasetError(f"data shard missing: {path}; rerun `kdbench prepare-data` (delete {data_dir})")
         if verify and sha256_file(path) != shard["sha256"]:
-            raise ValueError(
+            raise DataShardError(
                 f"data shard {path} does not match its checksum in {data_dir / 'manifest.json'}: the file is corrupt"
                 f" or was changed. Fix: delete {data_dir} and rerun the workflow"
             )

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from kdbench.errors import DatasetError
 from kdbench.registry import Registry
 
 
@@ -50,9 +51,6 @@ class Source:
 
 SOURCES: Registry[Source] = Registry("data source")
 
-
-class DatasetError(FileNotFoundError):
-    """A missing or malformed raw dataset; the message names the path and the fix."""
 
 
 def _need(path: Path, fix: str) -> Path:

@@ -9,6 +9,7 @@ can plan cache jobs before anything runs.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kdbench._typed import coerce_value
 from kdbench.data.shards import DataInfo
 from kdbench.models import ModelInfo
 from kdbench.registry import Registry
@@ -168,15 +170,14 @@ class DistillMethod(nn.Module):
             raise ValueError(
                 f"method {cls.name!r} has no parameter {unknown[0]!r}; valid parameters: {', '.join(names) or '(none)'}"
             )
-        hints = {f.name: f.type for f in dataclasses.fields(cls.Config)}
-        defaults = cls.Config()
+        hints = typing.get_type_hints(cls.Config)
+        values = {}
         for k, v in params.items():
-            default = getattr(defaults, k)
-            if isinstance(default, bool) != isinstance(v, bool) or (
-                isinstance(default, (int, float)) and not isinstance(v, (int, float))
-            ) or (isinstance(default, str) and not isinstance(v, str)):
-                raise ValueError(f"method {cls.name!r}: parameter {k!r} must be {hints[k]}, got {v!r}")
-        cfg = cls.Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()})
+            try:
+                values[k] = coerce_value(v, hints[k])
+            except TypeError as e:
+                raise ValueError(f"method {cls.name!r}: parameter {k!r} {e}") from None
+        cfg = cls.Config(**values)
         if hasattr(cfg, "validate"):
             cfg.validate()
         return cfg

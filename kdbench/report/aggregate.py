@@ -12,14 +12,21 @@ flagged column; nothing is ever selected on test.
 Rank rule (within a group, over the cells with at least two finished seeds):
 
 1. Order the cells by mean top-1, highest first (ties by method label).
-2. The best cell not yet ranked leads a new tier. Every unranked cell whose 95% interval overlaps the
-   leader's interval joins the tier (closed intervals: touching counts as overlapping).
+2. Walk down that order. The first cell opens tier 1. Each next cell joins the current tier unless it is
+   *below* some cell already in the tier: the paired difference ``this - that`` over the seeds both
+   finished (at least two) has a 95% t-interval lying entirely below 0
+   (:attr:`kdbench.report.stats.PairedDelta.below_zero`). Then it opens a new tier, and a note names the
+   cell it is below and that paired difference.
 3. Every cell of a tier gets rank ``1 + (number of cells in better tiers)`` (competition ranking:
-   1, 1, 3, ...). Repeat from 2 until all cells are ranked.
+   1, 1, 3, ...).
 
-A cell with a single finished seed has no interval, so it is not ranked (its note says so) rather than
-being given a rank no data supports. Overlap of two 95% intervals is a conservative reading, not a
-significance test; the paired delta column is the sharper comparison against the baseline.
+Two cells with fewer than two seeds in common cannot be separated (they are treated as not different),
+and neither can a cell whose paired difference lies entirely *above* 0 although its mean is lower (only
+possible when the two share some of their seeds, not all: the evidence disagrees). So no cell is
+paired-below another cell of the same rank, and no cell ranks better than a cell with a higher mean; a
+worse rank means that, walking down the means, some paired difference excluded 0 (not necessarily against
+every cell above it). A cell with a single finished seed pairs with nothing, so it is not ranked (its
+note says so) rather than being given a rank no data supports.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from kdbench.report import _format as fmt
 from kdbench.report.published import Published, published_result, published_teacher
 from kdbench.report.stats import PairedDelta, Summary, paired_delta, summarize
 
@@ -111,6 +119,11 @@ class Cell:
     @property
     def seeds(self) -> list[int]:
         return [r["seed"] for r in self.runs]
+
+    @property
+    def top1_by_seed(self) -> dict[int, float]:
+        """Last-epoch test top-1 of each finished seed (the values the paired comparisons use)."""
+        return {r["seed"]: r["test_top1"] for r in self.runs}
 
     @property
     def status(self) -> str:
@@ -258,33 +271,41 @@ def _cell_notes(cell: Cell) -> None:
         cell.notes.append(f"provenance differs in {n} run(s): {', '.join(differing)}")
 
 
-def _overlaps(a: Summary, b: Summary) -> bool:
-    """Whether two (defined) 95% intervals overlap, ends included."""
-    return a.low <= b.high and b.low <= a.high
-
-
 MIN_SEEDS_TO_RANK = 2
 
 
+def _below(cell: Cell, tier: Sequence[Cell]) -> tuple[Cell, PairedDelta] | None:
+    """The first cell of ``tier`` that ``cell`` is paired-below (interval of the difference < 0), if any."""
+    for member in tier:
+        d = paired_delta(cell.top1_by_seed, member.top1_by_seed, MIN_SEEDS_TO_RANK)
+        if d.below_zero:
+            return member, d
+    return None
+
+
 def rank_cells(cells: Sequence[Cell]) -> None:
-    """Sets ``rank`` on the cells of one group by the tier rule of this module's docstring.
+    """Sets ``rank`` on the cells of one group by the paired tier rule of this module's docstring.
 
     Args:
         cells: The cells of one group; those with fewer than :data:`MIN_SEEDS_TO_RANK` finished seeds
-            keep ``rank = None`` and get a note.
+            keep ``rank = None`` and get a note. A cell opening a tier below the first gets a note naming
+            the cell it is below and the paired difference.
     """
     for c in cells:
         if c.top1.n == 1:
-            c.notes.append(f"not ranked: 1 seed (a rank needs {MIN_SEEDS_TO_RANK} for an interval)")
-    todo = sorted((c for c in cells if c.top1.n >= MIN_SEEDS_TO_RANK), key=lambda c: (-c.top1.mean, c.method))
-    ranked = 0
-    while todo:
-        leader = todo[0]
-        tier = [c for c in todo if c is leader or _overlaps(c.top1, leader.top1)]
-        for c in tier:
-            c.rank = ranked + 1
-        ranked += len(tier)
-        todo = [c for c in todo if c not in tier]
+            c.notes.append(f"not ranked: 1 seed (a rank needs {MIN_SEEDS_TO_RANK} paired seeds)")
+    ordered = sorted(
+        (c for c in cells if c.top1.n >= MIN_SEEDS_TO_RANK), key=lambda c: (-c.top1.mean, c.method)
+    )
+    tier: list[Cell] = []
+    rank = 1
+    for position, cell in enumerate(ordered, 1):
+        below = _below(cell, tier)
+        if below is not None:
+            tier, rank = [], position
+            cell.notes.append(f"ranked below {below[0].method}: paired Δ {fmt.delta(below[1])}")
+        tier.append(cell)
+        cell.rank = rank
 
 
 def _pick_baseline(cells: Sequence[Cell], group_notes: list[str]) -> Cell | None:
@@ -340,10 +361,9 @@ def build_group(key: tuple[str, str, str, str], cells: list[Cell], fallback: Cel
     if baseline is None:
         notes.append("no baseline cell (method 'baseline'): no deltas")
     else:
-        base = {r["seed"]: r["test_top1"] for r in baseline.runs}
         for cell in cells:
             if cell is not baseline:
-                cell.delta = paired_delta({r["seed"]: r["test_top1"] for r in cell.runs}, base)
+                cell.delta = paired_delta(cell.top1_by_seed, baseline.top1_by_seed)
     rank_cells(cells)
     cells = sorted(cells, key=lambda c: (c.rank is None, c.rank or 0, -(c.top1.mean or 0.0), c.method))
     teacher = _teacher_summary(cells, notes)
@@ -389,6 +409,10 @@ def protocols_per_dataset(tables: Sequence[Table]) -> dict[str, list[str]]:
     return out
 
 
+# The headline statistics of a cell in leaderboard.csv (also what a comparison of two leaderboards reads).
+TOP1_COLUMNS = ("top1_mean", "top1_std", "top1_ci95")
+DELTA_COLUMNS = ("delta_vs_baseline", "delta_ci95_low", "delta_ci95_high", "delta_n", "delta_note")
+
 LEADERBOARD_COLUMNS = (
     "dataset",
     "protocol_hash",
@@ -406,14 +430,8 @@ LEADERBOARD_COLUMNS = (
     "n_skipped",
     "skip_reason",
     "rank",
-    "top1_mean",
-    "top1_std",
-    "top1_ci95",
-    "delta_vs_baseline",
-    "delta_ci95_low",
-    "delta_ci95_high",
-    "delta_n",
-    "delta_note",
+    *TOP1_COLUMNS,
+    *DELTA_COLUMNS,
     "best_val_test_top1_mean",
     "best_val_test_top1_std",
     "best_epoch_mean",

@@ -13,8 +13,12 @@ from kdbench import __version__
 from kdbench.report import _format as fmt
 from kdbench.report.aggregate import Cell, Group, Table, protocols_per_dataset
 from kdbench.report.provenance import ProvenanceField
+from kdbench.report.published import Published
+from kdbench.report.records import DIRTY_FILES, split_dirty_files
 
-LEGEND = (
+TEACHER_FWD = "Teacher fwd (images)"
+
+_LEGEND = (
     (
         "**Top-1 (last epoch)** is the headline: test top-1 (%) of the last epoch, mean ± sample std "
         "(ddof 1) over seeds."
@@ -28,9 +32,13 @@ LEGEND = (
         "seed) with its paired 95% t-interval over the seeds both ran; it needs at least 2 such seeds."
     ),
     (
-        "**Rank** (within a teacher→student table): cells are ordered by mean; the best unranked cell leads "
-        "a tier and every unranked cell whose 95% interval overlaps the leader's joins it; a tier shares the "
-        "rank 1 + (cells in better tiers). A cell with a single seed has no interval and is not ranked."
+        "**Rank** (within a teacher→student table, over cells with at least 2 seeds): cells are ordered by "
+        "mean; walking down, a cell joins the current tier unless its paired difference with some cell "
+        "already in the tier (per-seed difference over the seeds both ran, at least 2) has a 95% t-interval "
+        "entirely below 0; then it starts a new tier and its note names that cell and the difference. Two "
+        "cells with fewer than 2 seeds in common count as not separable. A tier shares the rank "
+        "1 + (cells in better tiers), so no cell is paired-below another cell of its rank, and no cell ranks "
+        "better than one with a higher mean. A cell with a single seed is not ranked."
     ),
     (
         "**Top-1 @ best-val epoch†** is secondary: the test top-1 at the epoch with the best *validation* "
@@ -39,14 +47,24 @@ LEGEND = (
     (
         "**Agreement**: % of test images where student and teacher argmax agree. Cost columns are means per "
         "run. **Teacher**: how the teacher's outputs reached the student: `cache` = read from the "
-        "teacher-output store; `live` = the teacher ran during training (its compute is in *Teacher fwd*), "
-        "`live (required)` when the method needs the teacher module online."
-    ),
-    (
-        "**Published** numbers come from their authors' own protocols and reporting rules (see the "
-        "footnotes): context, not a target."
+        "teacher-output store; `live` = the teacher ran during training, `live (required)` when the method "
+        f"needs the teacher module online. **{TEACHER_FWD}**: training images the teacher forwarded during "
+        "the student's training, summed over epochs (0 when its outputs came from the store; the teacher's "
+        "own training, the store build and evaluation are not counted)."
     ),
 )
+_LEGEND_PUBLISHED = (
+    "**Published** numbers (teacher in the caption, methods in the *Published* column) come from their "
+    "authors' own protocols and reporting rules; each is marked [n] and its source is footnote [n] under "
+    "its table: context, not a target."
+)
+
+
+def legend(tables: Sequence[Table]) -> list[str]:
+    """The "How to read these tables" items; the one on published numbers only when a table shows one."""
+    groups = [g for t in tables for g in t.groups]
+    shows_published = any(g.teacher_published or any(c.published for c in g.cells) for g in groups)
+    return [*_LEGEND, _LEGEND_PUBLISHED] if shows_published else list(_LEGEND)
 
 
 @dataclass
@@ -77,7 +95,13 @@ def _seeds(cell: Cell) -> str:
     return f"{cell.top1.n}" + (f" (+{len(cell.skipped)} skipped)" if cell.skipped else "")
 
 
-def _caption(group: Group, views: set[str]) -> str:
+def _published(pub: Published, what: str, footnotes: list[str]) -> str:
+    """``"73.33 [n]"``; appends footnote ``n`` (what the number is and its source) to ``footnotes``."""
+    footnotes.append(f"Published {what}: {fmt.num(pub.top1)} — {pub.source}")
+    return f"{fmt.num(pub.top1)} [{len(footnotes)}]"
+
+
+def _caption(group: Group, views: set[str], footnotes: list[str]) -> str:
     teacher = f"Teacher {group.key[2]} ({group.teacher_model}): "
     t = group.teacher_top1
     if t.mean is None:
@@ -86,7 +110,8 @@ def _caption(group: Group, views: set[str]) -> str:
         spread = " (range over runs; see notes)" if t.std else ""
         teacher += f"test top-1 {fmt.num(t.mean)}%{spread}"
     if group.teacher_published:
-        teacher += f", published {fmt.num(group.teacher_published.top1)} ({group.teacher_published.source})"
+        what = f"teacher {group.teacher_model}"
+        teacher += f", published {_published(group.teacher_published, what, footnotes)}"
     student_params = next((c.first("student_params") for c in group.cells if c.first("student_params")), None)
     student = f"Student {group.key[3]}" + (f": {fmt.si(student_params)} parameters" if student_params else "")
     parts = [teacher, student]
@@ -112,8 +137,9 @@ def group_display(group: Group) -> DisplayTable:
         "Agreement",
     ]
     headers += ["Retrieval mAP"] * show_map + ["Published"] * show_pub
-    headers += ["Wall time", "Teacher fwd", "Cache read", "Extra params", "Teacher", "Notes"]
+    headers += ["Wall time", TEACHER_FWD, "Cache read", "Extra params", "Teacher", "Notes"]
     footnotes: list[str] = []
+    caption = _caption(group, views, footnotes)
     rows = []
     for cell in cells:
         notes = list(cell.notes)
@@ -141,13 +167,7 @@ def group_display(group: Group) -> DisplayTable:
         if show_map:
             row.append(fmt.num(cell.retrieval_map.mean, 3))
         if show_pub:
-            pub = ""
-            if cell.published:
-                footnotes.append(
-                    f"Published {cell.method}: {fmt.num(cell.published.top1)} — {cell.published.source}"
-                )
-                pub = f"{fmt.num(cell.published.top1)} [{len(footnotes)}]"
-            row.append(pub)
+            row.append(_published(cell.published, cell.method, footnotes) if cell.published else "")
         row += [
             fmt.seconds(cell.mean_of("wall_time_s")),
             fmt.si(cell.mean_of("teacher_forward")),
@@ -158,7 +178,7 @@ def group_display(group: Group) -> DisplayTable:
         ]
         rows.append(row)
     footnotes = [f"[{i}] {text}" for i, text in enumerate(footnotes, 1)] + group.notes
-    return DisplayTable(group.title, _caption(group, views), headers, rows, footnotes)
+    return DisplayTable(group.title, caption, headers, rows, footnotes)
 
 
 def protocol_warnings(tables: Sequence[Table]) -> list[str]:
@@ -214,6 +234,27 @@ def flagged_display(flagged: dict[str, list[str]]) -> list[str]:
     return [f"{record}: {', '.join(_label(c) for c in cols)}" for record, cols in sorted(flagged.items())]
 
 
+def dirty_warning(fields: Sequence[ProvenanceField]) -> str:
+    """The warning on runs made from a checkout with uncommitted changes (``""`` when there are none).
+
+    Names the modified or untracked files the records list (``prov.dirty_files``); records written before
+    that key existed only say that files were modified.
+    """
+    dirty = sum(
+        n for f in fields if f.column == "prov.git_commit" for v, n in f.values if str(v).endswith("dirty")
+    )
+    if not dirty:
+        return ""
+    files = sorted(
+        {p for f in fields if f.column == DIRTY_FILES for v, _ in f.values for p in split_dirty_files(v)}
+    )
+    listed = f" Uncommitted files: {', '.join(files)}." if files else " The modified files were not recorded."
+    return (
+        f"{dirty} run(s) were made from a kdbench checkout with uncommitted changes (git commit '+dirty'): "
+        f"their code cannot be recovered from the commit alone.{listed}"
+    )
+
+
 @dataclass
 class TableView:
     """One (dataset, protocol) table as text, with its plots.
@@ -236,7 +277,9 @@ class ReportView:
     Attributes:
         title: Report title.
         summary: One sentence on what the report was built from.
-        warnings: Sentences that must stand out (several protocols per dataset, differing provenance).
+        legend: The "How to read these tables" items (:func:`legend`).
+        warnings: Sentences that must stand out (several protocols per dataset, uncommitted changes,
+            differing provenance).
         tables: One :class:`TableView` per (dataset, protocol).
         provenance: Rows of the provenance footer (:data:`PROVENANCE_HEADERS`).
         flagged: Runs whose provenance differs, one line each.
@@ -244,6 +287,7 @@ class ReportView:
 
     title: str
     summary: str
+    legend: list[str]
     warnings: list[str]
     tables: list[TableView]
     provenance: list[list[str]]
@@ -274,14 +318,9 @@ def report_view(
         f"table(s), {sum(len(t.groups) for t in tables)} teacher→student group(s)."
     )
     warnings = protocol_warnings(tables)
-    dirty = sum(
-        n for f in fields if f.column == "prov.git_commit" for v, n in f.values if str(v).endswith("dirty")
-    )
+    dirty = dirty_warning(fields)
     if dirty:
-        warnings.append(
-            f"{dirty} run(s) were made from a kdbench checkout with uncommitted changes (git commit '+dirty'): "
-            "their code cannot be recovered from the commit alone."
-        )
+        warnings.append(dirty)
     if flagged:
         warnings.append(
             f"{len(flagged)} run(s) have provenance that differs from the other runs of their scope; "
@@ -294,4 +333,6 @@ def report_view(
             curves = plots.get(f"{t.slug}/{g.key[2]}/{g.key[3]}") or [None]
             groups.append((group_display(g), curves[0]))
         views.append(TableView(f"{t.dataset} — protocol {t.protocol_hash}", groups, plots.get(t.slug, [])))
-    return ReportView(title, summary, warnings, views, provenance_display(fields), flagged_display(flagged))
+    return ReportView(
+        title, summary, legend(tables), warnings, views, provenance_display(fields), flagged_display(flagged)
+    )

@@ -12,7 +12,7 @@ from html import escape
 from pathlib import Path
 from typing import Sequence
 
-from kdbench.report.display import LEGEND, PROVENANCE_HEADERS, ReportView
+from kdbench.report.display import PROVENANCE_HEADERS, ReportView
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1500px;
@@ -78,7 +78,7 @@ def render_html(view: ReportView) -> str:
         f"<p>{escape(view.summary)}</p>",
     ]
     parts += [f'<div class="warning"><b>Warning:</b> {escape(w)}</div>' for w in view.warnings]
-    items = "".join(f"<li>{_inline_markup(item)}</li>" for item in LEGEND)
+    items = "".join(f"<li>{_inline_markup(item)}</li>" for item in view.legend)
     parts.append(
         f'<details open><summary>How to read these tables</summary><ul class="legend">{items}</ul></details>'
     )

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from kdbench.report.display import LEGEND, PROVENANCE_HEADERS, ReportView
+from kdbench.report.display import PROVENANCE_HEADERS, ReportView
 
 
 def _escape(text: str) -> str:
@@ -28,7 +28,7 @@ def render_markdown(view: ReportView, out_dir: Path) -> str:
 
     lines = [f"# {view.title}", "", view.summary, ""]
     lines += [f"> **Warning:** {w}" for w in view.warnings]
-    lines += ["", "## How to read these tables", ""] + [f"- {item}" for item in LEGEND] + [""]
+    lines += ["", "## How to read these tables", ""] + [f"- {item}" for item in view.legend] + [""]
     for table in view.tables:
         lines += [f"## {table.heading}", ""]
         for disp, curves in table.groups:

@@ -1,16 +1,16 @@
 """Provenance of a leaderboard: collapse identical values, flag the runs that differ.
 
 Every provenance column of the runs table (``prov.*``, ``pkg.*``, ``store.*``, ``protocol_hash``) is
-compared within its scope: environment columns (kdbench version, git commit, python, packages, device,
-threads) across all runs, the config hash within a (dataset, protocol, method label) since it covers the
-method's entry, the data manifest within a dataset, the teacher digest and the store
-manifests within a (dataset, protocol, teacher), except for runs distilled from their own assistant
-(``assistant_time_s`` set, TAKD), which are scoped per run; the protocol hash is listed per table
-(records of different protocols are never compared, so it is never flagged). Config-file paths and
-per-run model digests are kept in the runs table but not compared. Within a scope the most common value
-is the reference; a run holding another value is flagged with the column names in
-``provenance_differs``. Empty values (a
-baseline run has no teacher digest) are neither compared nor flagged.
+compared within its scope: environment columns (kdbench version, git commit and the uncommitted files of
+a ``+dirty`` checkout, python, packages, device, CPU model and capability, threads) across all runs, the
+config hash within a (dataset, protocol, method label) since it covers the method's entry, the data
+manifest within a dataset, the teacher digest and the store manifests within a (dataset, protocol,
+teacher), except for runs distilled from their own assistant (``assistant_time_s`` set, TAKD), which are
+scoped per run; the protocol hash is listed per table (records of different protocols are never
+compared, so it is never flagged). Config-file paths and per-run model digests are kept in the runs table
+but not compared. Within a scope the most common value is the reference; a run holding another value is
+flagged with the column names in ``provenance_differs``. Empty values (a baseline run has no teacher
+digest; older records have no CPU or dirty files) are neither compared nor flagged.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 A run record (``record.json``, written by the distill job) is one (teacher, student, method label, seed).
 :func:`load_runs` turns a list of them into rows of one flat table (``runs.csv``): identity columns,
 ``param.<name>`` for every resolved method hyper-parameter, final metrics, cost, requirements and
-provenance (``prov.*``, ``pkg.<package>``, ``store.<tap>``). Every later table and plot is derived from
-these rows; nothing downstream reads a record again (training curves read the ``epochs_file`` a row
-names).
+provenance (``prov.*``, ``pkg.<package>``, ``store.<tap>``; the list ``prov.dirty_files`` becomes one
+``"; "``-joined cell, and provenance keys older records lack become empty cells). Every later table and
+plot is derived from these rows; nothing downstream reads a record again (training curves read the
+``epochs_file`` a row names).
 
 A record that is not valid JSON or lacks a key the report needs raises :class:`RecordError` naming the
 file and the dotted key.
@@ -17,6 +18,8 @@ import json
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from kdbench.errors import RecordError
 
 _logger = logging.getLogger(__name__)
 
@@ -78,11 +81,15 @@ _COST = (
     "assistant_time_s",
 )
 _REQUIREMENTS = ("live_teacher", "sample_index", "full_logits")
+# Optional in a record (older records lack the later keys): missing ones become empty cells.
 _PROVENANCE = (
     "kdbench_version",
     "git_commit",
+    "dirty_files",
     "python",
     "device",
+    "cpu",
+    "cpu_capability",
     "torch_threads",
     "config_file",
     "config_hash",
@@ -102,10 +109,10 @@ IDENTITY_COLUMNS = (
 )
 CELL_KEY = ("dataset", "protocol_hash", "teacher", "student", "method")
 TRAILING_COLUMNS = ("epochs_file", "provenance_differs")
+# Files modified or untracked under kdbench/ and workflow/ when the commit is "+dirty", one cell.
+DIRTY_FILES = "prov.dirty_files"
+_DIRTY_SEP = "; "
 
-
-class RecordError(ValueError):
-    """A run record that cannot be read; the message names the file and the key."""
 
 
 def _get(obj: Mapping[str, Any], dotted: str) -> Any:
@@ -174,6 +181,27 @@ def _scalar(value: Any) -> Any:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def join_dirty_files(files: Any) -> str | None:
+    """The record's ``provenance.dirty_files`` list as one runs-table cell: sorted paths joined by ``"; "``.
+
+    Args:
+        files: The list of repo-relative paths (a string is kept as it is).
+
+    Returns:
+        The joined paths, ``None`` when there are none (a clean or an older record).
+    """
+    if not files:
+        return None
+    if isinstance(files, str):
+        return files
+    return _DIRTY_SEP.join(sorted(str(f) for f in files))
+
+
+def split_dirty_files(value: Any) -> list[str]:
+    """The paths of a :data:`DIRTY_FILES` cell (inverse of :func:`join_dirty_files`)."""
+    return [part.strip() for part in str(value or "").split(_DIRTY_SEP.strip()) if part.strip()]
+
+
 def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """One row of the runs table from a checked record (see :func:`read_record`).
 
@@ -211,6 +239,7 @@ def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
     row.update({f"req.{k}": _opt(rec, f"requirements.{k}") for k in _REQUIREMENTS})
     prov = rec.get("provenance") or {}
     row.update({f"prov.{k}": prov.get(k) for k in _PROVENANCE})
+    row[DIRTY_FILES] = join_dirty_files(prov.get("dirty_files"))
     # Further scalar provenance (e.g. the student's model digest) is kept too, after the known keys.
     row.update(
         {

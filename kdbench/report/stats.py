@@ -7,7 +7,8 @@ Formulas (``n`` values ``x_1..x_n``; all intervals are two-sided 95%):
   ``n < 2``;
 * paired difference of a method vs the baseline over the seeds both have: ``d_i = x_i - b_i``; the delta
   is ``mean(d)`` and its interval is the t-interval of ``d`` (the same formula), which needs at least two
-  paired seeds.
+  paired seeds. The rank rule (:mod:`kdbench.report.aggregate`) uses the same paired difference between
+  any two cells: one is *below* the other when the interval of ``d`` lies entirely below 0.
 
 The t critical values come from a small table for df 1..30 (three decimals, as printed in every
 statistics textbook); beyond 30 degrees of freedom the normal value 1.960 is used, which makes the
@@ -97,7 +98,7 @@ def summarize(values: Sequence[float | None]) -> Summary:
 
 @dataclass(frozen=True)
 class PairedDelta:
-    """A method's gain over the baseline, paired by seed.
+    """A method's gain over the baseline (or over any other cell), paired by seed.
 
     Attributes:
         seeds: The seeds both runs have, sorted.
@@ -109,6 +110,11 @@ class PairedDelta:
     seeds: tuple[int, ...]
     diff: Summary
     note: str = ""
+
+    @property
+    def below_zero(self) -> bool:
+        """Whether the 95% interval of the difference lies entirely below 0 (``False`` when undefined)."""
+        return self.diff.high is not None and self.diff.high < 0
 
 
 def paired_delta(

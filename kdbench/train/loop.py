@@ -16,6 +16,7 @@ import torch.nn as nn
 from kdbench.config import Protocol
 from kdbench.data.shards import DataInfo, Split
 from kdbench.data.views import ViewRenderer
+from kdbench.errors import NonFiniteLossError
 from kdbench.evaluate import predict, topk_accuracy
 from kdbench.methods.base import DistillMethod, StepContext, Targets
 from kdbench.taps import TapDict, compute_taps
@@ -24,9 +25,6 @@ from kdbench.train.teacher_source import TeacherSource
 
 _logger = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; the run is stopped and nothing is recorded as complete."""
 
 
 @dataclass

@@ -1,102 +1,148 @@
-# Load and validate the config, expand the grid, input functions. No rules here.
+# Resolve the config once into the plan (kdbench.plan) and expose it to the rules. No rules here, and no
+# path is built here: every output path, key and rerun trigger comes from the plan.
 import shlex
 from pathlib import Path
 
-import yaml
 from snakemake.utils import validate
 
-from kdbench.config import ConfigError, parse_config, config_slice_hash
-from kdbench.data.shards import shard_counts, shard_name
-from kdbench.plan import Plan
-from kdbench.cache.store import tap_from_dirname
+from kdbench.plan import Layout as L, Plan, resolve_tables, write_resolved
 
-
-def _config_file():
-    files = [str(f) for f in workflow.configfiles]
-    if len(files) != 1:
-        raise ConfigError(f"kdbench reads one config file; got {files or 'none'}. Pass exactly one --configfile")
-    path = files[0]
-    on_disk = yaml.safe_load(Path(path).read_text())
-    if on_disk != config:
-        raise ConfigError(
-            f"{path}: --config overrides are not supported (every kdbench job reads the file itself); "
-            "copy the file, edit it and pass it with --configfile"
-        )
-    return path
-
-
-CONFIG_FILE = _config_file()
-# kdbench's own checks first: their messages name the file and the dotted key; the schema is the second layer.
-CFG = parse_config(config, source=CONFIG_FILE)
-validate(config, workflow.source_path("../schemas/config.schema.yaml"))
-PLAN = Plan(CFG)
-RES = f"results/{CFG.name}"
-LOGS = f"{RES}/logs"
-LEADERBOARD = expand("results/leaderboard/{name}/{f}", name=CFG.name, f=["leaderboard.md", "leaderboard.csv"])
-DATA = f"{RES}/data"
-N_TRAIN_SHARDS = shard_counts(CFG.data)["train"]
-CONF = f"--config {shlex.quote(CONFIG_FILE)}"
+# `--configfile` files (default: workflow/config/config.yaml) and `--config` overrides, resolved once. The
+# Snakefile has no `configfile:` directive on purpose: Snakemake would deep-merge the default into every other
+# config (a copy's `methods` would gain the default's), so kdbench reads the files itself.
+DEFAULT_CONFIG = Path(workflow.basedir) / "workflow" / "config" / "config.yaml"
+TABLES = resolve_tables(
+    [str(f) for f in workflow.config_settings.configfiles] or [str(DEFAULT_CONFIG)],
+    dict(workflow.config_settings.config),
+)
+PLAN = Plan(TABLES)
+for _table in TABLES:
+    write_resolved(_table)  # every job of a table reads this file
 
 
 wildcard_constraints:
-    teacher=r"[^/.]+",
-    tkey=r"[^/]+",
+    table=r"[^/]+",
+    dkey=r"[^/]+",
+    tkey=r"[^/.]+",
+    akey=r"[^/.]+\.[^/]+",
+    key=r"[^/]+",
+    spec=r"[a-f0-9]+",
     tapdir=r"[^/]+",
+    teacher=r"[^/]+",
     student=r"[^/]+",
     label=r"[^/]+",
     seed=r"\d+",
     shard=r"\d{5}",
 
 
-def teacher_hash(teacher):
-    """Rerun trigger of a teacher job: its model, checkpoint, protocol and the data config."""
-    return config_slice_hash(CFG.teachers[teacher], CFG.data)
+def q(text):
+    """Shell-quoted, for paths and values passed to `kdbench` on the command line."""
+    return shlex.quote(str(text))
 
 
-def tkey_dir(tkey):
-    return f"{RES}/{PLAN.teacher_dir(tkey)}"
+def config_of(table):
+    return q(PLAN.tables[table].resolved_path)
 
 
-def store_shards(wildcards):
-    return expand(
-        "{res}/cache/{tkey}/{tapdir}/shard-{i:05d}.h5", res=RES, tkey=wildcards.tkey, tapdir=wildcards.tapdir,
-        i=range(N_TRAIN_SHARDS),
-    )
+def data_owner_args(wildcards, output):
+    """`--config` (and `--teacher` for a teacher's own data) of the table that defines a data directory."""
+    table, teacher = PLAN.data[wildcards.dkey]
+    return f"--config {config_of(table)}" + (f" --teacher {q(teacher)}" if teacher else "")
 
 
-def store_args(stores):
-    """``--store TAP=DIR`` flags for a tap -> store mapping."""
-    return " ".join(f"--store {shlex.quote(tap + '=' + RES + '/' + d)}" for tap, d in stores.items())
-
-
-def cell_of(wildcards):
-    from kdbench.plan import Cell
-
-    return Cell(wildcards.teacher, wildcards.student, wildcards.label, int(wildcards.seed))
-
-
-def distill_inputs(wildcards):
-    cell = cell_of(wildcards)
-    tkey = PLAN.tkey(cell.teacher, cell.method)
-    inputs = {"data": f"{DATA}/manifest.json"}
-    if tkey is not None:
-        inputs["teacher"] = f"{tkey_dir(tkey)}/metrics.json"
-    for tap, d in PLAN.cell_stores(cell).items():
-        inputs[f"store_{d.split('/')[-1]}"] = f"{RES}/{d}/manifest.json"
+def teacher_inputs(wildcards):
+    tk = PLAN.teachers[wildcards.tkey]
+    inputs = {"data": f"{PLAN.teacher_data_dir(tk.key)}/manifest.json"}
+    weights = PLAN.tables[tk.table].cfg.teachers[tk.teacher].checkpoint  # ("checkpoint" is a Snakemake keyword)
+    if weights:
+        inputs["checkpoint"] = weights
     return inputs
 
 
-def distill_args(wildcards):
-    cell = cell_of(wildcards)
-    tkey = PLAN.tkey(cell.teacher, cell.method)
-    args = f"--teacher-dir {shlex.quote(tkey_dir(tkey))} " if tkey else ""
-    return args + store_args(PLAN.cell_stores(cell))
+def assistant_inputs(wildcards):
+    ak = PLAN.teachers[wildcards.akey]
+    teacher = PLAN.teacher_key(ak.table, ak.teacher)
+    stores = PLAN.assistant_stores(ak.table, ak.teacher, ak.label)
+    return {
+        "data": f"{PLAN.teacher_data_dir(ak.key)}/manifest.json",
+        "teacher": f"{teacher.dir}/metrics.json",
+        "stores": [f"{s.dir}/manifest.json" for s in stores.values()],
+    }
 
 
-def distill_hash(wildcards):
-    """Rerun trigger of a cell: protocol, cache policy, data, its method entry and its teacher."""
-    return config_slice_hash(CFG.protocol, CFG.cache, CFG.data, CFG.methods[wildcards.label], CFG.teachers[wildcards.teacher])
+def assistant_args(wildcards, output):
+    ak = PLAN.teachers[wildcards.akey]
+    stores = PLAN.assistant_stores(ak.table, ak.teacher, ak.label)
+    return " ".join([
+        f"--config {config_of(ak.table)} --teacher {q(ak.teacher)} --student {q(PLAN.assistant_model(ak.table, ak.label))}",
+        f"--method-label {q(ak.label)} --seed 0 --data {q(PLAN.teacher_data_dir(ak.key))}",
+        f"--teacher-dir {q(PLAN.teacher_key(ak.table, ak.teacher).dir)}",
+        *(f"--store {q(s.dir)}" for s in stores.values()),
+    ])
 
 
-def all_records():
-    return [f"{RES}/{cell.path}/record.json" for cell in PLAN.cells]
+def store_of(wildcards):
+    return PLAN.store(wildcards.key, wildcards.spec, wildcards.tapdir)
+
+
+def store_inputs(wildcards):
+    sk = store_of(wildcards)
+    return {
+        "data": f"{PLAN.data_dir(PLAN.data_key(sk.table))}/manifest.json",
+        "teacher": f"{sk.teacher.dir}/metrics.json",
+    }
+
+
+def store_args(wildcards, output):
+    sk = store_of(wildcards)
+    return (f"--config {config_of(sk.table)} --teacher-dir {q(sk.teacher.dir)}"
+            f" --data {q(PLAN.data_dir(PLAN.data_key(sk.table)))}")
+
+
+def store_shards(wildcards):
+    return PLAN.store_shards(store_of(wildcards).dir)
+
+
+def job_of(wildcards):
+    return PLAN.job(wildcards.table, wildcards.teacher, wildcards.student, wildcards.label, wildcards.seed)
+
+
+def distill_inputs(wildcards):
+    job = job_of(wildcards)
+    inputs = {"data": f"{PLAN.data_dir(PLAN.data_key(job.table))}/manifest.json"}
+    tk = PLAN.job_teacher(job)
+    if tk is not None:
+        inputs["teacher"] = f"{tk.dir}/metrics.json"
+    inputs["stores"] = [f"{s.dir}/manifest.json" for s in PLAN.job_stores(job).values()]
+    return inputs
+
+
+def distill_args(wildcards, output):
+    job = job_of(wildcards)
+    tk = PLAN.job_teacher(job)
+    return " ".join([
+        f"--config {config_of(job.table)} --teacher {q(job.teacher)} --student {q(job.student)}",
+        f"--method-label {q(job.label)} --seed {job.seed} --data {q(PLAN.data_dir(PLAN.data_key(job.table)))}",
+        *([f"--teacher-dir {q(tk.dir)}"] if tk else []),
+        *(f"--store {q(s.dir)}" for s in PLAN.job_stores(job).values()),
+    ])
+
+
+def compare_inputs(wildcards):
+    return {
+        "new": f"{PLAN.leaderboard_dir(wildcards.table)}/leaderboard.csv",
+        "published": f"{PLAN.published_dir(wildcards.table)}/leaderboard.csv",
+    }
+
+
+def final_targets():
+    """Per table: the check against its published snapshot where one exists, else its leaderboard."""
+    return [
+        PLAN.compare_file(t) if Path(f"{PLAN.published_dir(t)}/leaderboard.csv").exists()
+        else f"{PLAN.leaderboard_dir(t)}/leaderboard.md"
+        for t in PLAN.tables
+    ]
+
+
+for _table in TABLES:  # the second layer after kdbench's own checks (which name the file and the key)
+    validate(dict(_table.raw), workflow.source_path("../schemas/config.schema.yaml"))

@@ -1,9 +1,11 @@
 rule prepare_data:
+    """Raw dataset -> webdataset shards + manifest (one directory per data config, shared by every table)."""
     output:
-        manifest=f"{DATA}/manifest.json",
+        f"{L.DATA}/manifest.json",
     params:
-        spec=config_slice_hash(CFG.data),
+        args=data_owner_args,
+        out=lambda wildcards, output: Path(output[0]).parent,
     log:
-        f"{LOGS}/prepare_data.log",
+        f"{L.LOGS}/data/{{dkey}}.log",
     shell:
-        "kdbench prepare-data {CONF} --threads {threads} --out {DATA} 2> {log}"
+        "kdbench prepare-data {params.args} --out {params.out} 2> {log}"

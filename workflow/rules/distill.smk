@@ -1,18 +1,17 @@
 rule distill:
-    # One (teacher, student, method, seed) cell under the config's protocol.
+    """One (teacher, student, method, seed) job of a table under the table's protocol -> a run record."""
     input:
         unpack(distill_inputs),
     output:
-        f"{RES}/runs/{{teacher}}/{{student}}/{{label}}/seed{{seed}}/record.json",
+        f"{L.RUN}/record.json",
     params:
-        spec=distill_hash,
+        spec=lambda wildcards: PLAN.job_hash(job_of(wildcards)),  # rerun trigger
         args=distill_args,
-        out=lambda w: f"{RES}/runs/{w.teacher}/{w.student}/{w.label}/seed{w.seed}",
+        out=lambda wildcards, output: Path(output[0]).parent,
     resources:
         mem_mb=3000,
         runtime=120,
     log:
-        f"{LOGS}/distill/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
+        f"{L.TABLE_LOGS}/distill/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:
-        "kdbench distill {CONF} --threads {threads} --teacher {wildcards.teacher} --student {wildcards.student} --method {wildcards.label}"
-        " --seed {wildcards.seed} --data {DATA} {params.args} --out {params.out} 2>&1 | tee {log}"
+        "kdbench distill {params.args} --threads {threads} --out {params.out} 2> {log}"

@@ -1,11 +1,43 @@
 rule leaderboard:
+    """Gather: a table's run records -> leaderboard (md / csv / html) and plots."""
     input:
-        all_records(),
+        lambda wildcards: PLAN.records(wildcards.table),
     output:
-        LEADERBOARD,
+        md=report(
+            f"{L.LEADERBOARD}/leaderboard.md",
+            category="{table}",
+            labels={"table": "{table}", "file": "leaderboard (markdown)"},
+        ),
+        csv=report(
+            f"{L.LEADERBOARD}/leaderboard.csv",
+            category="{table}",
+            labels={"table": "{table}", "file": "leaderboard (csv)"},
+        ),
+        html=report(
+            f"{L.LEADERBOARD}/index.html",
+            category="{table}",
+            labels={"table": "{table}", "file": "leaderboard with plots"},
+        ),
     params:
-        out=f"results/leaderboard/{CFG.name}",
+        spec=lambda wildcards: PLAN.table_hash(wildcards.table),  # rerun trigger: protocol, grid, name
+        config=lambda wildcards: config_of(wildcards.table),
+        out=lambda wildcards, output: Path(output.md).parent,
     log:
-        f"{LOGS}/leaderboard.log",
+        f"{L.TABLE_LOGS}/leaderboard.log",
     shell:
-        "kdbench leaderboard {CONF} --threads {threads} --runs {input} --out {params.out} 2> {log}"
+        "kdbench leaderboard --config {params.config} --runs {input} --out {params.out} 2> {log}"
+
+
+rule compare:
+    """A table's regenerated leaderboard against its published snapshot (results/published/<table>/)."""
+    input:
+        unpack(compare_inputs),
+    output:
+        report(L.COMPARE, category="{table}", labels={"table": "{table}", "file": "reproduction check"}),
+    params:
+        new=lambda wildcards, input: Path(input.new).parent,
+        published=lambda wildcards, input: Path(input.published).parent,
+    log:
+        f"{L.TABLE_LOGS}/compare.log",
+    shell:
+        "kdbench compare {params.new} {params.published} --out {output} --exit-zero 2> {log}"

@@ -1,41 +1,41 @@
 rule train_teacher:
+    """Train (or load from its checkpoint) one teacher; shared by every table that names the same teacher."""
     input:
-        f"{DATA}/manifest.json",
+        unpack(teacher_inputs),
     output:
-        f"{RES}/teachers/{{teacher}}/metrics.json",
+        f"{L.TEACHER}/metrics.json",
     params:
-        spec=lambda w: teacher_hash(w.teacher),
-        out=lambda w: f"{RES}/teachers/{w.teacher}",
+        config=lambda wildcards, output: config_of(PLAN.teachers[wildcards.tkey].table),
+        teacher=lambda wildcards, output: q(PLAN.teachers[wildcards.tkey].teacher),
+        data=lambda wildcards, input: Path(input.data).parent,
+        out=lambda wildcards, output: Path(output[0]).parent,
     threads: 2
     resources:
         mem_mb=4000,
         runtime=120,
     priority: 10  # on the critical path: everything downstream waits for it
     log:
-        f"{LOGS}/teacher/{{teacher}}.log",
+        f"{L.LOGS}/teachers/{{tkey}}.log",
     shell:
-        "kdbench train-teacher {CONF} --threads {threads} --teacher {wildcards.teacher} --data {DATA} --out {params.out} 2>&1 | tee {log}"
+        "kdbench train-teacher --config {params.config} --threads {threads} --teacher {params.teacher}"
+        " --data {params.data} --out {params.out} 2> {log}"
 
 
 rule train_assistant:
-    # A multi-step method's teacher-assistant (TAKD): distilled from the teacher with the method's own
-    # loss, then an ordinary teacher for the cache and the distill stage.
+    """A multi-step method's teacher-assistant (TAKD): distilled from the teacher with the method's own loss,
+    then an ordinary teacher for the cache and the distill stage."""
     input:
-        teacher=f"{RES}/teachers/{{teacher}}/metrics.json",
-        stores=lambda w: [f"{RES}/{d}/manifest.json" for d in PLAN.assistant_stores(w.teacher, w.label).values()],
+        unpack(assistant_inputs),
     output:
-        f"{RES}/assistants/{{teacher}}/{{label}}/metrics.json",
+        f"{L.ASSISTANT}/metrics.json",
     params:
-        spec=lambda w: distill_hash(w),
-        out=lambda w: f"{RES}/assistants/{w.teacher}/{w.label}",
-        model=lambda w: PLAN.assistant(w.label),
-        stores=lambda w: store_args(PLAN.assistant_stores(w.teacher, w.label)),
+        args=assistant_args,
+        out=lambda wildcards, output: Path(output[0]).parent,
     resources:
         mem_mb=4000,
         runtime=120,
     priority: 10  # on the critical path: everything downstream waits for it
     log:
-        f"{LOGS}/assistant/{{teacher}}/{{label}}.log",
+        f"{L.LOGS}/assistants/{{akey}}.log",
     shell:
-        "kdbench distill {CONF} --threads {threads} --teacher {wildcards.teacher} --student {params.model} --method {wildcards.label} --seed 0"
-        " --data {DATA} --teacher-dir {RES}/teachers/{wildcards.teacher} {params.stores} --out {params.out} 2>&1 | tee {log}"
+        "kdbench distill {params.args} --threads {threads} --out {params.out} 2> {log}"

@@ -1,0 +1,139 @@
+"""The resolved plan: config files + overrides -> tables -> jobs and paths (kdbench.plan)."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from _helpers_store import tiny_raw, write_config, write_fmnist_idx
+
+from kdbench.config import ConfigError, load_config, parse_config, to_raw
+from kdbench.plan import Layout, Plan, apply_overrides, resolve_tables, write_resolved
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "workflow" / "config"
+
+
+@pytest.fixture(scope="module")
+def raw_root(tmp_path_factory):
+    return write_fmnist_idx(tmp_path_factory.mktemp("raw"))
+
+
+def test_overrides_replace_values_and_reach_nested_keys_with_dots():
+    raw = {"seeds": [0], "protocol": {"epochs": 3, "lr": 0.1}}
+    apply_overrides(raw, {"seeds": [0, 1, 2], "protocol.epochs": 5, "protocol": {"batch_size": 64}})
+    assert raw == {"seeds": [0, 1, 2], "protocol": {"epochs": 5, "lr": 0.1, "batch_size": 64}}
+
+
+def test_default_config_resolves_with_overrides_and_every_value_explicit():
+    (table,) = resolve_tables([], {"seeds": [0, 1, 2, 3, 4], "protocol.epochs": 4})
+    assert table.name == "fashion-mnist-default" and table.cfg.seeds == (0, 1, 2, 3, 4)
+    assert table.cfg.protocol.epochs == 4
+    assert table.raw["protocol"]["warmup_epochs"] == 0  # a default, written out
+    assert table.raw["methods"]["kd"] == {"method": "kd", "tau": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
+    assert table.cfg.source == "results/fashion-mnist-default/config.resolved.yaml"
+    (plain,) = resolve_tables([CONFIGS / "config.yaml"])
+    assert plain.config_hash != table.config_hash  # two different configs never share one tag
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")) + [REPO / "tests" / "configs" / "tiny.yaml"],
+                         ids=lambda p: p.name)
+def test_every_shipped_config_round_trips_through_its_resolved_form(path):
+    for table in resolve_tables([path]):
+        assert parse_config(to_raw(table.cfg), source=table.cfg.source) == table.cfg
+
+
+def test_resolved_config_is_written_once_and_read_back_identically(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (table,) = resolve_tables([CONFIGS / "config.yaml"], {"seeds": [3]})
+    path = write_resolved(table)
+    mtime = path.stat().st_mtime_ns
+    assert write_resolved(table).stat().st_mtime_ns == mtime  # unchanged content: not rewritten
+    assert load_config(path) == table.cfg
+    assert "--config seeds=[3]" in path.read_text().splitlines()[0]
+
+
+def test_a_teacher_from_another_config_is_the_same_teacher_job():
+    tables = resolve_tables([CONFIGS / "all-tables.yaml"])
+    plan = Plan(tables)
+    assert [t.name for t in tables] == ["fashion-mnist-default", "fashion-mnist-zoo"]
+    default = plan.teacher_key("fashion-mnist-default", "cnn_m")
+    zoo = plan.teacher_key("fashion-mnist-zoo", "cnn_m")
+    assert zoo == default and default.table == "fashion-mnist-default"
+    assert len([k for k in plan.teachers.values() if not k.label]) == 1  # trained once for both tables
+    # The zoo trains on a subset; its teacher still learns on the default's data (one data job each).
+    assert plan.data_key("fashion-mnist-zoo") != plan.data_key("fashion-mnist-default")
+    assert plan.teacher_data_dir(zoo.key) == plan.data_dir(plan.data_key("fashion-mnist-default"))
+    # Loading the zoo alone plans the very same teacher directory (its data job defined by the zoo's teacher).
+    alone = Plan(resolve_tables([CONFIGS / "fashion-mnist-zoo.yaml"]))
+    assert alone.teacher_key("fashion-mnist-zoo", "cnn_m").dir == default.dir
+    assert alone.data[plan.data_key("fashion-mnist-default")] == ("fashion-mnist-zoo", "cnn_m")
+
+
+def _plan(tmp_path: Path, raw: dict, name: str = "grid.yaml", **overrides) -> Plan:
+    return Plan.resolve([write_config(tmp_path / name, raw)], overrides)
+
+
+def test_teacher_and_store_keys_change_exactly_with_what_defines_them(raw_root, tmp_path):
+    raw = tiny_raw(raw_root, methods={"baseline": {}, "kd": {}})
+    plan = _plan(tmp_path, raw)
+    (teacher,) = plan.teachers
+    (store,) = plan.stores
+    seeds = _plan(tmp_path, raw, seeds=[0, 1, 2])
+    assert set(seeds.teachers) == {teacher} and set(seeds.stores) == {store}
+    epochs = _plan(tmp_path, raw, **{"teachers.t.train.epochs": 2})
+    assert set(epochs.teachers) != {teacher}
+    views = _plan(tmp_path, raw, **{"cache.logits_dtype": "float32"})
+    assert set(views.teachers) == {teacher} and set(views.stores) != {store}
+
+
+def test_name_clashes_and_bad_references_name_the_file_and_key(raw_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'name' must not be one of"):
+        _plan(tmp_path, tiny_raw(raw_root, name="cache"))
+    raw = tiny_raw(raw_root)
+    raw["teachers"] = {"t": {"from": "nowhere.yaml"}}
+    with pytest.raises(ConfigError, match=r"grid.yaml: key 'teachers.t.from': config file not found"):
+        _plan(tmp_path, raw)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(tiny_raw(raw_root)))
+    raw["teachers"] = {"t": {"from": "a.yaml", "model": "cnn_m"}}
+    with pytest.raises(ConfigError, match=r"key 'teachers.t.model': a teacher given with 'from'"):
+        _plan(tmp_path, raw)
+    (tmp_path / "suite.yaml").write_text(yaml.safe_dump({"tables": ["a.yaml", "a.yaml"]}))
+    with pytest.raises(ConfigError, match="two tables share the name"):
+        resolve_tables([tmp_path / "suite.yaml"])
+
+
+def test_a_bad_override_names_the_config_file_and_the_override(raw_root, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        _plan(tmp_path, tiny_raw(raw_root), **{"protocol.epocs": 3})
+    assert "grid.yaml + --config protocol.epocs=3" in str(err.value) and "protocol.epocs" in str(err.value)
+
+
+def _string_literals(path: Path) -> list[str]:
+    """The string literals of a .smk file's Python parts (docstrings and comments excluded)."""
+    text = path.read_text()
+    strings = re.findall(r'(?<![\w"])f?"((?:[^"\\\n]|\\.)*)"', text)
+    docstrings = set(re.findall(r'"""(.*?)"""', text, re.S))
+    return [s for s in strings if s not in docstrings]
+
+
+def test_workflow_files_build_no_path_of_their_own():
+    """Every output path comes from kdbench.plan (Layout / Plan); a .smk that spells one out fails here."""
+    files = sorted((REPO / "workflow" / "rules").glob("*.smk")) + [REPO / "Snakefile"]
+    offenders = [(f.name, s) for f in files for s in _string_literals(f) if "results/" in s or "shard-" in s]
+    assert offenders == []
+    used = {m for f in files for m in re.findall(r"\bL\.([A-Z_]+)", f.read_text())}
+    assert used <= {k for k in vars(Layout) if k.isupper()}
+    assert {"DATA", "TEACHER", "ASSISTANT", "STORE", "RUN", "LEADERBOARD", "COMPARE"} <= used
+
+
+def test_plan_module_imports_no_stage():
+    """The plan sits below the stages: it never imports training, caching, distillation or reporting code."""
+    tree = ast.parse((REPO / "kdbench" / "plan.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    banned = ("kdbench.train", "kdbench.distill", "kdbench.teacher", "kdbench.report", "kdbench.cache.build",
+              "kdbench.cli")
+    assert not [m for m in imported if m.startswith(banned)]
