@@ -92,7 +92,8 @@ def store_tap(store: Path) -> str:
     Raises:
         StoreError: the name is not the name of a tap's store.
     """
-    from kdbench.cache.store import StoreError, tap_from_dirname
+    from kdbench.cache.store import StoreError
+    from kdbench.taps import tap_from_dirname
 
     tap = tap_from_dirname(store.name)
     if not _is_tap(tap):
@@ -142,7 +143,7 @@ def cmd_train_teacher(args) -> None:
 
 def cmd_cache(args) -> None:
     from kdbench.cache.build import build_shard
-    from kdbench.cache.store import shard_file
+    from kdbench.plan import shard_file
 
     out = Path(args.out) if args.out else Path(args.store) / shard_file(args.shard)
     tap = args.tap or store_tap(out.parent)

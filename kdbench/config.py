@@ -17,6 +17,8 @@ import yaml
 from kdbench._typed import build_dataclass
 from kdbench._util import stable_hash, to_jsonable
 from kdbench.errors import ConfigError
+from kdbench.methods import METHODS
+from kdbench.models import check_model_name
 
 
 @dataclass(frozen=True)
@@ -220,10 +222,6 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     Raises:
         ConfigError: naming ``source`` and the offending dotted key.
     """
-    from kdbench import methods as method_registry  # noqa: F401  (registers all methods)
-    from kdbench.methods.base import METHODS
-    from kdbench.models import check_model_name
-
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the config must be a mapping at the top level")
     top = {"name", "data", "protocol", "cache", "teachers", "students", "methods", "seeds", "runtime"}
@@ -317,8 +315,6 @@ def to_raw(cfg: Config) -> dict:
     This is what the workflow writes as a table's resolved config, so a record stays reproducible even if a
     default changes in a later version.
     """
-    from kdbench.methods.base import METHODS
-
     def method(entry: MethodEntry) -> dict:
         built = METHODS.get(entry.method).make_config(entry.params)
         return {"method": entry.method, **to_jsonable(built)}

@@ -18,18 +18,19 @@ import torch
 
 from kdbench._util import read_json, sha256_file, stable_hash, write_json_atomic
 from kdbench.cache.build import store_identity
-from kdbench.cache.store import StoreError, TeacherStore, tap_dirname
+from kdbench.cache.source import CachedTeacher, LiveTeacher
+from kdbench.cache.store import StoreError, TeacherStore
 from kdbench.config import Config
-from kdbench.data.shards import data_info, load_split, read_manifest
+from kdbench.data.shards import load_split, read_manifest
 from kdbench.data.views import ViewRenderer
 from kdbench.evaluate import agreement
+from kdbench.meta import data_info
 from kdbench.methods.base import METHODS, DistillMethod
+from kdbench.modeldir import load_teacher, read_teacher_metrics, save_model_dir
 from kdbench.models import create_model, model_info
 from kdbench.runtime import provenance, seed_everything, setup
-from kdbench.taps import normalize_tap
-from kdbench.teacher import load_teacher, read_teacher_metrics, save_model_dir
+from kdbench.taps import normalize_tap, tap_dirname
 from kdbench.train.loop import fit
-from kdbench.train.teacher_source import CachedTeacher, LiveTeacher
 
 _logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from kdbench.data.shards import DataInfo, Split
+from kdbench.data.shards import Split
 from kdbench.data.views import render
+from kdbench.meta import DataInfo
 
 
 @torch.inference_mode()

@@ -31,7 +31,6 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from kdbench._util import atomic_path, stable_hash, to_jsonable
-from kdbench.cache.store import SHARD_NAME, shard_file, tap_dirname
 from kdbench.config import (
     Config,
     ConfigError,
@@ -41,15 +40,23 @@ from kdbench.config import (
     read_config_file,
     to_raw,
 )
-from kdbench.data.shards import shard_counts
-from kdbench.methods.base import METHODS
+from kdbench.data.sources import shard_counts
+from kdbench.methods import METHODS
 from kdbench.models import create_model
-from kdbench.taps import normalize_tap
+from kdbench.taps import normalize_tap, tap_dirname
 
 RESULTS = "results"
 DEFAULT_CONFIG = "workflow/config/config.yaml"
 RESERVED = frozenset({"data", "teachers", "assistants", "cache", "published", "logs"})
 _HASH = 8
+
+
+SHARD_NAME = "shard-{shard}.h5"  # a store's file per data shard; {shard}: the shard's index, 5 digits
+
+
+def shard_file(index: int) -> str:
+    """The file name of a store's shard ``index``."""
+    return SHARD_NAME.format(shard=f"{index:05d}")
 
 
 class Layout:

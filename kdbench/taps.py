@@ -103,3 +103,15 @@ def compute_taps(model: nn.Module, x: torch.Tensor, taps: Iterable[str]) -> dict
         elif kind == "feature":
             out[t] = by_index[i % n_stages]
     return out
+
+
+def tap_dirname(tap: str) -> str:
+    """Directory name of a (normalised) tap's store: ``feature[2]`` -> ``feature_2``."""
+    return tap.replace("[", "_").replace("]", "")
+
+
+def tap_from_dirname(name: str) -> str:
+    """Inverse of :func:`tap_dirname`."""
+    if name.startswith("feature_"):
+        return f"feature[{name[len('feature_'):]}]"
+    return name

@@ -22,16 +22,17 @@ from kdbench.cache.store import (
     TeacherStore,
     encode_tap,
     identity_attrs,
-    shard_file,
-    tap_dirname,
     write_manifest,
     write_shard,
 )
 from kdbench.config import CachePolicy, Config, ViewRecipe, parse_config
-from kdbench.data.shards import data_info, load_split, prepare, read_manifest
+from kdbench.data.shards import load_split, prepare, read_manifest
 from kdbench.data.views import view_params
+from kdbench.meta import data_info
+from kdbench.modeldir import read_teacher_metrics, save_model_dir
 from kdbench.models import create_model
-from kdbench.teacher import read_teacher_metrics, save_model_dir
+from kdbench.plan import shard_file
+from kdbench.taps import tap_dirname
 
 BASE_RAW: dict[str, Any] = {
     "name": "store-test",

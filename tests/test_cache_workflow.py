@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from _helpers_store import tiny_raw, write_config, write_fmnist_idx
 
-from kdbench.config import ConfigError, load_config, parse_config
-from kdbench.data.shards import shard_counts
+from kdbench.config import load_config, parse_config
+from kdbench.data.sources import shard_counts
+from kdbench.errors import ConfigError
 from kdbench.plan import Plan
 
 REPO = Path(__file__).resolve().parents[1]

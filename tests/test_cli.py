@@ -16,8 +16,8 @@ import yaml
 
 import kdbench
 from kdbench import cli
-from kdbench.cache.store import StoreError
-from kdbench.config import ConfigError, parse_config
+from kdbench.config import parse_config
+from kdbench.errors import ConfigError, StoreError
 from kdbench.runtime import cpu_capability, cpu_model, git_commit, git_state, provenance
 from kdbench.verify import VerifyReport, compare_runs, machine_differences
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from kdbench.config import ConfigError, Protocol, build_dataclass, load_config, parse_config
+from kdbench.config import Protocol, build_dataclass, load_config, parse_config
+from kdbench.errors import ConfigError
 
 
 def raw(**over):

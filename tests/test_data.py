@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from kdbench.config import DataConfig
-from kdbench.data.shards import decode_pnm, encode_pnm, load_split, prepare, shard_counts, split_sizes
-from kdbench.data.sources import SOURCES, DatasetError
+from kdbench.data.shards import decode_pnm, encode_pnm, load_split, prepare
+from kdbench.data.sources import SOURCES, shard_counts, split_sizes
+from kdbench.errors import DatasetError
 
 
 def write_idx(path: Path, arr: np.ndarray) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdbench.data.shards import DataInfo
+from kdbench.meta import DataInfo
 from kdbench.methods import METHODS
 from kdbench.methods.base import DistillMethod, LossOutput, Requirements, StepContext, Targets
 from kdbench.models import ModelInfo, create_model, model_info

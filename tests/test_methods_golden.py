@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbench.data.shards import DataInfo
+from kdbench.meta import DataInfo
 from kdbench.methods import METHODS
 from kdbench.methods.at import at_loss, attention_map
 from kdbench.methods.base import StepContext, Targets

@@ -11,10 +11,11 @@ import yaml
 
 from kdbench.cache.build import build_shard, finalize_store
 from kdbench.config import parse_config
-from kdbench.data.shards import prepare, shard_counts
+from kdbench.data.shards import prepare
+from kdbench.data.sources import shard_counts
 from kdbench.distill import run_distill
-from kdbench.teacher import CheckpointError, train_teacher
-from kdbench.train.loop import NonFiniteLossError
+from kdbench.errors import CheckpointError, NonFiniteLossError
+from kdbench.teacher import train_teacher
 from kdbench.verify import compare_runs, verify
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from _helpers_store import tiny_raw, write_config, write_fmnist_idx
 
-from kdbench.config import ConfigError, load_config, parse_config, to_raw
+from kdbench.config import load_config, parse_config, to_raw
+from kdbench.errors import ConfigError
 from kdbench.plan import Layout, Plan, apply_overrides, resolve_tables, write_resolved
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
-from kdbench.report.aggregate import Cell, build_tables, rank_cells
+from kdbench.errors import RecordError
+from kdbench.report.aggregate import LeaderboardCell, build_tables, rank_cells
 from kdbench.report.display import report_view
 from kdbench.report.leaderboard import write_leaderboard
 from kdbench.report.provenance import summarize_provenance
 from kdbench.report.published import published_result, published_teacher
-from kdbench.report.records import RecordError, load_runs, read_epochs, runs_columns
+from kdbench.report.records import load_runs, read_epochs, runs_columns
 from kdbench.report.stats import paired_delta, summarize, t_critical_95
 
 _PROVENANCE = {
@@ -297,9 +298,9 @@ def test_paired_delta_uses_only_shared_seeds_and_needs_two() -> None:
 # ---------------------------------------------------------------------------------------------- rank rule
 
 
-def _cell(method: str, top1: dict[int, float]) -> Cell:
+def _cell(method: str, top1: dict[int, float]) -> LeaderboardCell:
     """A cell of finished runs with the given test top-1 per seed."""
-    cell = Cell(("ds", "p", "t", "s", method))
+    cell = LeaderboardCell(("ds", "p", "t", "s", method))
     cell.runs = [{"seed": seed, "test_top1": value} for seed, value in sorted(top1.items())]
     cell.top1 = summarize(list(top1.values()))
     return cell

@@ -36,6 +36,7 @@ import kdbench.cache.build as build_mod
 import kdbench.train.loop as loop_mod
 from kdbench.cache.build import build_shard, finalize_store
 from kdbench.cache.check import ROUNDOFF, check_store
+from kdbench.cache.source import CachedTeacher
 from kdbench.cache.store import (
     StoreError,
     TeacherStore,
@@ -43,17 +44,17 @@ from kdbench.cache.store import (
     read_view_params,
     reconstruct_topk,
     record_bytes,
-    shard_file,
 )
 from kdbench.cli import main as cli_main
-from kdbench.data.shards import data_info, load_split, read_manifest
+from kdbench.data.shards import load_split, read_manifest
 from kdbench.data.views import ViewRenderer
+from kdbench.meta import data_info
 from kdbench.methods.base import create_method
+from kdbench.modeldir import load_teacher
 from kdbench.models import create_model, model_info
+from kdbench.plan import shard_file
 from kdbench.taps import compute_taps
-from kdbench.teacher import load_teacher
 from kdbench.train.loop import fit
-from kdbench.train.teacher_source import CachedTeacher
 
 _logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]

@@ -19,11 +19,12 @@ import torch.nn as nn
 from kdbench._util import sha256_file, stable_hash
 from kdbench.cache.store import encode_tap, identity_attrs, write_manifest, write_shard
 from kdbench.config import CachePolicy, Config, ViewRecipe
-from kdbench.data.shards import data_info, load_split, read_manifest
+from kdbench.data.shards import load_split, read_manifest
 from kdbench.data.views import ViewRenderer
+from kdbench.meta import data_info
+from kdbench.modeldir import load_teacher, read_teacher_metrics
 from kdbench.runtime import setup
 from kdbench.taps import compute_taps
-from kdbench.teacher import load_teacher, read_teacher_metrics
 
 _logger = logging.getLogger(__name__)
 

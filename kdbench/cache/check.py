@@ -37,11 +37,12 @@ from kdbench._util import sha256_file
 from kdbench.cache.build import store_identity
 from kdbench.cache.store import TeacherStore, pool_tap, read_store_manifest, read_view_params, shard_problems
 from kdbench.config import CachePolicy, Config
-from kdbench.data.shards import data_info, load_split, read_manifest
+from kdbench.data.shards import load_split, read_manifest
 from kdbench.data.views import ViewParams, ViewRenderer
+from kdbench.meta import data_info
+from kdbench.modeldir import load_teacher
 from kdbench.runtime import setup
 from kdbench.taps import compute_taps
-from kdbench.teacher import load_teacher
 
 _logger = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from kdbench._util import atomic_path, read_json, sha256_file, stable_hash, writ
 from kdbench.config import CachePolicy
 from kdbench.data.views import ViewParams
 from kdbench.errors import StoreError
+from kdbench.plan import shard_file
 
 _logger = logging.getLogger(__name__)
 
@@ -49,25 +50,6 @@ _AUDIT_FIELDS = ("ids", *VIEW_PARAM_FIELDS)
 #: Manifest fields that identify what a store holds (kept in sync with ``kdbench.cache.build.store_identity``).
 IDENTITY_KEYS = ("teacher_sha256", "tap", "view_recipe_hash", "views", "policy", "teacher_image_size")
 
-
-
-def tap_dirname(tap: str) -> str:
-    """Directory name of a (normalised) tap's store: ``feature[2]`` -> ``feature_2``."""
-    return tap.replace("[", "_").replace("]", "")
-
-
-def tap_from_dirname(name: str) -> str:
-    """Inverse of :func:`tap_dirname`."""
-    if name.startswith("feature_"):
-        return f"feature[{name[len('feature_'):]}]"
-    return name
-
-
-SHARD_NAME = "shard-{shard}.h5"  # {shard}: the data shard's index, 5 digits
-
-
-def shard_file(index: int) -> str:
-    return SHARD_NAME.format(shard=f"{index:05d}")
 
 
 def _index_dtype(num_classes: int) -> type:

@@ -24,30 +24,12 @@ import torch
 from kdbench._util import atomic_path, read_json, sha256_file, write_json_atomic
 from kdbench.config import DataConfig
 from kdbench.data.sources import SOURCES
-from kdbench.errors import DataShardError, DatasetError
+from kdbench.errors import DatasetError, DataShardError
 
 _logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
-
-
-def split_sizes(cfg: DataConfig) -> dict[str, int]:
-    """Sample counts of train / val / test implied by the config, without reading the images."""
-    n_train_all, n_test = SOURCES.get(cfg.source).sizes(Path(cfg.root))
-    if not 0 < cfg.val_size < n_train_all:
-        raise ValueError(f"data.val_size={cfg.val_size} must be between 1 and {n_train_all - 1} for {cfg.source}")
-    n_train = n_train_all - cfg.val_size
-    if cfg.train_limit is not None:
-        n_train = min(n_train, cfg.train_limit)
-    if cfg.test_limit is not None:
-        n_test = min(n_test, cfg.test_limit)
-    return {"train": n_train, "val": cfg.val_size, "test": n_test}
-
-
-def shard_counts(cfg: DataConfig) -> dict[str, int]:
-    """Number of shards per split (what the workflow fans cache jobs over)."""
-    return {k: -(-n // cfg.shard_size) for k, n in split_sizes(cfg).items()}
 
 
 def shard_name(split: str, index: int) -> str:
@@ -185,35 +167,12 @@ class Split:
         return len(self.labels)
 
 
-@dataclass(frozen=True)
-class DataInfo:
-    """What methods and models need to know about a dataset (metadata only)."""
-
-    num_classes: int
-    in_chans: int
-    image_size: int
-    num_train: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
 def read_manifest(data_dir: str | Path) -> dict:
     """Reads a data manifest; a missing one means the data step did not finish."""
     path = Path(data_dir) / "manifest.json"
     if not path.exists():
         raise FileNotFoundError(f"data manifest not found: {path}; run `kdbench prepare-data` (or the workflow) first")
     return read_json(path, "data manifest")
-
-
-def data_info(manifest: dict) -> DataInfo:
-    return DataInfo(
-        num_classes=manifest["num_classes"],
-        in_chans=manifest["channels"],
-        image_size=manifest["image_size"][0],
-        num_train=manifest["splits"]["train"]["count"],
-        mean=tuple(manifest["mean"]),
-        std=tuple(manifest["std"]),
-    )
 
 
 def load_split(data_dir: str | Path, split: str, verify: bool = True, shards: list[int] | None = None) -> Split:

@@ -17,7 +17,8 @@ from typing import Callable
 
 import numpy as np
 
-from kdbench.errors import DatasetError
+from kdbench.config import DataConfig
+from kdbench.errors import ConfigError, DatasetError
 from kdbench.registry import Registry
 
 
@@ -154,3 +155,21 @@ def _cifar_source(variant: str) -> Source:
 
 SOURCES.register("cifar10")(_cifar_source("cifar10"))
 SOURCES.register("cifar100")(_cifar_source("cifar100"))
+
+
+def split_sizes(cfg: DataConfig) -> dict[str, int]:
+    """Sample counts of train / val / test implied by the config, without reading the images."""
+    n_train_all, n_test = SOURCES.get(cfg.source).sizes(Path(cfg.root))
+    if not 0 < cfg.val_size < n_train_all:
+        raise ConfigError(f"data.val_size={cfg.val_size} must be between 1 and {n_train_all - 1} for {cfg.source}")
+    n_train = n_train_all - cfg.val_size
+    if cfg.train_limit is not None:
+        n_train = min(n_train, cfg.train_limit)
+    if cfg.test_limit is not None:
+        n_test = min(n_test, cfg.test_limit)
+    return {"train": n_train, "val": cfg.val_size, "test": n_test}
+
+
+def shard_counts(cfg: DataConfig) -> dict[str, int]:
+    """Number of shards per split (what the workflow fans cache jobs over)."""
+    return {k: -(-n // cfg.shard_size) for k, n in split_sizes(cfg).items()}

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
-from kdbench.methods.kd import kd_loss
+from kdbench.methods.kd import optional_kd_term
 from kdbench.models import ModelInfo
 from kdbench.taps import feature_tap
 
@@ -132,6 +132,5 @@ class AT(DistillMethod):
             "ce": cfg.ce_weight * cross_entropy(s, targets),
             "at": cfg.beta * torch.stack(stage_losses).sum(),
         }
-        if cfg.kd_weight > 0:
-            terms["kd"] = cfg.kd_weight * kd_loss(s, teacher["logits"].to(s.dtype), cfg.tau)
+        terms.update(optional_kd_term(s, teacher, cfg.kd_weight, cfg.tau))
         return LossOutput.from_terms(terms)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdbench._typed import coerce_value
-from kdbench.data.shards import DataInfo
+from kdbench.meta import DataInfo
 from kdbench.models import ModelInfo
 from kdbench.registry import Registry
 from kdbench.taps import TapDict

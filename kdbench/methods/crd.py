@@ -41,8 +41,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdbench.methods.base import DistillMethod, LossOutput, Requirements, cross_entropy, register_method
-from kdbench.methods.kd import kd_loss
+from kdbench.methods.base import (
+    DistillMethod,
+    LossOutput,
+    Requirements,
+    cross_entropy,
+    register_method,
+)
+from kdbench.methods.kd import optional_kd_term
 from kdbench.models import ModelInfo
 
 _logger = logging.getLogger(__name__)
@@ -217,6 +223,5 @@ class CRD(DistillMethod):
                 self.memory_s = self.memory_s.index_put((index,), new_s)
                 self.memory_t = self.memory_t.index_put((index,), new_t)
         terms = {"ce": cfg.ce_weight * cross_entropy(s, targets), "crd": cfg.weight * crd.to(s.dtype)}
-        if cfg.kd_weight > 0:
-            terms["kd"] = cfg.kd_weight * kd_loss(s, teacher["logits"].to(s.dtype), cfg.tau)
+        terms.update(optional_kd_term(s, teacher, cfg.kd_weight, cfg.tau))
         return LossOutput.from_terms(terms)

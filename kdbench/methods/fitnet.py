@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
-from kdbench.methods.kd import kd_loss
+from kdbench.methods.kd import optional_kd_term
 from kdbench.models import ModelInfo
 from kdbench.taps import feature_tap
 
@@ -157,6 +157,5 @@ class FitNet(DistillMethod):
             "ce": cfg.ce_weight * cross_entropy(s, targets),
             "hint": cfg.hint_weight * hint_loss(regressed, f_t),
         }
-        if cfg.kd_weight > 0:
-            terms["kd"] = cfg.kd_weight * kd_loss(s, teacher["logits"].to(s.dtype), cfg.tau)
+        terms.update(optional_kd_term(s, teacher, cfg.kd_weight, cfg.tau))
         return LossOutput.from_terms(terms)

@@ -11,6 +11,7 @@ Deviations from the paper: none (the paper fixes no weights; we take RepDistille
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,25 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: flo
     log_ps = F.log_softmax(student_logits / tau, dim=-1)
     log_pt = F.log_softmax(teacher_logits / tau, dim=-1)
     return F.kl_div(log_ps, log_pt, reduction="batchmean", log_target=True) * tau**2
+
+
+def optional_kd_term(
+    student_logits: torch.Tensor, teacher: Mapping[str, torch.Tensor], weight: float, tau: float
+) -> dict[str, torch.Tensor]:
+    """The optional logit-KD term of a method whose main loss is elsewhere (feature methods):
+    ``{"kd": weight * kd_loss(student, teacher["logits"], tau)}`` (:func:`kd_loss`, the
+    teacher's logits cast to the student's dtype) when ``weight > 0``, else ``{}`` without reading
+    ``teacher["logits"]`` (so the method declares that tap only when ``weight > 0``).
+
+    Args:
+        student_logits: ``[B, C]``.
+        teacher: The teacher taps.
+        weight: Weight of the KD term (``0``: off).
+        tau: Temperature.
+    """
+    if not weight > 0:
+        return {}
+    return {"kd": weight * kd_loss(student_logits, teacher["logits"].to(student_logits.dtype), tau)}
 
 
 @dataclass(frozen=True)

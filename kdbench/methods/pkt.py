@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
-from kdbench.methods.kd import kd_loss
+from kdbench.methods.kd import optional_kd_term
 
 
 def cosine_kernel_probs(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -97,6 +97,5 @@ class PKT(DistillMethod):
             "ce": cfg.ce_weight * cross_entropy(s, targets),
             "pkt": cfg.weight * pkt_loss(f_s, teacher["pre_logits"].to(f_s.dtype)),
         }
-        if cfg.kd_weight > 0:
-            terms["kd"] = cfg.kd_weight * kd_loss(s, teacher["logits"].to(s.dtype), cfg.tau)
+        terms.update(optional_kd_term(s, teacher, cfg.kd_weight, cfg.tau))
         return LossOutput.from_terms(terms)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
-from kdbench.methods.kd import kd_loss
+from kdbench.methods.kd import optional_kd_term
 
 
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -126,6 +126,5 @@ class RKD(DistillMethod):
             "distance": cfg.weight * cfg.distance_weight * rkd_distance_loss(f_s, f_t),
             "angle": cfg.weight * cfg.angle_weight * rkd_angle_loss(f_s, f_t),
         }
-        if cfg.kd_weight > 0:
-            terms["kd"] = cfg.kd_weight * kd_loss(s, teacher["logits"].to(s.dtype), cfg.tau)
+        terms.update(optional_kd_term(s, teacher, cfg.kd_weight, cfg.tau))
         return LossOutput.from_terms(terms)

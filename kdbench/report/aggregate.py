@@ -47,7 +47,7 @@ BASELINE = "baseline"
 
 
 @dataclass(eq=False)
-class Cell:
+class LeaderboardCell:
     """One leaderboard row: a (dataset, protocol, teacher, student, method label) over its seeds.
 
     Attributes:
@@ -191,10 +191,10 @@ class Group:
     """
 
     key: tuple[str, str, str, str]
-    cells: list[Cell]
+    cells: list[LeaderboardCell]
     teacher_top1: Summary
     teacher_published: Published | None
-    baseline: Cell | None
+    baseline: LeaderboardCell | None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -215,7 +215,7 @@ class Table:
     groups: list[Group]
 
     @property
-    def cells(self) -> list[Cell]:
+    def cells(self) -> list[LeaderboardCell]:
         return [c for g in self.groups for c in g.cells]
 
     @property
@@ -226,7 +226,7 @@ class Table:
         )
 
 
-def build_cells(rows: Sequence[Mapping[str, Any]]) -> list[Cell]:
+def build_cells(rows: Sequence[Mapping[str, Any]]) -> list[LeaderboardCell]:
     """Groups runs-table rows into cells and computes each cell's own statistics (no ranks or deltas).
 
     Args:
@@ -235,10 +235,10 @@ def build_cells(rows: Sequence[Mapping[str, Any]]) -> list[Cell]:
     Returns:
         The cells, in the order of their keys.
     """
-    cells: dict[tuple, Cell] = {}
+    cells: dict[tuple, LeaderboardCell] = {}
     for row in rows:
         key = (row["dataset"], row["protocol_hash"], row["teacher"], row["student"], row["method"])
-        cell = cells.setdefault(key, Cell(key))
+        cell = cells.setdefault(key, LeaderboardCell(key))
         (cell.runs if row["status"] == "ok" else cell.skipped).append(row)
     for cell in cells.values():
         cell.runs.sort(key=lambda r: r["seed"])
@@ -251,7 +251,7 @@ def build_cells(rows: Sequence[Mapping[str, Any]]) -> list[Cell]:
     return [cells[k] for k in sorted(cells)]
 
 
-def _cell_notes(cell: Cell) -> None:
+def _cell_notes(cell: LeaderboardCell) -> None:
     if cell.skipped:
         seeds = ", ".join(str(r["seed"]) for r in cell.skipped)
         cell.notes.append(f"skipped seed(s) {seeds}: {cell.skip_reason}")
@@ -274,7 +274,9 @@ def _cell_notes(cell: Cell) -> None:
 MIN_SEEDS_TO_RANK = 2
 
 
-def _below(cell: Cell, tier: Sequence[Cell]) -> tuple[Cell, PairedDelta] | None:
+def _below(
+    cell: LeaderboardCell, tier: Sequence[LeaderboardCell]
+) -> tuple[LeaderboardCell, PairedDelta] | None:
     """The first cell of ``tier`` that ``cell`` is paired-below (interval of the difference < 0), if any."""
     for member in tier:
         d = paired_delta(cell.top1_by_seed, member.top1_by_seed, MIN_SEEDS_TO_RANK)
@@ -283,7 +285,7 @@ def _below(cell: Cell, tier: Sequence[Cell]) -> tuple[Cell, PairedDelta] | None:
     return None
 
 
-def rank_cells(cells: Sequence[Cell]) -> None:
+def rank_cells(cells: Sequence[LeaderboardCell]) -> None:
     """Sets ``rank`` on the cells of one group by the paired tier rule of this module's docstring.
 
     Args:
@@ -297,7 +299,7 @@ def rank_cells(cells: Sequence[Cell]) -> None:
     ordered = sorted(
         (c for c in cells if c.top1.n >= MIN_SEEDS_TO_RANK), key=lambda c: (-c.top1.mean, c.method)
     )
-    tier: list[Cell] = []
+    tier: list[LeaderboardCell] = []
     rank = 1
     for position, cell in enumerate(ordered, 1):
         below = _below(cell, tier)
@@ -308,7 +310,7 @@ def rank_cells(cells: Sequence[Cell]) -> None:
         cell.rank = rank
 
 
-def _pick_baseline(cells: Sequence[Cell], group_notes: list[str]) -> Cell | None:
+def _pick_baseline(cells: Sequence[LeaderboardCell], group_notes: list[str]) -> LeaderboardCell | None:
     baselines = [c for c in cells if c.method_name == BASELINE]
     if not baselines:
         return None
@@ -322,7 +324,7 @@ def _pick_baseline(cells: Sequence[Cell], group_notes: list[str]) -> Cell | None
     return baselines[0]
 
 
-def _teacher_summary(cells: Sequence[Cell], group_notes: list[str]) -> Summary:
+def _teacher_summary(cells: Sequence[LeaderboardCell], group_notes: list[str]) -> Summary:
     # Runs distilled from their own assistant (TAKD) record the assistant's top-1: left out.
     values = [
         r["teacher_test_top1"]
@@ -339,7 +341,9 @@ def _teacher_summary(cells: Sequence[Cell], group_notes: list[str]) -> Summary:
     return summarize(values)
 
 
-def build_group(key: tuple[str, str, str, str], cells: list[Cell], fallback: Cell | None = None) -> Group:
+def build_group(
+    key: tuple[str, str, str, str], cells: list[LeaderboardCell], fallback: LeaderboardCell | None = None
+) -> Group:
     """Ranks the cells of a group and computes each cell's paired gain over the group's baseline.
 
     Args:
@@ -380,10 +384,10 @@ def build_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
     Returns:
         One :class:`Table` per (dataset, protocol hash), sorted.
     """
-    groups: dict[tuple, list[Cell]] = {}
+    groups: dict[tuple, list[LeaderboardCell]] = {}
     for cell in build_cells(rows):
         groups.setdefault(cell.key[:4], []).append(cell)
-    baselines: dict[tuple, list[Cell]] = {}
+    baselines: dict[tuple, list[LeaderboardCell]] = {}
     for key, cells in sorted(groups.items()):
         student_key = (key[0], key[1], key[3])
         baselines.setdefault(student_key, []).extend(c for c in cells if c.method_name == BASELINE and c.runs)
@@ -455,7 +459,7 @@ LEADERBOARD_COLUMNS = (
 )
 
 
-def cell_row(cell: Cell, group: Group) -> dict[str, Any]:
+def cell_row(cell: LeaderboardCell, group: Group) -> dict[str, Any]:
     """The machine-readable leaderboard row of a cell (``leaderboard.csv``, :data:`LEADERBOARD_COLUMNS`).
 
     ``best_val_test_top1_*`` is the secondary number (test top-1 at the epoch chosen on validation); cost

@@ -11,7 +11,7 @@ from typing import Sequence
 
 from kdbench import __version__
 from kdbench.report import _format as fmt
-from kdbench.report.aggregate import Cell, Group, Table, protocols_per_dataset
+from kdbench.report.aggregate import Group, LeaderboardCell, Table, protocols_per_dataset
 from kdbench.report.provenance import ProvenanceField
 from kdbench.report.published import Published
 from kdbench.report.records import DIRTY_FILES, split_dirty_files
@@ -86,12 +86,12 @@ class DisplayTable:
     footnotes: list[str] = field(default_factory=list)
 
 
-def _method_label(cell: Cell) -> str:
+def _method_label(cell: LeaderboardCell) -> str:
     name = cell.method_name
     return cell.method if name in (None, cell.method) else f"{cell.method} ({name})"
 
 
-def _seeds(cell: Cell) -> str:
+def _seeds(cell: LeaderboardCell) -> str:
     return f"{cell.top1.n}" + (f" (+{len(cell.skipped)} skipped)" if cell.skipped else "")
 
 

@@ -25,7 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from kdbench._util import atomic_path
 from kdbench.report import _format as fmt
-from kdbench.report.aggregate import BASELINE, Cell, Group, Table
+from kdbench.report.aggregate import BASELINE, Group, LeaderboardCell, Table
 from kdbench.report.records import read_epochs
 from kdbench.report.stats import summarize
 
@@ -56,7 +56,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _colour(cell: Cell, colors: Mapping[str, Any]) -> Any:
+def _colour(cell: LeaderboardCell, colors: Mapping[str, Any]) -> Any:
     return colors.get(BASELINE if cell.method_name == BASELINE else cell.method, _BASELINE_COLOR)
 
 
@@ -132,7 +132,7 @@ def plot_accuracy_vs_params(table: Table, path: Path, colors: Mapping[str, Any])
     return _save(fig, path)
 
 
-def _colour_by_label(method: str, cells: Sequence[Cell], colors: Mapping[str, Any]) -> Any:
+def _colour_by_label(method: str, cells: Sequence[LeaderboardCell], colors: Mapping[str, Any]) -> Any:
     return next(_colour(c, colors) for c in cells if c.method == method)
 
 
@@ -185,7 +185,7 @@ def plot_gain(table: Table, path: Path, colors: Mapping[str, Any]) -> Path | Non
 
 
 def mean_curves(
-    cell: Cell, reader: Callable[[Path], list[dict]] = read_epochs
+    cell: LeaderboardCell, reader: Callable[[Path], list[dict]] = read_epochs
 ) -> dict[str, list[tuple[int, float, float | None]]]:
     """Per-epoch mean (and std) over the cell's seeds of ``test_top1`` and ``val_top1``.
 

@@ -8,22 +8,33 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol as TypingProtocol
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from kdbench.config import Protocol
-from kdbench.data.shards import DataInfo, Split
+from kdbench.data.shards import Split
 from kdbench.data.views import ViewRenderer
 from kdbench.errors import NonFiniteLossError
 from kdbench.evaluate import predict, topk_accuracy
+from kdbench.meta import DataInfo
 from kdbench.methods.base import DistillMethod, StepContext, Targets
 from kdbench.taps import TapDict, compute_taps
 from kdbench.train.optim import build_optimizer, lr_factor
-from kdbench.train.teacher_source import TeacherSource
 
 _logger = logging.getLogger(__name__)
+
+
+class TeacherSource(TypingProtocol):
+    """Serves the declared teacher taps for the views of a batch."""
+
+    forward_count: int
+
+    def outputs(self, view: int, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]: ...
+
+    def bytes_read(self) -> int: ...
 
 
 

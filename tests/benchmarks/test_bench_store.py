@@ -33,14 +33,14 @@ import torch
 from _helpers_store import synthetic_store
 
 from kdbench.cache.build import encode_view
+from kdbench.cache.source import CachedTeacher, LiveTeacher
 from kdbench.cache.store import bytes_per_view, encode_tap, record_bytes, view_param_bytes
 from kdbench.config import CachePolicy, ViewRecipe
-from kdbench.data.shards import DataInfo
 from kdbench.data.views import ViewRenderer
+from kdbench.meta import DataInfo
 from kdbench.methods.base import StepContext, Targets, create_method
 from kdbench.models import create_model, model_info
 from kdbench.taps import TapDict, compute_taps
-from kdbench.train.teacher_source import CachedTeacher, LiveTeacher
 
 N_TRAIN, BATCH, VIEWS = 4096, 128, 4
 CPU = torch.device("cpu")

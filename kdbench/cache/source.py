@@ -1,8 +1,9 @@
-"""Where a student's teacher outputs come from: the cache (default) or the live teacher module."""
+"""Where a student's teacher outputs come from: the cache (default) or the live teacher module.
+
+Both serve :class:`kdbench.train.loop.TeacherSource`.
+"""
 
 from __future__ import annotations
-
-from typing import Protocol as TypingProtocol
 
 import numpy as np
 import torch
@@ -11,16 +12,6 @@ import torch.nn as nn
 from kdbench.cache.store import TeacherStore
 from kdbench.data.views import ViewRenderer
 from kdbench.taps import compute_taps
-
-
-class TeacherSource(TypingProtocol):
-    """Serves the declared teacher taps for the views of a batch."""
-
-    forward_count: int
-
-    def outputs(self, view: int, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]: ...
-
-    def bytes_read(self) -> int: ...
 
 
 class CachedTeacher:
