@@ -210,19 +210,29 @@ def cmd_distill(args) -> None:
         Path(args.out),
     )
     run = f"{cfg.name}: {args.teacher}/{args.student}/{args.label}/seed{args.seed}"
-    if record["status"] == "ok":
-        _done(f"{run}: test top-1 {record['final']['test_top1']:.2f}% in {record['cost']['wall_time_s']:.0f} s")
+    if record.status == "ok":
+        _done(f"{run}: test top-1 {record.final.test_top1:.2f}% in {record.cost.wall_time_s:.0f} s")
     else:
-        _done(f"{run}: skipped ({record['skip_reason']})")
+        _done(f"{run}: skipped ({record.skip_reason})")
 
 
 def cmd_leaderboard(args) -> None:
+    from kdbench._util import to_jsonable
     from kdbench.config import config_hash
+    from kdbench.distill import run_identity
+    from kdbench.plan import Plan
+    from kdbench.record import RunRecord
     from kdbench.report.leaderboard import write_leaderboard
 
     cfg = _config(args)
     title = f"{cfg.name} (config {config_hash(cfg)})"
-    summary = write_leaderboard([Path(p) for p in args.runs], Path(args.out), title=title)
+    unscheduled = [
+        to_jsonable(RunRecord(status="skipped", skip_reason=reason, identity=run_identity(cfg, t, s, m, seed),
+                              protocol=cfg.protocol, protocol_hash=cfg.protocol.hash()))
+        for (_, t, s, m), reason in Plan.of_config(cfg).skipped.items()
+        for seed in cfg.seeds
+    ]
+    summary = write_leaderboard([Path(p) for p in args.runs], Path(args.out), title=title, unscheduled=unscheduled)
     _done(f"leaderboard {title}: {summary['cells']} cells from {summary['runs']} runs -> {args.out}")
 
 

@@ -35,27 +35,3 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 def agreement(student_logits: torch.Tensor, teacher_pred: torch.Tensor) -> float:
     """Percent of images on which the student's top-1 equals the teacher's."""
     return 100.0 * (student_logits.argmax(1) == teacher_pred).float().mean().item()
-
-
-def retrieval_map(query: torch.Tensor, query_labels: torch.Tensor, db: torch.Tensor, db_labels: torch.Tensor) -> float:
-    """Mean average precision (percent) of cosine-similarity retrieval: every query ranks the whole database,
-    relevant items share its label (InDistill's protocol).
-
-    Args:
-        query: ``[Q, D]`` embeddings.
-        query_labels: ``[Q]``.
-        db: ``[N, D]`` embeddings.
-        db_labels: ``[N]``.
-    """
-    q = torch.nn.functional.normalize(query.float(), dim=1)
-    d = torch.nn.functional.normalize(db.float(), dim=1)
-    aps = []
-    for start in range(0, len(q), 256):
-        sim = q[start : start + 256] @ d.T
-        order = sim.argsort(dim=1, descending=True)
-        rel = (db_labels[order] == query_labels[start : start + 256, None]).float()
-        hits = rel.cumsum(1)
-        ranks = torch.arange(1, rel.shape[1] + 1, dtype=torch.float32)
-        ap = (rel * hits / ranks).sum(1) / rel.sum(1).clamp(min=1)
-        aps.append(ap)
-    return 100.0 * torch.cat(aps).mean().item()

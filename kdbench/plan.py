@@ -40,9 +40,9 @@ from kdbench.config import (
     read_config_file,
     to_raw,
 )
-from kdbench.data.sources import shard_counts
+from kdbench.data.sources import SOURCES, shard_counts
 from kdbench.methods import METHODS
-from kdbench.models import create_model
+from kdbench.models import ModelInfo, create_model, model_info
 from kdbench.taps import normalize_tap, tap_dirname
 
 RESULTS = "results"
@@ -278,6 +278,14 @@ def _num_stages(model: str) -> int:
     return len(create_model(model, num_classes=10, in_chans=3, img_size=32).feature_info)
 
 
+@functools.lru_cache(maxsize=None)
+def _model_info(model: str, source: str, image_size: int | None) -> ModelInfo:
+    """A model's metadata on a data source (built on the CPU, never trained), for compatibility checks."""
+    src = SOURCES.get(source)
+    size = image_size or src.image_size
+    return model_info(create_model(model, src.num_classes, src.in_chans, size), model, src.in_chans, size)
+
+
 def _h(*parts: Any) -> str:
     return stable_hash(list(parts), length=_HASH)
 
@@ -291,14 +299,17 @@ class Plan:
 
     def __init__(self, tables: Sequence[Table]) -> None:
         self.tables: dict[str, Table] = {t.name: t for t in tables}
-        self.jobs = [
-            DistillJob(t.name, teacher, s, m, seed)
-            for t in tables
-            for teacher in t.cfg.teachers
-            for s in t.cfg.students
-            for m in t.cfg.methods
-            for seed in t.cfg.seeds
-        ]
+        self.skipped: dict[tuple[str, str, str, str], str] = {}  # (table, teacher, student, label) -> reason
+        self.jobs = []
+        for t in tables:
+            for teacher in t.cfg.teachers:
+                for s in t.cfg.students:
+                    for m in t.cfg.methods:
+                        reason = self.incompatibility(t.cfg, teacher, s, m)
+                        if reason:
+                            self.skipped[(t.name, teacher, s, m)] = reason
+                            continue
+                        self.jobs += [DistillJob(t.name, teacher, s, m, seed) for seed in t.cfg.seeds]
         self.data: dict[str, tuple[str, str | None]] = {}  # data key -> (table, teacher whose data, or None)
         self.teachers: dict[str, TeacherKey] = {}
         self.stores: dict[str, StoreKey] = {}
@@ -320,10 +331,26 @@ class Plan:
                 self.stores.setdefault(sk.dir, sk)
 
     @classmethod
+    def of_config(cls, cfg: Config) -> Plan:
+        """The plan of one already resolved config (what a job reads)."""
+        return cls([Table(cfg=cfg, raw=to_raw(cfg), origin=cfg.source)])
+
+    @classmethod
     def resolve(cls, files: Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> Plan:
         return cls(resolve_tables(files, overrides))
 
     # --- methods of a table
+
+    @staticmethod
+    def incompatibility(cfg: Config, teacher: str, student: str, label: str) -> str | None:
+        """Why a (teacher, student, method) cell cannot run (the method's own check), or ``None``."""
+        entry = cfg.methods[label]
+        cls = METHODS.get(entry.method)
+        mcfg = cls.make_config(entry.params)
+        size = cfg.protocol.image_size
+        t_model = cls.assistant(mcfg) or cfg.teachers[teacher].model
+        t_info = _model_info(t_model, cfg.data.source, cfg.teachers[teacher].train.image_size) if cls.teacher_taps(mcfg) else None
+        return cls.compatibility(mcfg, t_info, _model_info(student, cfg.data.source, size))
 
     def method(self, table: str, label: str):
         """``(method class, built method config)`` of a table's method label."""

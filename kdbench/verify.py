@@ -143,8 +143,8 @@ def verify(run_dir: Path, config: Path | None = None, keep: Path | None = None) 
             Path(inputs["teacher_dir"]) if inputs["teacher_dir"] else None,
             {tap: Path(d) for tap, d in inputs["stores"].items()}, out,
         )
-        device = new["provenance"]["device"]
-        machine = machine_differences(record["provenance"], new["provenance"])
+        device = new.provenance["device"]
+        machine = machine_differences(record["provenance"], new.provenance)
         cuda = "cpu" not in device or "cpu" not in record["provenance"]["device"]
         exact = compare_runs(run_dir, out)
         if not exact:

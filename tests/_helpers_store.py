@@ -17,11 +17,12 @@ import numpy as np
 import torch
 import yaml
 
-from kdbench.cache.build import build_shard, finalize_store, store_identity
+from kdbench.cache.build import build_shard, finalize_store
 from kdbench.cache.store import (
     TeacherStore,
     encode_tap,
     identity_attrs,
+    store_identity,
     write_manifest,
     write_shard,
 )

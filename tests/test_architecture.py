@@ -13,13 +13,13 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "kdbench"
 
 LAYERS: list[set[str]] = [
-    {"kdbench", "errors", "_util", "_typed", "registry", "taps", "models", "meta", "retrieval"},
+    {"kdbench", "errors", "_util", "_typed", "registry", "taps", "models", "meta", "retrieval", "record"},
     {"methods", "methods.*"},
     {"config"},
     {"data", "data.sources", "data.views"},
     {"plan"},
     {"data.shards", "runtime", "evaluate", "cache", "cache.store"},
-    {"modeldir", "train", "train.optim", "train.loop", "cache.source"},
+    {"modeldir", "train", "train.optim", "train.loop", "cache.source", "cache.inputs"},
     {"teacher", "cache.build", "cache.check"},
     {"distill"},
     {"verify", "report", "report.*"},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from types import SimpleNamespace
 import subprocess
 import sys
 import types
@@ -146,7 +147,7 @@ def calls(monkeypatch):
 
     monkeypatch.setattr(build, "build_shard", recorder("build_shard", {"seconds": 1.0, "views_per_s": 9.0}))
     monkeypatch.setattr(build, "finalize_store", recorder("finalize_store"))
-    record = {"status": "ok", "final": {"test_top1": 50.0}, "cost": {"wall_time_s": 2.0}}
+    record = SimpleNamespace(status="ok", final=SimpleNamespace(test_top1=50.0), cost=SimpleNamespace(wall_time_s=2.0))
     monkeypatch.setattr(distill, "run_distill", recorder("run_distill", record))
     return seen
 

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import webdataset as wds
 
 from kdbench.config import DataConfig
 from kdbench.data.shards import decode_pnm, encode_pnm, load_split, prepare
 from kdbench.data.sources import SOURCES, shard_counts, split_sizes
-from kdbench.errors import DatasetError
+from kdbench.errors import DatasetError, DataShardError
 
 
 def write_idx(path: Path, arr: np.ndarray) -> None:
@@ -107,9 +111,11 @@ def test_corrupt_or_truncated_data_shard_is_detected(tmp_path):
     shard.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match=r"train-00000\.tar does not match its checksum.*Fix"):
         load_split(tmp_path / "data", "train")
-    shard.write_bytes(bytes(blob[:5000]))
-    with pytest.raises(ValueError, match="truncated"):
-        load_split(tmp_path / "data", "train", verify=False)
+    # Cut inside a member, after a whole sample (a cls then a pgm: 2560 bytes), after a sample's cls only.
+    for cut in (5000, 2560, 1024):
+        shard.write_bytes(bytes(blob[:cut]))
+        with pytest.raises(DataShardError, match=r"train-00000\.tar .*truncated.*Fix: delete"):
+            load_split(tmp_path / "data", "train", verify=False)
 
 
 def test_missing_manifest_means_unfinished(tmp_path):
@@ -123,3 +129,64 @@ def test_pnm_round_trip(shape):
     ext, payload = encode_pnm(img)
     assert ext == ("pgm" if shape[2] == 1 else "ppm")
     assert np.array_equal(decode_pnm(payload), img.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("source", ["fashion-mnist", "cifar100"])
+def test_shards_are_plain_webdataset_and_load_the_source_bytes(tmp_path, source):
+    """kdbench's shards are ordinary webdataset tars (read by ``wds.WebDataset`` and ``tarfile``), and
+    ``load_split`` returns the source's pixels, labels and ids byte for byte."""
+    if source == "cifar100":
+        make_cifar100(tmp_path / "raw")
+    else:
+        make_fmnist(tmp_path / "raw")
+    cfg = DataConfig(source=source, root=str(tmp_path / "raw"), val_size=20, shard_size=32)
+    manifest = prepare(cfg, tmp_path / "data")
+    raw = SOURCES.get(source).load(tmp_path / "raw")
+    ext, spec = ("pgm", "l8") if raw.train_images.shape[3] == 1 else ("ppm", "rgb8")
+    ids_all = []
+    for split, (images, labels) in {
+        "train": (raw.train_images, raw.train_labels),
+        "val": (raw.train_images, raw.train_labels),
+        "test": (raw.test_images, raw.test_labels),
+    }.items():
+        got = load_split(tmp_path / "data", split)
+        ids = got.ids.numpy()
+        ids_all.append(ids)
+        want = np.ascontiguousarray(images[ids].transpose(0, 3, 1, 2))
+        assert got.images.dtype == torch.uint8 and got.images.numpy().tobytes() == want.tobytes()
+        assert got.labels.numpy().tobytes() == labels[ids].astype(np.int64).tobytes()
+        urls = [str(tmp_path / "data" / s["file"]) for s in manifest["splits"][split]["shards"]]
+        # webdataset's own pipeline, with its own PNM decoder (PIL), sees the same samples in the same order.
+        samples = list(wds.WebDataset(urls, shardshuffle=False).decode(spec).to_tuple("__key__", ext, "cls"))
+        assert [int(key) for key, _, _ in samples] == ids.tolist()
+        decoded = np.stack([img.reshape(*img.shape[:2], -1) for _, img, _ in samples])  # l8 drops the channel axis
+        assert decoded.tobytes() == images[ids].tobytes()
+        assert [cls for _, _, cls in samples] == labels[ids].tolist()
+        # Plain tarfile: one <key>.cls and one <key>.<ext> per sample, nothing else.
+        with tarfile.open(urls[0]) as tar:
+            names = tar.getnames()
+            assert names == [f"{k:07d}.{e}" for k in ids[: len(names) // 2] for e in ("cls", ext)]
+            payload = tar.extractfile(names[1]).read()
+            assert np.array_equal(decode_pnm(payload), want[0])
+    # val is held out of train, and the three splits' ids index the source.
+    assert not set(ids_all[0]) & set(ids_all[1]) and ids_all[2].tolist() == list(range(len(raw.test_labels)))
+    assert sorted(np.concatenate(ids_all[:2]).tolist()) == list(range(len(raw.train_labels)))
+
+
+def test_member_order_within_a_sample_does_not_matter(tmp_path):
+    """Shards whose samples store the image before the label (kdbench before webdataset's TarWriter) load
+    the same arrays as those written today."""
+    make_fmnist(tmp_path / "raw")
+    prepare(DataConfig(root=str(tmp_path / "raw"), val_size=60, shard_size=100), tmp_path / "data")
+    want = load_split(tmp_path / "data", "train")
+    shard = tmp_path / "data" / "train-00000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    assert [m.name[-3:] for m, _ in members[:2]] == ["cls", "pgm"]
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(0, len(members), 2):
+            for info, payload in (members[i + 1], members[i]):  # <key>.pgm, then <key>.cls
+                tar.addfile(info, io.BytesIO(payload))
+    got = load_split(tmp_path / "data", "train", verify=False)
+    for field in ("images", "labels", "ids"):
+        assert getattr(got, field).numpy().tobytes() == getattr(want, field).numpy().tobytes()

@@ -138,3 +138,36 @@ def test_plan_module_imports_no_stage():
     banned = ("kdbench.train", "kdbench.distill", "kdbench.teacher", "kdbench.report", "kdbench.cache.build",
               "kdbench.cli")
     assert not [m for m in imported if m.startswith(banned)]
+
+
+def test_an_incompatible_cell_is_not_scheduled_and_the_leaderboard_lists_its_reason(raw_root, tmp_path):
+    from kdbench import cli
+
+    raw = tiny_raw(raw_root, methods={"baseline": {}, "at": {"num_stages": 9}}, seeds=[0, 1])
+    plan = _plan(tmp_path, raw)
+    assert "at" in plan.tables[raw["name"]].cfg.methods and "at" not in {j.label for j in plan.jobs}
+    assert {key[1:] for key in plan.skipped} == {("t", s, "at") for s in raw["students"]}
+    assert all("num_stages" in reason for reason in plan.skipped.values())
+    assert not any("feature" in d for d in plan.stores)  # and no cache job for its feature maps either
+
+    # The leaderboard (from the baseline's records only) still shows the cell, with the reason.
+    from kdbench.distill import run_identity
+    from kdbench.record import Cost, Final, RunRecord, Views, write_record
+
+    cfg = plan.tables[raw["name"]].cfg
+    runs = []
+    for seed in cfg.seeds:
+        path = tmp_path / f"run{seed}" / "record.json"
+        write_record(path, RunRecord(
+            status="ok", identity=run_identity(cfg, "t", cfg.students[0], "baseline", seed), protocol=cfg.protocol,
+            protocol_hash=cfg.protocol.hash(), views=Views(1, 1, False),
+            final=Final(80.0 + seed, 99.0, 80.0, 0, 80.0, 80.0), cost=Cost(1.0, 1.0, 10, 0, 0, 10, 0),
+            requirements={"live_teacher": False}, provenance={
+                "kdbench_version": "0", "git_commit": "x", "packages": {}, "python": "3", "device": "cpu",
+                "torch_threads": 1, "config_hash": "h", "data_manifest_sha256": "d"}))
+        runs.append(str(path))
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(yaml.safe_dump(to_raw(cfg)))
+    assert cli.main(["leaderboard", "--config", str(resolved), "--runs", *runs, "--out", str(tmp_path / "lb")]) == 0
+    board = (tmp_path / "lb" / "leaderboard.md").read_text()
+    assert "num_stages" in board and "| at |" in board

@@ -33,6 +33,7 @@ from _helpers_store import (
 )
 
 import kdbench.cache.build as build_mod
+import kdbench.cache.inputs as inputs_mod
 import kdbench.train.loop as loop_mod
 from kdbench.cache.build import build_shard, finalize_store
 from kdbench.cache.check import ROUNDOFF, check_store
@@ -99,7 +100,7 @@ def world(tmp_path_factory):
     cfg, cfg_path, data_dir, teacher_dir = setup_world(base)
     rec = BuildRecorder()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(build_mod, "ViewRenderer", rec.renderer_class())
+        mp.setattr(inputs_mod, "ViewRenderer", rec.renderer_class())
         mp.setattr(build_mod, "compute_taps", rec.compute_taps)
         store = build_store(cfg, teacher_dir, data_dir, "logits", base / "cache")
     return {"base": base, "cfg": cfg, "cfg_path": cfg_path, "data": data_dir, "teacher": teacher_dir,
@@ -115,11 +116,11 @@ def store_copy(world, tmp_path):
 def _global_renderer(world) -> tuple[ViewRenderer, object, object]:
     data = data_info(read_manifest(world["data"]))
     train = load_split(world["data"], "train")
-    return ViewRenderer(world["cfg"].protocol.views, train.images, train.ids, train.shard_size, data.mean, data.std), train, data
+    return ViewRenderer.for_split(world["cfg"].protocol.views, train, data), train, data
 
 
 def _check_cli(world, store: Path, *extra: str) -> list[str]:
-    return ["check-cache", str(store), "--config", str(world["cfg_path"]), "--teacher-dir", str(world["teacher"]),
+    return ["check-cache", "--store", str(store), "--config", str(world["cfg_path"]), "--teacher-dir", str(world["teacher"]),
             "--data", str(world["data"]), *extra]
 
 

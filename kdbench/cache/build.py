@@ -16,30 +16,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kdbench._util import sha256_file, stable_hash
+from kdbench.cache.inputs import open_inputs
 from kdbench.cache.store import encode_tap, identity_attrs, write_manifest, write_shard
-from kdbench.config import CachePolicy, Config, ViewRecipe
-from kdbench.data.shards import load_split, read_manifest
+from kdbench.config import CachePolicy, Config
+from kdbench.data.shards import read_manifest
 from kdbench.data.views import ViewRenderer
-from kdbench.meta import data_info
-from kdbench.modeldir import load_teacher, read_teacher_metrics
-from kdbench.runtime import setup
 from kdbench.taps import compute_taps
 
 _logger = logging.getLogger(__name__)
-
-
-def store_identity(teacher_sha256: str, tap: str, recipe: ViewRecipe, policy: CachePolicy, image_size: int) -> dict:
-    """The manifest fields a reader checks: a store built for anything else is refused."""
-    return {
-        "teacher_sha256": teacher_sha256,
-        "tap": tap,
-        "view_recipe_hash": stable_hash(recipe),
-        "views": recipe.count,
-        "policy": {"logits_dtype": policy.logits_dtype, "topk": policy.topk, "feature_pool": policy.feature_pool,
-                   "feature_dtype": policy.feature_dtype},
-        "teacher_image_size": image_size,
-    }
 
 
 def encode_view(
@@ -89,13 +73,12 @@ def build_shard(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, shard:
     Returns:
         Timing and size figures of the job.
     """
-    device = setup(cfg.runtime)
-    data = data_info(read_manifest(data_dir))
-    model, tmeta = load_teacher(teacher_dir, data, device)
-    split = load_split(data_dir, "train", shards=[shard])
+    job = open_inputs(cfg, data_dir, teacher_dir)
+    model, tmeta, device = job.teacher, job.tmeta, job.device
+    split = job.split("train", shards=[shard])
     first = shard * split.shard_size
     recipe = cfg.protocol.views
-    renderer = ViewRenderer(recipe, split.images, split.ids, split.shard_size, data.mean, data.std)
+    renderer = job.renderer(split)
     image_size = tmeta["image_size"]
     n = len(split)
     rows = np.arange(n)
@@ -111,7 +94,7 @@ def build_shard(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, shard:
     for p in params:
         p.partner[p.partner >= 0] += first
     stacked = {k: np.stack(v) for k, v in fields.items()}
-    identity = store_identity(tmeta["sha256"], tap, recipe, cfg.cache, image_size)
+    identity = job.store_identity(tap)
     attrs = {"first_position": first, "shard": shard, **identity_attrs(identity)}
     write_shard(out, stacked, params, split.ids.numpy(), attrs)
     _logger.info("cached %s of %d samples x %d views in %.1fs (%.0f views/s) -> %s",
@@ -121,15 +104,15 @@ def build_shard(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, shard:
 
 def finalize_store(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, store_dir: Path) -> dict:
     """Writes the manifest of a store once all its shards exist (the gather step)."""
+    job = open_inputs(cfg, data_dir, teacher_dir, load_model=False)
     manifest = read_manifest(data_dir)
-    tmeta = read_teacher_metrics(teacher_dir)
     num_shards = len(manifest["splits"]["train"]["shards"])
     meta = {
-        **store_identity(tmeta["sha256"], tap, cfg.protocol.views, cfg.cache, tmeta["image_size"]),
-        "teacher_model": tmeta["model"],
+        **job.store_identity(tap),
+        "teacher_model": job.tmeta["model"],
         "view_recipe": cfg.protocol.views,
         "num_classes": manifest["num_classes"],
         "shard_size": manifest["shard_size"],
-        "data_manifest_sha256": sha256_file(Path(data_dir) / "manifest.json"),
+        "data_manifest_sha256": job.data_manifest_sha256(),
     }
     return write_manifest(store_dir, num_shards, meta)

@@ -33,15 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kdbench._util import sha256_file
-from kdbench.cache.build import store_identity
+from kdbench.cache.inputs import open_inputs
 from kdbench.cache.store import TeacherStore, pool_tap, read_store_manifest, read_view_params, shard_problems
 from kdbench.config import CachePolicy, Config
-from kdbench.data.shards import load_split, read_manifest
-from kdbench.data.views import ViewParams, ViewRenderer
-from kdbench.meta import data_info
-from kdbench.modeldir import load_teacher
-from kdbench.runtime import setup
+from kdbench.data.views import ViewParams
 from kdbench.taps import compute_taps
 
 _logger = logging.getLogger(__name__)
@@ -197,17 +192,12 @@ def check_store(
     report.checksum_problems = shard_problems(store_dir, manifest, verify=True)
     if report.checksum_problems:
         return report
-    device = setup(cfg.runtime)
-    data = data_info(read_manifest(data_dir))
-    model, tmeta = load_teacher(Path(teacher_dir), data, device)
-    expect = {
-        **store_identity(tmeta["sha256"], tap, cfg.protocol.views, cfg.cache, tmeta["image_size"]),
-        "data_manifest_sha256": sha256_file(Path(data_dir) / "manifest.json"),
-    }
+    job = open_inputs(cfg, data_dir, teacher_dir)
+    model, tmeta, device = job.teacher, job.tmeta, job.device
+    expect = {**job.store_identity(tap), "data_manifest_sha256": job.data_manifest_sha256()}
     store = TeacherStore.open(store_dir, expect, verify=False)
     stored_params = read_view_params(store_dir, manifest)
-    train = load_split(data_dir, "train")
-    renderer = ViewRenderer(cfg.protocol.views, train.images, train.ids, train.shard_size, data.mean, data.std)
+    renderer = job.renderer(job.split("train"))
 
     rng = np.random.default_rng(seed)
     n = len(store)

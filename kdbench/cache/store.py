@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kdbench._util import atomic_path, read_json, sha256_file, stable_hash, write_json_atomic
-from kdbench.config import CachePolicy
+from kdbench.config import CachePolicy, ViewRecipe
 from kdbench.data.views import ViewParams
 from kdbench.errors import StoreError
 from kdbench.plan import shard_file
@@ -382,3 +382,16 @@ def bytes_per_view(tap_shape: tuple[int, ...], policy: CachePolicy, tap: str, vi
     """Stored bytes per (sample, view): the payload, the view parameters and the sample key (8 B per sample,
     shared by its ``views`` views). HDF5's own overhead (a few KB per shard file) is not counted."""
     return record_bytes(tap_shape, policy, tap) + view_param_bytes() + np.dtype(np.int64).itemsize / views
+
+
+def store_identity(teacher_sha256: str, tap: str, recipe: ViewRecipe, policy: CachePolicy, image_size: int) -> dict:
+    """The manifest fields a reader checks: a store built for anything else is refused."""
+    return {
+        "teacher_sha256": teacher_sha256,
+        "tap": tap,
+        "view_recipe_hash": stable_hash(recipe),
+        "views": recipe.count,
+        "policy": {"logits_dtype": policy.logits_dtype, "topk": policy.topk, "feature_pool": policy.feature_pool,
+                   "feature_dtype": policy.feature_dtype},
+        "teacher_image_size": image_size,
+    }

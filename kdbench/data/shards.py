@@ -2,17 +2,18 @@
 
 Layout of a data directory::
 
-    train-00000.tar … val-00000.tar … test-00000.tar   # webdataset shards: <key>.pgm|ppm, <key>.cls
+    train-00000.tar … val-00000.tar … test-00000.tar   # webdataset shards: <key>.cls, <key>.pgm|ppm
     manifest.json                                      # written last: counts, shard sha256s, classes, stats
 
 A sample's key is its index in the source's own split (zero-padded), stable across re-runs; ``position`` is
-its row in our split (shard ``position // shard_size``). Each shard is written to a temporary name and
-renamed when complete, and the manifest is written last, so a half-written directory never looks complete.
+its row in our split (shard ``position // shard_size``). Shards are written with webdataset's ``TarWriter``
+and read with its tar iterators, so any webdataset pipeline (``webdataset.WebDataset(url)``) or plain tar
+reads them too. Each shard is written to a temporary name and renamed when complete, and the manifest is
+written last, so a half-written directory never looks complete.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from kdbench._util import atomic_path, read_json, sha256_file, write_json_atomic
 from kdbench.config import DataConfig
@@ -66,13 +69,17 @@ def decode_pnm(payload: bytes) -> np.ndarray:
 
 
 def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    """Writes one shard, one webdataset sample per image (``TarWriter`` stores a sample's members sorted by
+    extension: ``<key>.cls`` then ``<key>.pgm|ppm``). A fixed owner and mtime make the bytes a function of
+    the data alone; ``atomic_path`` publishes the file only once it is complete and synced."""
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as stream,
+        wds.TarWriter(stream, user="", group="", mtime=0, encoder=False) as sink,
+    ):
         for img, label, sid in zip(images, labels, ids):
-            key = f"{int(sid):07d}"
-            for ext, payload in (encode_pnm(img), ("cls", str(int(label)).encode())):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(payload), 0, 0o444
-                tar.addfile(info, io.BytesIO(payload))
+            ext, payload = encode_pnm(img)
+            sink.write({"__key__": f"{int(sid):07d}", ext: payload, "cls": str(int(label)).encode()})
 
 
 def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
@@ -121,30 +128,35 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
     return manifest
 
 
-def _tar_members(path: Path):
-    """Yields ``(name, payload)`` of a tar file's regular members.
+def _read_shard(path: Path, fix: str) -> tuple[list[np.ndarray], list[int], list[int]]:
+    """The images (``uint8 [C, H, W]``), labels and keys of a shard's samples, in file order.
 
-    A plain USTAR walk over the file's bytes (10x faster than :mod:`tarfile` for small members); a
-    truncated or malformed archive raises ``DataShardError`` naming the file.
+    Iterates with webdataset's tar iterators (``tar_file_expander`` + ``group_by_keys``); any member order
+    within a sample is accepted, and members other than the image and ``cls`` are ignored. A truncated or
+    malformed archive, or a sample lacking its image or label, raises ``DataShardError`` naming the file.
     """
-    buf = memoryview(path.read_bytes())
-    pos = 0
-    while pos + 512 <= len(buf):
-        header = bytes(buf[pos : pos + 512])
-        if header == b"\0" * 512:
-            return
+    images, labels, ids = [], [], []
+    with open(path, "rb") as stream:
+        samples = group_by_keys(tar_file_expander([{"url": str(path), "stream": stream}]))
         try:
-            name = header[:100].split(b"\0", 1)[0].decode()
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError as e:
-            raise ValueError(f"{path}: malformed tar header at byte {pos}") from e
-        typeflag = header[156:157]
-        start, pos = pos + 512, pos + 512 + -(-size // 512) * 512
-        if start + size > len(buf):
-            raise DataShardError(f"{path} is truncated (member {name!r} ends past the end of the file); delete its data directory and rerun the workflow")
-        if typeflag in (b"0", b"\0"):
-            yield name, bytes(buf[start : start + size])
-    raise DataShardError(f"{path} is truncated (no end-of-archive marker); delete its data directory and rerun the workflow")
+            for sample in samples:
+                key = sample["__key__"]
+                exts = sorted(k for k in sample if k in ("pgm", "ppm"))
+                if len(exts) != 1 or "cls" not in sample:
+                    members = sorted(k for k in sample if not k.startswith("__"))
+                    raise DataShardError(
+                        f"data shard {path} is truncated or malformed: sample {key!r} has members {members}, expected"
+                        f" one .pgm or .ppm image and a .cls label; {fix}"
+                    )
+                images.append(decode_pnm(sample[exts[0]]))
+                labels.append(int(sample["cls"]))
+                ids.append(int(key))
+        except DataShardError:
+            raise
+        except (tarfile.TarError, ValueError) as e:  # tarfile's ReadError, a duplicate member, a bad payload
+            reason = str(e.args[0]).split(" @ ", 1)[0] if e.args else type(e).__name__  # drops " @ <stream>"
+            raise DataShardError(f"data shard {path} is truncated or malformed ({reason}); {fix}") from e
+    return images, labels, ids
 
 
 @dataclass(frozen=True)
@@ -185,7 +197,8 @@ def load_split(data_dir: str | Path, split: str, verify: bool = True, shards: li
         shards: Load only these shards (rows then count from the first of them); ``None`` loads all.
 
     Raises:
-        ValueError: a shard's checksum or sample count differs from the manifest (names the shard and fix).
+        DataShardError: a shard's checksum or sample count differs from the manifest, or the shard is
+            truncated or malformed (names the shard and the fix).
     """
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir)
@@ -200,17 +213,16 @@ def load_split(data_dir: str | Path, split: str, verify: bool = True, shards: li
                 f"data shard {path} does not match its checksum in {data_dir / 'manifest.json'}: the file is corrupt"
                 f" or was changed. Fix: delete {data_dir} and rerun the workflow"
             )
-        n = 0
-        for name, payload in _tar_members(path):
-            key, ext = name.rsplit(".", 1)
-            if ext in ("pgm", "ppm"):
-                images.append(decode_pnm(payload))
-                ids.append(int(key))
-                n += 1
-            elif ext == "cls":
-                labels.append(int(payload))
-        if n != shard["count"] or len(labels) != len(images):
-            raise ValueError(f"data shard {path} holds {n} samples, the manifest says {shard['count']}; delete {data_dir}")
+        fix = f"Fix: delete {data_dir} and rerun the workflow"
+        shard_images, shard_labels, shard_ids = _read_shard(path, fix)
+        if len(shard_ids) != shard["count"]:
+            raise DataShardError(
+                f"data shard {path} holds {len(shard_ids)} samples, the manifest says {shard['count']}: the file is"
+                f" truncated or was changed. {fix}"
+            )
+        images += shard_images
+        labels += shard_labels
+        ids += shard_ids
     return Split(
         images=torch.from_numpy(np.stack(images)),
         labels=torch.tensor(labels, dtype=torch.int64),

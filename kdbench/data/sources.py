@@ -43,11 +43,15 @@ class RawDataset:
 
 @dataclass(frozen=True)
 class Source:
-    """A registered source: ``load(root)`` reads everything, ``sizes(root)`` only counts (cheap, at parse time)."""
+    """A registered source: ``load(root)`` reads everything, ``sizes(root)`` only counts (cheap, at parse time);
+    ``num_classes``, ``in_chans`` and ``image_size`` let the plan build models before any data exists."""
 
     load: Callable[[Path], RawDataset]
     sizes: Callable[[Path], tuple[int, int]]
     fix: str
+    num_classes: int
+    in_chans: int
+    image_size: int
 
 
 SOURCES: Registry[Source] = Registry("data source")
@@ -114,7 +118,7 @@ def _fmnist_sizes(root: Path) -> tuple[int, int]:
     )
 
 
-SOURCES.register("fashion-mnist")(Source(_fmnist_load, _fmnist_sizes, _FMNIST_FIX))
+SOURCES.register("fashion-mnist")(Source(_fmnist_load, _fmnist_sizes, _FMNIST_FIX, 10, 1, 28))
 
 
 def _unpickle(path: Path) -> dict:
@@ -150,7 +154,7 @@ def _cifar_source(variant: str) -> Source:
         count = lambda files: sum(len(_unpickle(_need(base(root) / n, fix))[label_key]) for n in files)  # noqa: E731
         return count(train_files), count(test_files)
 
-    return Source(load, sizes, fix)
+    return Source(load, sizes, fix, 10 if variant == "cifar10" else 100, 3, 32)
 
 
 SOURCES.register("cifar10")(_cifar_source("cifar10"))

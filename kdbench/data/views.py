@@ -192,6 +192,11 @@ class ViewRenderer:
         self.image_hw = tuple(images.shape[-2:])
         self.padding = "zeros" if recipe.pad else "border"
 
+    @classmethod
+    def for_split(cls, recipe: ViewRecipe, split, data) -> "ViewRenderer":
+        """The renderer of a loaded split (``images``, ``ids``, ``shard_size``) with the data's normalisation."""
+        return cls(recipe, split.images, split.ids, split.shard_size, data.mean, data.std)
+
     def params(self, view: int, positions: np.ndarray) -> ViewParams:
         return view_params(
             self.recipe, self.ids[positions], positions, view, self.shard_size, len(self.ids), self.image_hw

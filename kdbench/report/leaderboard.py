@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from kdbench._util import atomic_path
 from kdbench.report._format import write_csv
@@ -25,7 +25,7 @@ from kdbench.report.html_page import render_html
 from kdbench.report.markdown import render_markdown
 from kdbench.report.plots import write_plots
 from kdbench.report.provenance import summarize_provenance
-from kdbench.report.records import RecordError, load_runs, runs_columns
+from kdbench.report.records import RecordError, flatten_record, load_runs, runs_columns, sort_runs
 
 _logger = logging.getLogger(__name__)
 
@@ -37,13 +37,17 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_leaderboard(record_paths: Sequence[Path], out_dir: Path, title: str) -> dict[str, Any]:
+def write_leaderboard(
+    record_paths: Sequence[Path], out_dir: Path, title: str, unscheduled: Sequence[Mapping[str, Any]] = ()
+) -> dict[str, Any]:
     """Builds the whole leaderboard of a set of run records.
 
     Args:
         record_paths: ``record.json`` files (one per teacher, student, method label and seed).
         out_dir: Output directory (created).
         title: Title of the markdown and HTML pages.
+        unscheduled: Records (status ``skipped``, with the reason) of the cells the plan did not schedule
+            because the method cannot run on the pair; they are listed like skipped runs.
 
     Returns:
         A summary: ``runs`` and ``skipped`` (records), ``cells``, ``tables`` (dataset × protocol),
@@ -61,6 +65,7 @@ def write_leaderboard(record_paths: Sequence[Path], out_dir: Path, title: str) -
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rows = load_runs(Path(p) for p in record_paths)
+    rows = sort_runs(rows + [flatten_record(r, Path("(not scheduled)")) for r in unscheduled])
     fields, flagged = summarize_provenance(rows, runs_columns(rows))
     columns = runs_columns(rows)
     files = {"runs.csv": out_dir / "runs.csv"}

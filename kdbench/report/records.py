@@ -20,42 +20,16 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from kdbench.errors import RecordError
+from kdbench.record import SCHEMA_VERSION, optional_keys, required_keys
 
 _logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
-# Keys every record needs, and the keys an "ok" record needs on top (dotted paths).
-_REQUIRED = (
-    "schema_version",
-    "status",
-    "identity.config",
-    "identity.dataset",
-    "identity.teacher",
-    "identity.teacher_model",
-    "identity.student",
-    "identity.method",
-    "identity.method_name",
-    "identity.params",
-    "identity.seed",
-    "protocol_hash",
-)
+# Keys every record needs, and the keys an "ok" record needs on top (dotted paths), from the record's format.
+_REQUIRED = ("schema_version", "status", *required_keys("identity"), "protocol_hash")
 _REQUIRED_OK = (
-    "views.count",
-    "views.epochs",
-    "final.test_top1",
-    "final.test_top5",
-    "final.val_top1",
-    "final.best_epoch",
-    "final.best_val_top1",
-    "final.test_top1_at_best_val",
-    "cost.wall_time_s",
-    "cost.train_time_s",
-    "cost.student_params",
-    "cost.extra_params",
-    "cost.teacher_forward",
-    "cost.student_forward",
-    "cost.cache_bytes_read",
+    *required_keys("views"),
+    *required_keys("final"),
+    *required_keys("cost"),
     "requirements.live_teacher",
     "provenance.kdbench_version",
     "provenance.git_commit",
@@ -67,19 +41,10 @@ _REQUIRED_OK = (
     "provenance.data_manifest_sha256",
 )
 
-# Flattened column -> dotted key in the record; ``None`` when the key may be missing or null.
-_FINAL = ("test_top1", "test_top5", "val_top1", "best_epoch", "best_val_top1", "test_top1_at_best_val")
-_FINAL_OPTIONAL = ("teacher_agreement", "teacher_test_top1", "retrieval_map")
-_COST = (
-    "wall_time_s",
-    "train_time_s",
-    "student_params",
-    "extra_params",
-    "teacher_forward",
-    "student_forward",
-    "cache_bytes_read",
-    "assistant_time_s",
-)
+# Flattened column -> dotted key in the record; the optional ones may be missing or null.
+_FINAL = tuple(k.split(".", 1)[1] for k in required_keys("final"))
+_FINAL_OPTIONAL = optional_keys("final")
+_COST = tuple(k.split(".", 1)[1] for k in required_keys("cost")) + optional_keys("cost")
 _REQUIREMENTS = ("live_teacher", "sample_index", "full_logits")
 # Optional in a record (older records lack the later keys): missing ones become empty cells.
 _PROVENANCE = (
@@ -280,9 +245,14 @@ def load_runs(record_paths: Iterable[Path]) -> list[dict[str, Any]]:
             )
         seen[key] = str(path)
         rows.append(row)
-    rows.sort(key=lambda r: tuple(str(r[k]) for k in CELL_KEY) + (r["seed"],))
+    rows = sort_runs(rows)
     _logger.info("read %d run records (%d skipped)", len(rows), sum(r["status"] == "skipped" for r in rows))
     return rows
+
+
+def sort_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in the runs table's order: by cell, then seed."""
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in CELL_KEY) + (r["seed"],))
 
 
 def runs_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:

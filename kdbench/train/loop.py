@@ -88,92 +88,119 @@ def fit(
         epochs_log: JSONL file for the per-epoch metrics (written as the run goes).
         label: Name of the run in progress logs.
     """
-    image_size = protocol.image_size or data.image_size
-    renderer = ViewRenderer(protocol.views, train.images, train.ids, train.shard_size, data.mean, data.std)
-    model.to(device).to(memory_format=torch.channels_last)
-    method.to(device)
-    optimizer = build_optimizer(list(model.parameters()) + list(method.parameters()), protocol)
-    n = len(train)
-    steps_per_epoch = math.ceil(n / protocol.batch_size)
-    student_taps = method.student_taps(method.cfg)
-    teacher_taps = method.teacher_taps(method.cfg)
-    needs_index = method.requirements(method.cfg).sample_index
-    owner = f"method {method.name!r}"
+    run = _Run(model, method, train, data, protocol, device, teacher, label)
     result = FitResult()
     if epochs_log:
         epochs_log.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(epochs_log, "w") if epochs_log else None
     start = time.perf_counter()
-    step = 0
     try:
         for epoch in range(protocol.epochs):
-            view = epoch % protocol.views.count
-            ctx = StepContext(epoch, protocol.epochs, step, steps_per_epoch, view)
-            method.on_epoch_start(ctx)
-            model.train()
-            method.train()
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=g).numpy()
-            t0, loss_sum, term_sums = time.perf_counter(), 0.0, {}
-            for b in range(steps_per_epoch):
-                rows = np.sort(order[b * protocol.batch_size : (b + 1) * protocol.batch_size])
-                x, params = renderer.render(view, rows, image_size, device)
-                labels = train.labels[rows]
-                partner = torch.from_numpy(params.partner)
-                partner_labels = torch.where(partner >= 0, train.labels[partner.clamp(min=0)], labels)
-                targets = Targets(labels.to(device), partner_labels.to(device), torch.from_numpy(params.lam).to(device))
-                ctx = StepContext(epoch, protocol.epochs, step, steps_per_epoch, view,
-                                  torch.from_numpy(rows).to(device) if needs_index else None)
-                t_out = teacher.outputs(view, rows, device) if teacher_taps else {}
-                s_out = compute_taps(model, x.contiguous(memory_format=torch.channels_last), student_taps)
-                out = method.loss(TapDict(s_out, owner + " (student)"), TapDict(t_out, owner + " (teacher)"), targets, ctx)
-                if not torch.isfinite(out.loss):
-                    raise NonFiniteLossError(
-                        f"{label}: loss is {out.loss.item()} at epoch {epoch} step {step} "
-                        f"(terms: { {k: float(v.detach()) for k, v in out.terms.items()} }); lower the learning rate or "
-                        "check the method's parameters"
-                    )
-                for group in optimizer.param_groups:
-                    group["lr"] = protocol.lr * lr_factor(protocol, step, steps_per_epoch)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                optimizer.step()
-                loss_sum += out.loss.item()
-                for k, v in out.terms.items():
-                    term_sums[k] = term_sums.get(k, 0.0) + v.item()
-                result.student_forward += len(rows)
-                step += 1
-                if (b + 1) % max(1, steps_per_epoch // 4) == 0 and b + 1 < steps_per_epoch:
-                    _logger.info("%s epoch %d/%d step %d/%d loss %.4f | %.0f samples/s", label, epoch + 1,
-                                 protocol.epochs, b + 1, steps_per_epoch, loss_sum / (b + 1),
-                                 (b + 1) * protocol.batch_size / (time.perf_counter() - t0))
-            train_s = time.perf_counter() - t0
-            row = {
-                "epoch": epoch,
-                "view": view,
-                "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": loss_sum / steps_per_epoch,
-                "terms": {k: v / steps_per_epoch for k, v in term_sums.items()},
-            }
-            for name, split in evals.items():
-                logits = predict(model, split, data, image_size, protocol.eval_batch_size, device)
-                row[f"{name}_top1"] = topk_accuracy(logits, split.labels, (1,))[1]
-            row["time_s"] = time.perf_counter() - t0
-            row["samples_per_s"] = n / train_s
+            row = run.train_epoch(epoch, seed)
+            run.evaluate(row, evals)
             result.history.append(row)
             if log_file:
                 log_file.write(json.dumps(row) + "\n")
                 log_file.flush()
             _logger.info(
                 "%s epoch %d/%d view %d loss %.4f %s | %.0f samples/s",
-                label, epoch + 1, protocol.epochs, view, row["train_loss"],
+                label, epoch + 1, protocol.epochs, row["view"], row["train_loss"],
                 " ".join(f"{k}={row[k]:.2f}" for k in row if k.endswith("_top1")), row["samples_per_s"],
             )
     finally:
         if log_file:
             log_file.close()
     result.train_time_s = time.perf_counter() - start
+    result.student_forward = run.student_forward
     if teacher is not None:
         result.teacher_forward = teacher.forward_count
         result.cache_bytes_read = teacher.bytes_read()
     return result
+
+
+class _Run:
+    """The state of one :func:`fit`: what is fixed for the run, the optimiser and the global step."""
+
+    def __init__(self, model, method, train, data, protocol, device, teacher, label) -> None:
+        self.model, self.method, self.train, self.data = model, method, train, data
+        self.protocol, self.device, self.teacher, self.label = protocol, device, teacher, label
+        self.image_size = protocol.image_size or data.image_size
+        self.renderer = ViewRenderer.for_split(protocol.views, train, data)
+        model.to(device).to(memory_format=torch.channels_last)
+        method.to(device)
+        self.optimizer = build_optimizer(list(model.parameters()) + list(method.parameters()), protocol)
+        self.n = len(train)
+        self.steps_per_epoch = math.ceil(self.n / protocol.batch_size)
+        self.student_taps = method.student_taps(method.cfg)
+        self.teacher_taps = method.teacher_taps(method.cfg)
+        self.needs_index = method.requirements(method.cfg).sample_index
+        self.owner = f"method {method.name!r}"
+        self.step = 0
+        self.student_forward = 0
+
+    def train_epoch(self, epoch: int, seed: int) -> dict:
+        """One epoch over view ``epoch mod V`` in a seeded order; returns the epoch's log row (no eval yet)."""
+        p, spe = self.protocol, self.steps_per_epoch
+        view = epoch % p.views.count
+        self.method.on_epoch_start(StepContext(epoch, p.epochs, self.step, spe, view))
+        self.model.train()
+        self.method.train()
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g).numpy()
+        t0, loss_sum, term_sums = time.perf_counter(), 0.0, {}
+        for b in range(spe):
+            rows = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
+            out = self.train_step(epoch, view, rows)
+            loss_sum += out.loss.item()
+            for k, v in out.terms.items():
+                term_sums[k] = term_sums.get(k, 0.0) + v.item()
+            if (b + 1) % max(1, spe // 4) == 0 and b + 1 < spe:
+                _logger.info("%s epoch %d/%d step %d/%d loss %.4f | %.0f samples/s", self.label, epoch + 1,
+                             p.epochs, b + 1, spe, loss_sum / (b + 1), (b + 1) * p.batch_size / (time.perf_counter() - t0))
+        return {
+            "epoch": epoch,
+            "view": view,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": loss_sum / spe,
+            "terms": {k: v / spe for k, v in term_sums.items()},
+            "_t0": t0,
+            "_train_s": time.perf_counter() - t0,
+        }
+
+    def train_step(self, epoch: int, view: int, rows: np.ndarray):
+        """Renders the batch's view, serves the teacher's outputs for it, and takes one optimiser step."""
+        p, device = self.protocol, self.device
+        x, params = self.renderer.render(view, rows, self.image_size, device)
+        labels = self.train.labels[rows]
+        partner = torch.from_numpy(params.partner)
+        partner_labels = torch.where(partner >= 0, self.train.labels[partner.clamp(min=0)], labels)
+        targets = Targets(labels.to(device), partner_labels.to(device), torch.from_numpy(params.lam).to(device))
+        ctx = StepContext(epoch, p.epochs, self.step, self.steps_per_epoch, view,
+                          torch.from_numpy(rows).to(device) if self.needs_index else None)
+        t_out = self.teacher.outputs(view, rows, device) if self.teacher_taps else {}
+        s_out = compute_taps(self.model, x.contiguous(memory_format=torch.channels_last), self.student_taps)
+        out = self.method.loss(TapDict(s_out, self.owner + " (student)"), TapDict(t_out, self.owner + " (teacher)"),
+                               targets, ctx)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLossError(
+                f"{self.label}: loss is {out.loss.item()} at epoch {epoch} step {self.step} "
+                f"(terms: { {k: float(v.detach()) for k, v in out.terms.items()} }); lower the learning rate or "
+                "check the method's parameters"
+            )
+        for group in self.optimizer.param_groups:
+            group["lr"] = p.lr * lr_factor(p, self.step, self.steps_per_epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        self.student_forward += len(rows)
+        self.step += 1
+        return out
+
+    def evaluate(self, row: dict, evals: dict[str, Split]) -> None:
+        """Adds each split's top-1 and the epoch's timings to ``row``."""
+        t0, train_s = row.pop("_t0"), row.pop("_train_s")
+        for name, split in evals.items():
+            logits = predict(self.model, split, self.data, self.image_size, self.protocol.eval_batch_size, self.device)
+            row[f"{name}_top1"] = topk_accuracy(logits, split.labels, (1,))[1]
+        row["time_s"] = time.perf_counter() - t0
+        row["samples_per_s"] = self.n / train_s
