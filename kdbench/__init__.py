@@ -1,3 +1,3 @@
 """kdbench: a reproducibility benchmark suite for knowledge distillation of vision models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
