@@ -142,13 +142,16 @@ class Table:
 
     Attributes:
         cfg: The parsed config (its ``source`` is the resolved file every job reads).
-        raw: The resolved mapping, written to :attr:`resolved_path`.
         origin: The config files and overrides it was resolved from, for the resolved file's header.
     """
 
     cfg: Config
-    raw: Mapping[str, Any]
     origin: str
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The resolved mapping, every value explicit: what :func:`write_resolved` writes."""
+        return to_raw(self.cfg)
 
     @property
     def name(self) -> str:
@@ -178,9 +181,7 @@ def _table(files: Sequence[Path], overrides: Mapping[str, Any]) -> Table:
         raise ConfigError(str(e).replace(source, origin, 1)) from None
     if cfg.name in RESERVED:
         raise ConfigError(f"{origin}: key 'name' must not be one of {', '.join(sorted(RESERVED))} (result folders)")
-    raw = to_raw(cfg)  # every value explicit: what the jobs read
-    cfg = parse_config(raw, source=source)
-    return Table(cfg=cfg, raw=raw, origin=origin)
+    return Table(cfg=parse_config(to_raw(cfg), source=source), origin=origin)  # as the jobs will read it
 
 
 def resolve_tables(files: Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> list[Table]:
@@ -333,7 +334,7 @@ class Plan:
     @classmethod
     def of_config(cls, cfg: Config) -> Plan:
         """The plan of one already resolved config (what a job reads)."""
-        return cls([Table(cfg=cfg, raw=to_raw(cfg), origin=cfg.source)])
+        return cls([Table(cfg=cfg, origin=cfg.source)])
 
     @classmethod
     def resolve(cls, files: Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> Plan:
