@@ -11,10 +11,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+#: ``dataclasses.field(metadata=OMIT_WHEN_DEFAULT)``: an optional setting that is off by default (e.g. a metric
+#: the protocol can switch on). :func:`to_jsonable` leaves it out while it has its default, so adding such a
+#: setting changes no existing hash, output path, resolved config or record.
+OMIT_WHEN_DEFAULT = {"omit_when_default": True}
+
+
 def to_jsonable(obj: Any) -> Any:
-    """Converts dataclasses, tuples, paths and numpy scalars into plain JSON types."""
+    """Converts dataclasses, tuples, paths and numpy scalars into plain JSON types.
+
+    A dataclass field marked :data:`OMIT_WHEN_DEFAULT` is left out while it equals its default.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: to_jsonable(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get("omit_when_default") and getattr(obj, f.name) == f.default)
+        }
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):

@@ -105,13 +105,9 @@ def store_tap(store: Path) -> str:
 
 
 def _is_tap(name: str) -> bool:
-    from kdbench.taps import parse_tap
+    from kdbench.taps import is_tap
 
-    try:
-        parse_tap(name)
-    except ValueError:
-        return False
-    return True
+    return is_tap(name)
 
 
 # --- commands ----------------------------------------------------------------------------------------------
@@ -300,6 +296,7 @@ def render_methods(rows: list[dict[str, Any]]) -> str:
             ("parameters", ", ".join(f"{k}={json.dumps(v)}" for k, v in r["parameters"].items())),
             ("teacher taps", ", ".join(r["teacher_taps"])),
             ("student taps", ", ".join(r["student_taps"])),
+            ("teacher view", r["teacher_view"]),
             ("requires", ", ".join(k for k, v in r["requirements"].items() if v)),
             ("assistant", r["assistant"] or ""),
             ("reference", r["reference"]),

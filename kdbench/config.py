@@ -8,17 +8,18 @@ again plus everything a schema cannot know: registered methods and their paramet
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from kdbench._typed import build_dataclass
-from kdbench._util import stable_hash, to_jsonable
+from kdbench._util import OMIT_WHEN_DEFAULT, stable_hash, to_jsonable
 from kdbench.errors import ConfigError
 from kdbench.methods import METHODS
 from kdbench.models import check_model_name
+from kdbench.taps import is_tap
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,24 @@ class Protocol:
         milestones: Epochs of the ``step`` schedule.
         gamma: Decay factor of the ``step`` schedule.
         warmup_epochs: Linear warm-up epochs.
+        decoupled_weight_decay: ``adamw`` only: the weight decay is not multiplied by the peak learning rate;
+            each step shrinks the weights by ``schedule(t) * weight_decay`` (Loshchilov & Hutter's AdamW and
+            big_vision's FunMatch configs), instead of PyTorch's ``lr * schedule(t) * weight_decay``.
+        weight_decay_exclude_1d: No weight decay on 1-d parameters (biases, normalisation scales and shifts):
+            only weight matrices and kernels decay, as in big_vision (``.*/kernel$``) and timm.
+        grad_clip_norm: Clip the global L2 norm of the gradients (student and method adapters) to this value
+            before every optimiser step; ``None`` does not clip.
+            These three are left out of the hash while they have their defaults (today's behaviour), so
+            existing configs keep their hashes.
         views: The view recipe.
         image_size: Input resolution; ``None`` keeps the dataset's own.
+        retrieval_tap: Measure retrieval at the end of every distill job with the student's embedding at this
+            tap: ``pre_logits``, ``logits`` or ``feature[i]`` (a feature map is pooled to a vector by global
+            average pooling). Database = the training split, queries = the test split, both rendered as
+            evaluation renders them (whole images, no augmentation); 11-point mAP and top-100 precision with
+            cosine and Euclidean distance, InDistill's official protocol (:mod:`kdbench.retrieval`).
+            ``None`` (the default) = off; left out of the hash while off, so existing configs keep their
+            hashes. Never part of a teacher's training protocol.
     """
 
     epochs: int = 8
@@ -104,8 +121,12 @@ class Protocol:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     warmup_epochs: int = 0
+    decoupled_weight_decay: bool = field(default=False, metadata=OMIT_WHEN_DEFAULT)
+    weight_decay_exclude_1d: bool = field(default=False, metadata=OMIT_WHEN_DEFAULT)
+    grad_clip_norm: float | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
     views: ViewRecipe = field(default_factory=ViewRecipe)
     image_size: int | None = None
+    retrieval_tap: str | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
 
     def hash(self) -> str:
         """A stable hash of the whole protocol, recorded in every run."""
@@ -141,7 +162,8 @@ class TeacherConfig:
         checkpoint: Path to a local checkpoint (a state dict) to load instead of training; its sha256 is
             recorded.
         train: Protocol of the teacher's own training (keys of :class:`Protocol`, unset ones from the
-            student protocol). A teacher sees a fresh view in every epoch.
+            student protocol, except its opt-in options: ``retrieval_tap``, ``grad_clip_norm``,
+            ``decoupled_weight_decay``, ``weight_decay_exclude_1d``). A teacher sees a fresh view in every epoch.
         data: The data the teacher trains on; ``None`` is the table's own. Set by ``{from: other.yaml}``
             (the other config's teacher, trained on that config's data, shared with it).
     """
@@ -206,14 +228,27 @@ def _check_protocol(p: Protocol, where: str, source: str) -> None:
         (p.optimizer in ("sgd", "adamw"), "optimizer", "must be 'sgd' or 'adamw'"),
         (p.schedule in ("cosine", "step", "constant"), "schedule", "must be 'cosine', 'step' or 'constant'"),
         (p.lr > 0, "lr", "must be > 0"),
+        (p.optimizer == "adamw" or not p.decoupled_weight_decay, "decoupled_weight_decay",
+         "needs optimizer 'adamw' (SGD's weight decay is part of its gradient)"),
+        (p.grad_clip_norm is None or p.grad_clip_norm > 0, "grad_clip_norm", "must be > 0 (or null: no clipping)"),
         (p.views.count >= 1, "views.count", "must be >= 1"),
         (0.0 <= p.views.mixup <= 1.0, "views.mixup", "must be a probability in [0, 1]"),
         (0 < p.views.scale[0] <= p.views.scale[1] <= 1.0, "views.scale", "must be 0 < low <= high <= 1"),
         (0 < p.views.ratio[0] <= p.views.ratio[1], "views.ratio", "must be 0 < low <= high"),
+        (p.retrieval_tap is None or is_tap(p.retrieval_tap), "retrieval_tap",
+         "must be a tap name: 'pre_logits', 'logits' or 'feature[i]' (or null: off)"),
     ]
     for ok, key, msg in checks:
         if not ok:
             raise ConfigError(f"{source}: key '{where}.{key}' {msg}")
+
+
+def _teacher_base(protocol: Protocol) -> Protocol:
+    """The student protocol as the base of a teacher's ``train``, without its opt-in options (the fields marked
+    ``OMIT_WHEN_DEFAULT``: ``retrieval_tap``, gradient clipping, decoupled / 1-d weight decay). A teacher takes
+    those only from its own ``train`` keys: a resolved config leaves them out while off, so an inherited value
+    would not survive the round trip (nor would a ``from:`` teacher stay the referenced config's teacher)."""
+    return replace(protocol, **{f.name: f.default for f in fields(Protocol) if f.metadata.get("omit_when_default")})
 
 
 def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
@@ -250,7 +285,11 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
         unknown = sorted(set(traw) - {"model", "checkpoint", "train", "data"})
         if unknown:
             raise ConfigError(f"{source}: unknown key '{where}.{unknown[0]}'; valid keys: checkpoint, data, from, model, train")
-        train = build_dataclass(Protocol, traw.get("train"), f"{where}.train", source, base=protocol)
+        if isinstance(traw.get("train"), Mapping) and traw["train"].get("retrieval_tap") is not None:
+            raise ConfigError(f"{source}: key '{where}.train.retrieval_tap': a teacher's training measures no"
+                              " retrieval; set 'protocol.retrieval_tap' (the students') instead")
+        train = build_dataclass(Protocol, traw.get("train"), f"{where}.train", source,
+                                base=_teacher_base(protocol))
         _check_protocol(train, f"{where}.train", source)
         _check_model(check_model_name, traw["model"], f"{where}.model", source)
         tdata = build_dataclass(DataConfig, traw["data"], f"{where}.data", source) if traw.get("data") else None
@@ -288,6 +327,12 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: key 'methods.{label}': {e}") from e
         reqs = METHODS.get(mname).requirements(mcfg)
+        if METHODS.get(mname).teacher_view(mcfg) == "other" and protocol.views.count < 2:
+            raise ConfigError(
+                f"{source}: method '{label}' ({mname}) reads the teacher's outputs on another view of the image than"
+                f" the student's (teacher_view 'other'), but key 'protocol.views.count' is {protocol.views.count}."
+                f" Fix: set 'protocol.views.count' to 2 or more, or remove '{label}' from 'methods'"
+            )
         if cache.topk and reqs.full_logits and not reqs.live_teacher:
             raise ConfigError(
                 f"{source}: method '{label}' ({mname}) needs the teacher's full logits, but key 'cache.topk' is"

@@ -2,10 +2,11 @@
 
 The job reads as its steps: open the inputs (data, teacher, method) -> build the student and check the pair
 -> connect the teacher's outputs (stores, or the live teacher) -> :func:`~kdbench.train.loop.fit` -> evaluate
-and write the record. The record (``record.json``, a :class:`~kdbench.record.RunRecord`, written last) holds
-identity, protocol, final metrics (last-epoch test top-1 is the headline; the best epoch is selected on val
-only), cost and provenance; ``epochs.jsonl`` beside it holds the per-epoch metrics, and ``model.pt`` /
-``predictions.npy`` / ``metrics.json`` make the run directory usable as a teacher directory (TAKD's assistant).
+(top-1; retrieval mAP when the protocol asks for it, :func:`_retrieval`) and write the record. The record
+(``record.json``, a :class:`~kdbench.record.RunRecord`, written last) holds identity, protocol, final metrics
+(last-epoch test top-1 is the headline; the best epoch is selected on val only), cost and provenance;
+``epochs.jsonl`` beside it holds the per-epoch metrics, and ``model.pt`` / ``predictions.npy`` /
+``metrics.json`` make the run directory usable as a teacher directory (TAKD's assistant).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from kdbench.cache.inputs import JobInputs, open_inputs
 from kdbench.cache.source import CachedTeacher, LiveTeacher
 from kdbench.cache.store import StoreError, TeacherStore
 from kdbench.config import Config
-from kdbench.evaluate import agreement
+from kdbench.errors import ConfigError
+from kdbench.evaluate import agreement, embed
 from kdbench.methods.base import METHODS, DistillMethod
 from kdbench.modeldir import save_model_dir
 from kdbench.models import ModelInfo, create_model, model_info
 from kdbench.record import Cost, Final, Identity, RunRecord, Views, write_record
+from kdbench.retrieval import METRICS, retrieval_map
 from kdbench.runtime import provenance, seed_everything
 from kdbench.taps import normalize_tap, tap_dirname
 from kdbench.train.loop import FitResult, TeacherSource, fit
@@ -84,6 +87,7 @@ def run_distill(
     job = open_inputs(cfg, data_dir, teacher_dir, load_model=bool(method_cls.teacher_taps(mcfg)))
     identity = run_identity(cfg, teacher, student, label, seed)
     model, s_info = _build_student(job, student, seed)
+    _check_retrieval_tap(cfg, student, s_info)
     t_info = model_info(job.teacher, job.tmeta["model"], job.data.in_chans, job.tmeta["image_size"]) if job.teacher else None
     reason = method_cls.compatibility(mcfg, t_info, s_info)
     if reason:
@@ -106,6 +110,17 @@ def _build_student(job: JobInputs, student: str, seed: int) -> tuple[nn.Module, 
     seed_everything(seed)
     model = create_model(student, job.data.num_classes, job.data.in_chans, image_size).to(job.device)
     return model, model_info(model, student, job.data.in_chans, image_size)
+
+
+def _check_retrieval_tap(cfg: Config, student: str, s_info: ModelInfo) -> None:
+    """Refuses, before training, a ``protocol.retrieval_tap`` whose feature index the student does not have."""
+    tap = cfg.protocol.retrieval_tap
+    if tap is not None:
+        try:
+            normalize_tap(tap, len(s_info.feature_shapes))
+        except ValueError as e:
+            raise ConfigError(f"{cfg.source}: key 'protocol.retrieval_tap': {e} (student {student}); choose"
+                              " 'pre_logits', 'logits' or a feature index every student has") from None
 
 
 def _skip(out_dir: Path, identity: Identity, cfg: Config, reason: str) -> RunRecord:
@@ -140,6 +155,45 @@ def _teacher_source(
     return CachedTeacher(opened), manifests
 
 
+RETRIEVAL_TOP_K = 100  # the official top-100 precision
+
+
+def _retrieval(job: JobInputs, model: nn.Module) -> tuple[dict[str, float | None], float | None]:
+    """Retrieval mAP and top-100 precision of the trained student, when the protocol asks for them.
+
+    The embedding is the student's output at ``protocol.retrieval_tap`` (a feature map globally
+    average-pooled, :func:`kdbench.evaluate.embed`) on whole, un-augmented images rendered as evaluation
+    renders them. Database = the training split (the images the student trained on, val held out), queries =
+    the test split in its order; each metric (cosine, Euclidean) is InDistill's official protocol, exact and
+    chunked (:func:`kdbench.retrieval.retrieval_map`, default chunk), on the job's device.
+
+    Returns:
+        ``({"map_cosine", "map_euclidean", "p100_cosine", "p100_euclidean"}, seconds)``: the :class:`Final`
+        fields (all ``None`` and no time when the protocol does not measure retrieval; ``p100_*`` ``None``
+        when the database has fewer than 100 images) and the step's wall time.
+    """
+    tap = job.cfg.protocol.retrieval_tap
+    fields: dict[str, float | None] = {f"{k}_{m}": None for k in ("map", "p100") for m in METRICS}
+    if tap is None:
+        return fields, None
+    t0 = time.perf_counter()
+    protocol = job.cfg.protocol
+    image_size = protocol.image_size or job.data.image_size
+    db, queries = job.split("train"), job.split("test")
+    db_emb = embed(model, db, job.data, image_size, protocol.eval_batch_size, job.device, tap).to(job.device)
+    q_emb = embed(model, queries, job.data, image_size, protocol.eval_batch_size, job.device, tap)
+    top_k = min(RETRIEVAL_TOP_K, len(db))
+    for metric in METRICS:
+        result = retrieval_map(q_emb, queries.labels, db_emb, db.labels, metric=metric, top_k=top_k)
+        fields[f"map_{metric}"] = result.map
+        fields[f"p100_{metric}"] = result.precision_at_k if top_k == RETRIEVAL_TOP_K else None
+    seconds = time.perf_counter() - t0
+    _logger.info("retrieval at %s (%d queries x %d database images, %d-d): mAP cosine %.2f, Euclidean %.2f"
+                 " in %.2f s", tap, len(queries), len(db), db_emb.shape[1], fields["map_cosine"],
+                 fields["map_euclidean"], seconds)
+    return fields, seconds
+
+
 def _record(
     job: JobInputs, identity: Identity, method: DistillMethod, model: nn.Module, s_info: ModelInfo,
     result: FitResult, teacher_dir: Path | None, store_manifests: dict[str, str], stores: dict[str, Path],
@@ -151,6 +205,7 @@ def _record(
     run = f"{identity.teacher}/{identity.student}/{identity.method}/seed{identity.seed}"
     meta, test_logits = save_model_dir(out_dir, model, identity.student, job.split("test"), job.split("val"),
                                        job.data, image_size, protocol.eval_batch_size, job.device, {"run": run})
+    retrieval, retrieval_time = _retrieval(job, model)
     hist = result.history
     best = max(range(len(hist)), key=lambda i: hist[i]["val_top1"])
     t_pred = np.load(teacher_dir / "predictions.npy") if teacher_dir else None
@@ -174,6 +229,7 @@ def _record(
             test_top1_at_best_val=hist[best]["test_top1"],
             teacher_agreement=agreement(test_logits, torch.from_numpy(t_pred).long()) if t_pred is not None else None,
             teacher_test_top1=tmeta["test_top1"] if tmeta else None,
+            **retrieval,
         ),
         cost=Cost(
             wall_time_s=time.perf_counter() - wall0,
@@ -184,6 +240,7 @@ def _record(
             student_forward=result.student_forward,
             cache_bytes_read=result.cache_bytes_read,
             assistant_time_s=assistant_time,
+            retrieval_time_s=retrieval_time,
         ),
         requirements=dataclasses.asdict(method.requirements(method.cfg)),
         declarations=type(method).declarations(method.cfg),

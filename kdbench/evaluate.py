@@ -1,6 +1,11 @@
-"""Evaluation: top-1 / top-5 on a split, student-teacher agreement, retrieval mAP."""
+"""Evaluation: logits and embeddings of a split (whole images), top-1 / top-5, student-teacher agreement.
+
+Retrieval mAP over the embeddings of :func:`embed` is :func:`kdbench.retrieval.retrieval_map`.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -8,6 +13,29 @@ import torch.nn as nn
 from kdbench.data.shards import Split
 from kdbench.data.views import render
 from kdbench.meta import DataInfo
+from kdbench.taps import compute_taps, normalize_tap, parse_tap
+
+
+def _batched(
+    forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, split: Split, data: DataInfo,
+    image_size: int, batch_size: int, device: torch.device,
+) -> torch.Tensor:
+    """``forward`` (a function of ``model``) on every image of ``split``, as evaluation renders them: whole
+    images, no augmentation, resized to ``image_size`` and normalised; ``model`` in eval mode meanwhile.
+
+    Returns:
+        The outputs of the batches concatenated, ``float32`` on CPU.
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for start in range(0, len(split), batch_size):
+            x = render(split.images[start : start + batch_size].to(device), None, None, image_size, data.mean, data.std)
+            out.append(forward(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
 
 
 @torch.inference_mode()
@@ -15,14 +43,41 @@ def predict(
     model: nn.Module, split: Split, data: DataInfo, image_size: int, batch_size: int, device: torch.device
 ) -> torch.Tensor:
     """Logits of ``model`` on every image of ``split`` (whole images, no augmentation), ``float32 [N, C]`` on CPU."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(split), batch_size):
-        x = render(split.images[start : start + batch_size].to(device), None, None, image_size, data.mean, data.std)
-        out.append(model(x.contiguous(memory_format=torch.channels_last)).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    return _batched(model, model, split, data, image_size, batch_size, device)
+
+
+@torch.inference_mode()
+def embed(
+    model: nn.Module, split: Split, data: DataInfo, image_size: int, batch_size: int, device: torch.device, tap: str
+) -> torch.Tensor:
+    """The embedding of every image of ``split`` at ``tap``, rendered exactly as :func:`predict` renders them.
+
+    ``pre_logits`` and ``logits`` are vectors as they are; a feature map ``feature[i]`` (``[B, C, H, W]``, ViT
+    token grids included) is pooled to a vector by global average pooling over its spatial positions.
+
+    Args:
+        model: A timm model with the feature API (:func:`kdbench.taps.compute_taps`).
+        split: The images.
+        data: Normalisation of the dataset.
+        image_size: Input resolution.
+        batch_size: Images per forward pass (does not change the result).
+        device: Where the model runs.
+        tap: ``pre_logits``, ``logits`` or ``feature[i]`` (negative ``i`` counts from the end).
+
+    Returns:
+        ``float32 [N, D]`` on CPU.
+
+    Raises:
+        ValueError: ``tap`` is not a tap name, or its feature index is out of range for ``model``.
+    """
+    kind, _ = parse_tap(tap)
+    tap = normalize_tap(tap, len(model.feature_info)) if kind == "feature" else tap
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = compute_taps(model, x, (tap,))[tap]
+        return out.flatten(2).mean(2) if kind == "feature" else out
+
+    return _batched(forward, model, split, data, image_size, batch_size, device)
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:

@@ -33,7 +33,14 @@ class Identity:
 
 @dataclass(frozen=True)
 class Final:
-    """Final metrics; the last-epoch test top-1 is the headline, the best epoch is selected on val only."""
+    """Final metrics; the last-epoch test top-1 is the headline, the best epoch is selected on val only.
+
+    ``map_*`` and ``p100_*`` are the retrieval scores of the student's embedding at the protocol's
+    ``retrieval_tap`` (in percent: 11-point mAP and top-100 precision, InDistill's official protocol, database =
+    the training split, queries = the test split; :func:`kdbench.retrieval.retrieval_map`) with cosine and
+    Euclidean distance; ``None`` when the protocol does not measure retrieval (``p100_*`` also when the
+    database has fewer than 100 images).
+    """
 
     test_top1: float
     test_top5: float
@@ -43,12 +50,19 @@ class Final:
     test_top1_at_best_val: float
     teacher_agreement: float | None = None
     teacher_test_top1: float | None = None
-    retrieval_map: float | None = None
+    map_cosine: float | None = None
+    map_euclidean: float | None = None
+    p100_cosine: float | None = None
+    p100_euclidean: float | None = None
 
 
 @dataclass(frozen=True)
 class Cost:
-    """What the run cost: time, forwards (in images), cache bytes read, extra parameters."""
+    """What the run cost: time, forwards (in images), cache bytes read, extra parameters.
+
+    ``retrieval_time_s`` is the retrieval step's share of ``wall_time_s`` (embedding both splits and both
+    metrics), ``None`` when the protocol does not measure retrieval.
+    """
 
     wall_time_s: float
     train_time_s: float
@@ -58,6 +72,7 @@ class Cost:
     student_forward: int
     cache_bytes_read: int
     assistant_time_s: float | None = None
+    retrieval_time_s: float | None = None
 
 
 @dataclass(frozen=True)

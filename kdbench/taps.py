@@ -40,6 +40,15 @@ def parse_tap(tap: str) -> tuple[str, int | None]:
     return "feature", int(m.group(1))
 
 
+def is_tap(name: str) -> bool:
+    """Whether ``name`` is a tap name (:func:`parse_tap` accepts it)."""
+    try:
+        parse_tap(name)
+    except ValueError:
+        return False
+    return True
+
+
 def normalize_tap(tap: str, num_stages: int) -> str:
     """Resolves negative feature indices against a model's number of feature stages."""
     kind, i = parse_tap(tap)

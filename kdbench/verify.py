@@ -22,7 +22,8 @@ from kdbench.config import ConfigError, load_config
 from kdbench.distill import run_distill
 
 _logger = logging.getLogger(__name__)
-TIMING_KEYS = {"time_s", "samples_per_s", "wall_time_s", "train_time_s", "assistant_time_s"}
+TIMING_KEYS = {"time_s", "samples_per_s", "wall_time_s", "train_time_s", "assistant_time_s",
+               "retrieval_time_s"}
 GPU_TOLERANCE_PP = 0.5
 #: Provenance keys naming the machine a CPU run is bit-reproducible on.
 MACHINE_KEYS = ("cpu", "cpu_capability")

@@ -147,6 +147,25 @@ def setup_world(base: Path, **over: Any) -> tuple[Config, Path, Path, Path]:
     return cfg, cfg_path, data_dir, teacher_dir
 
 
+class SpyTeacher:
+    """Wraps a teacher source (cached or live) and records every (view, rows, served logits) of ``fit``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.calls = inner, []
+
+    @property
+    def forward_count(self) -> int:
+        return self.inner.forward_count
+
+    def outputs(self, view, rows, device):
+        out = self.inner.outputs(view, rows, device)
+        self.calls.append((view, rows.copy(), out["logits"].clone()))
+        return out
+
+    def bytes_read(self) -> int:
+        return self.inner.bytes_read()
+
+
 def flip_byte(path: Path, offset: int | None = None) -> None:
     """Flips one byte of a file in place (the middle one by default)."""
     data = bytearray(path.read_bytes())

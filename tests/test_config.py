@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from kdbench.config import Protocol, build_dataclass, load_config, parse_config
+from kdbench._util import to_jsonable
+from kdbench.config import Protocol, build_dataclass, load_config, parse_config, to_raw
 from kdbench.errors import ConfigError
 
 
@@ -37,6 +38,17 @@ def raw(**over):
         ({"seeds": [0, 0]}, r"'seeds' has duplicates"),
         ({"bogus": 1}, r"unknown top-level key 'bogus'"),
         ({"cache": {"topk": "5"}}, r"'cache\.topk' must be"),
+        ({"protocol": {"retrieval_tap": "embedding"}}, r"cfg\.yaml: key 'protocol\.retrieval_tap' must be a tap name"),
+        ({"protocol": {"retrieval_tap": "feature[x]"}}, r"'protocol\.retrieval_tap' must be a tap name"),
+        ({"protocol": {"retrieval_tap": 3}}, r"'protocol\.retrieval_tap' must be"),
+        ({"teachers": {"t": {"model": "cnn_m", "train": {"retrieval_tap": "pre_logits"}}}},
+         r"'teachers\.t\.train\.retrieval_tap': a teacher's training measures no retrieval"),
+        ({"protocol": {"decoupled_weight_decay": True}}, r"'protocol\.decoupled_weight_decay' needs optimizer 'adamw'"),
+        ({"protocol": {"grad_clip_norm": 0}}, r"'protocol\.grad_clip_norm' must be > 0"),
+        ({"methods": {"fm": {"method": "funmatch", "teacher_view": "centre"}}},
+         r"'methods\.fm'.*'teacher_view' must be one of same, other, clean"),
+        ({"protocol": {"views": {"count": 1}}, "methods": {"noise": {"method": "funmatch", "teacher_view": "other"}}},
+         r"method 'noise' \(funmatch\).*teacher_view 'other'.*'protocol\.views\.count' is 1.*Fix"),
     ],
 )
 def test_user_errors_name_file_and_key(over, pattern):
@@ -53,6 +65,31 @@ def test_teacher_protocol_inherits_the_student_protocol():
 def test_protocol_hash_is_stable_and_sensitive():
     assert Protocol().hash() == Protocol().hash()
     assert Protocol(lr=0.1).hash() != Protocol().hash()
+
+
+def test_patience_options_default_to_todays_protocol_and_its_hash():
+    """The optimiser options added for FunMatch's patient protocol stay out of the hash while off."""
+    new = {"decoupled_weight_decay", "weight_decay_exclude_1d", "grad_clip_norm"}
+    assert not new & set(to_jsonable(Protocol())) and new <= set(to_jsonable(Protocol(grad_clip_norm=1.0,
+        weight_decay_exclude_1d=True, optimizer="adamw", decoupled_weight_decay=True)))
+    on = [Protocol(optimizer="adamw", decoupled_weight_decay=True), Protocol(weight_decay_exclude_1d=True),
+          Protocol(grad_clip_norm=1.0)]
+    assert len({p.hash() for p in on} | {Protocol().hash()}) == 4
+
+
+@pytest.mark.parametrize("tap", ["pre_logits", "logits", "feature[0]", "feature[-1]"])
+def test_retrieval_tap_switches_retrieval_on_for_the_students_only(tap):
+    off, on = parse_config(raw()), parse_config(raw(protocol={"retrieval_tap": tap}))
+    assert off.protocol.retrieval_tap is None and on.protocol.retrieval_tap == tap
+    assert on.protocol.hash() != off.protocol.hash()
+    assert on.teachers["t"].train == off.teachers["t"].train  # the teacher (and its key) does not change
+    assert parse_config(to_raw(on)).protocol == on.protocol
+
+
+def test_retrieval_off_leaves_hashes_and_resolved_configs_as_before_it_existed():
+    off = parse_config(raw(protocol={"retrieval_tap": None}))
+    assert "retrieval_tap" not in to_jsonable(off.protocol) and "retrieval_tap" not in to_raw(off)["protocol"]
+    assert off.protocol.hash() == Protocol().hash() == parse_config(raw()).protocol.hash()
 
 
 def test_method_variants_keep_their_label():

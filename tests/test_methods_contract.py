@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from kdbench.meta import DataInfo
 from kdbench.methods import METHODS
-from kdbench.methods.base import DistillMethod, LossOutput, Requirements, StepContext, Targets
+from kdbench.methods.base import TEACHER_VIEWS, DistillMethod, LossOutput, Requirements, StepContext, Targets
 from kdbench.models import ModelInfo, create_model, model_info
 from kdbench.taps import TapDict, UndeclaredTapError, compute_taps, parse_tap
 
@@ -87,11 +87,13 @@ class Setup:
 
 
 def _setup(
-    name: str, pair: tuple[str, str], method_cls: type[DistillMethod] | None = None, seed: int = 0
+    name: str, pair: tuple[str, str], method_cls: type[DistillMethod] | None = None, seed: int = 0,
+    params: dict | None = None,
 ) -> Setup:
-    """Builds teacher, student and method; skips (with the method's reason) a pair the method cannot run."""
+    """Builds teacher, student and method (default config, or ``params``); skips (with the method's reason) a
+    pair the method cannot run."""
     cls = METHODS.get(name)
-    cfg = cls.Config()
+    cfg = cls.make_config(params or {})
     teacher, t_info = _model(pair[0])
     student, s_info = _model(pair[1])
     reason = cls.compatibility(cfg, t_info, s_info)
@@ -197,6 +199,30 @@ def test_compatibility_with_a_featureless_model_is_a_reason_or_none(name):
         assert reason is None or (isinstance(reason, str) and reason)
 
 
+# Methods whose consistency ablation is a parameter (FunMatch): every value of TEACHER_VIEWS is a variant.
+VIEW_VARIANTS = [
+    (n, v)
+    for n in NAMES
+    if "teacher_view" in {f.name for f in dataclasses.fields(METHODS.get(n).Config)}
+    for v in TEACHER_VIEWS
+]
+VIEW_IDS = [f"{n}[teacher_view={v}]" for n, v in VIEW_VARIANTS]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_teacher_view_is_declared_and_clean_runs_the_teacher_live(name):
+    """The teacher view is data (declared before anything runs); no store holds the clean view, so a method
+    that declares it must run the teacher live."""
+    cls = METHODS.get(name)
+    cfgs = [cls.Config()] + [cls.make_config({"teacher_view": v}) for n, v in VIEW_VARIANTS if n == name]
+    for cfg in cfgs:
+        view = cls.teacher_view(cfg)
+        assert view in TEACHER_VIEWS, f"{name}: teacher_view {view!r} is not one of {TEACHER_VIEWS}"
+        assert cls.declarations(cfg)["teacher_view"] == view
+        if view == "clean":
+            assert cls.requirements(cfg).live_teacher, f"{name}: teacher_view 'clean' needs live_teacher"
+
+
 # --- one training step on real (tiny) models --------------------------------------------------------------
 
 
@@ -223,6 +249,18 @@ def test_forward_backward(name, pair):
 
     # A second step (stateful methods: memory banks, normalisation constants) is finite as well.
     _check_output(_step(su, step=1), name)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("name, view", VIEW_VARIANTS, ids=VIEW_IDS)
+def test_forward_backward_of_every_teacher_view(name, view, pair):
+    su = _setup(name, pair, params={"teacher_view": view})
+    out = _step(su)
+    _check_output(out, name)
+    out.loss.backward()
+    assert any(bool(p.grad.abs().sum() > 0) for p in su.student.parameters() if p.grad is not None), (
+        f"{name} (teacher_view {view}): no gradient reaches the student"
+    )
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=PAIR_IDS)

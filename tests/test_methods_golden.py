@@ -93,6 +93,8 @@ CASES: dict[str, Callable[[], torch.Tensor]] = {
     "rkd.rkd_angle_loss": lambda: rkd_angle_loss(FEAT_S, FEAT_T),
     "crd.contrast_scores": lambda: contrast_scores(ANCHOR, MEMORY, ROWS, 0.07)[0],
     "crd.nce_loss": lambda: nce_loss(contrast_scores(ANCHOR, MEMORY, ROWS, 0.07) / 2000.0, 40),
+    "funmatch.loss": lambda: _funmatch().loss,
+    "funmatch.loss.tau10": lambda: _funmatch(tau=10.0).loss,
 }
 
 
@@ -197,6 +199,53 @@ def test_takd_is_kd_with_an_assistant():
 def test_takd_rejects_an_unknown_assistant():
     with pytest.raises(ValueError, match="takd.*assistant"):
         METHODS.get("takd").make_config({"assistant": "no_such_model_xyz"})
+
+
+# FunMatch
+
+
+def _funmatch(student=LOGITS_S, teacher=LOGITS_T, labels=LABELS, **params):
+    """FunMatch's whole :class:`LossOutput` on given logits (labels only reach the ``ce`` metric)."""
+    cls = METHODS.get("funmatch")
+    info = _info("m", "cnn", 4, [(4, 2, 2)])
+    m = cls(cls.make_config(params), teacher=info, student=info, data=DATA)
+    return m.loss(TapDict({"logits": student}, "s"), TapDict({"logits": teacher}, "t"), _targets(labels), _ctx())
+
+
+def test_funmatch_of_identical_logits_is_zero():
+    for tau in (1.0, 10.0):
+        assert close(_funmatch(teacher=LOGITS_S.clone(), tau=tau).loss, 0.0)
+
+
+def test_funmatch_is_tau_squared_kl_with_no_label_term():
+    tau = 2.0
+    log_pt, log_ps = F.log_softmax(LOGITS_T / tau, 1), F.log_softmax(LOGITS_S / tau, 1)
+    kl = (log_pt.exp() * (log_pt - log_ps)).sum(1).mean()
+    out = _funmatch(tau=tau)
+    assert list(out.terms) == ["kd"] and close(out.loss, tau**2 * kl)
+    other = _funmatch(labels=(LABELS + 1) % C, tau=tau)
+    assert torch.equal(other.loss, out.loss)  # the labels are not used ...
+    assert out.metrics["ce"] != other.metrics["ce"]  # ... but their cross-entropy is reported
+    assert math.isclose(out.metrics["ce"], float(F.cross_entropy(LOGITS_S, LABELS)), rel_tol=1e-9)
+
+
+def test_funmatch_tau_squared_keeps_the_loss_finite_as_tau_grows():
+    """tau^2 * KL -> sum_c (d_c - mean_c d)^2 / (2C), d = t - s, as tau -> infinity: without the tau^2
+    factor the loss (and its gradient) would vanish like 1 / tau^2."""
+    d = LOGITS_T - LOGITS_S
+    limit = ((d - d.mean(1, keepdim=True)) ** 2).sum(1).mean() / (2 * C)
+    assert close(_funmatch(tau=1000.0).loss, limit, tol=5e-3)
+
+
+def test_funmatch_variants_declare_their_teacher_view():
+    fm = METHODS.get("funmatch")
+    assert fm.declarations(fm.Config())["teacher_view"] == "same"
+    assert fm.Config().tau == 1.0  # big_vision's ImageNet distillation config
+    assert fm.requirements(fm.make_config({"teacher_view": "other"})).live_teacher is False
+    assert fm.requirements(fm.make_config({"teacher_view": "clean"})).live_teacher is True
+    assert all(fm.requirements(fm.make_config({"teacher_view": v})).full_logits for v in ("same", "other", "clean"))
+    with pytest.raises(ValueError, match="teacher_view.*same, other, clean"):
+        fm.make_config({"teacher_view": "centre"})
 
 
 # DKD

@@ -1,4 +1,5 @@
-"""The stages as functions on a tiny Fashion-MNIST slice: teacher, cache, distill records, verify, bad input."""
+"""The stages as functions on a tiny Fashion-MNIST slice: teacher, cache, distill records, verify, bad input;
+retrieval mAP at the end of a distill job on generated data."""
 
 from __future__ import annotations
 
@@ -8,19 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _helpers_store import tiny_raw as generated_raw
+from _helpers_store import write_fmnist_idx
 
 from kdbench.cache.build import build_shard, finalize_store
 from kdbench.config import parse_config
-from kdbench.data.shards import prepare
+from kdbench.data.shards import load_split, prepare, read_manifest
 from kdbench.data.sources import shard_counts
+from kdbench.data.views import render
 from kdbench.distill import run_distill
-from kdbench.errors import CheckpointError, NonFiniteLossError
+from kdbench.errors import CheckpointError, ConfigError, NonFiniteLossError
+from kdbench.evaluate import embed
+from kdbench.meta import data_info
+from kdbench.models import create_model
+from kdbench.retrieval import retrieval_map
 from kdbench.teacher import train_teacher
 from kdbench.verify import compare_runs, verify
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not (FMNIST / "train-labels-idx1-ubyte.gz").exists(), reason="needs dataset-fashion-mnist")
 
 
 def tiny_raw(**over) -> dict:
@@ -40,6 +47,8 @@ def tiny_raw(**over) -> dict:
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
+    if not (FMNIST / "train-labels-idx1-ubyte.gz").exists():
+        pytest.skip("needs dataset-fashion-mnist")
     root = tmp_path_factory.mktemp("pipeline")
     cfg_path = root / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_raw()))
@@ -121,3 +130,96 @@ def test_teacher_loaded_from_a_local_checkpoint_records_its_digest(pipeline, tmp
     trained = json.loads((teacher / "metrics.json").read_text())
     assert metrics["source"] == "checkpoint" and metrics["checkpoint_sha256"] == trained["sha256"]
     assert metrics["test_top1"] == trained["test_top1"]
+
+
+# --- retrieval mAP as a protocol metric (generated data: blobs with random labels) -------------------------
+
+
+@pytest.fixture(scope="module")
+def retrieval_runs(tmp_path_factory):
+    """One baseline run (1 epoch, 100 training images, 32 test images) with ``retrieval_tap: pre_logits`` and
+    the same run without it."""
+    root = tmp_path_factory.mktemp("retrieval")
+    raw = generated_raw(write_fmnist_idx(root / "raw"), protocol={"epochs": 1})
+    off = parse_config(raw, source="off.yaml")
+    on = parse_config({**raw, "protocol": {**raw["protocol"], "retrieval_tap": "pre_logits"}}, source="on.yaml")
+    data = root / "data"
+    prepare(on.data, data)
+    runs = {name: run_distill(cfg, "t", "cnn_xs", "baseline", 0, data, None, {}, root / name)
+            for name, cfg in (("on", on), ("off", off))}
+    return on, data, runs, root
+
+
+def _student_embeddings(run_dir, data_dir, batch_size: int):
+    """pre_logits of the saved student on whole, un-augmented images: (train, test) embeddings and splits."""
+    info = data_info(read_manifest(data_dir))
+    model = create_model("cnn_xs", info.num_classes, info.in_chans, info.image_size)
+    model.load_state_dict(torch.load(run_dir / "model.pt", weights_only=True))
+    model.eval()
+    out = []
+    for name in ("train", "test"):
+        split = load_split(data_dir, name)
+        with torch.no_grad():
+            emb = torch.cat([
+                model.forward_head(model.forward_features(
+                    render(split.images[i : i + batch_size], None, None, info.image_size, info.mean, info.std)
+                ), pre_logits=True)
+                for i in range(0, len(split), batch_size)
+            ])
+        out.append((emb, split))
+    return model, info, out
+
+
+def test_retrieval_tap_records_both_maps_as_retrieval_map_computes_them(retrieval_runs):
+    cfg, data, runs, root = retrieval_runs
+    final, cost = runs["on"].final, runs["on"].cost
+    for metric in ("cosine", "euclidean"):
+        assert 0.0 <= getattr(final, f"map_{metric}") <= 100.0
+        assert 0.0 <= getattr(final, f"p100_{metric}") <= 100.0  # the database has exactly 100 images
+    assert 0.0 < cost.retrieval_time_s < cost.wall_time_s
+    _, _, ((db, train), (queries, test)) = _student_embeddings(root / "on", data, cfg.protocol.eval_batch_size)
+    assert len(train) == 100 and len(test) == 32
+    for metric in ("cosine", "euclidean"):
+        direct = retrieval_map(queries, test.labels, db, train.labels, metric=metric)
+        assert getattr(final, f"map_{metric}") == pytest.approx(direct.map, rel=1e-12)
+        assert getattr(final, f"p100_{metric}") == pytest.approx(direct.precision_at_k, rel=1e-12)
+    record = json.loads((root / "on" / "record.json").read_text())
+    assert record["protocol"]["retrieval_tap"] == "pre_logits"
+    assert list(record["final"])[-5:] == ["teacher_test_top1", "map_cosine", "map_euclidean", "p100_cosine",
+                                          "p100_euclidean"]
+
+
+def test_without_retrieval_tap_the_record_has_none_and_the_protocol_hash_is_unchanged(retrieval_runs):
+    cfg, data, runs, root = retrieval_runs
+    off, on = runs["off"], runs["on"]
+    assert (off.final.map_cosine, off.final.map_euclidean, off.final.p100_cosine, off.final.p100_euclidean) == (
+        None, None, None, None)
+    assert off.cost.retrieval_time_s is None
+    assert "retrieval_tap" not in json.loads((root / "off" / "record.json").read_text())["protocol"]
+    assert off.final.test_top1 == on.final.test_top1  # measuring retrieval changes no other number
+    assert off.protocol_hash != on.protocol_hash  # ... but tables with and without it are not mixed
+
+
+def test_embed_pools_feature_maps_and_refuses_a_missing_stage(retrieval_runs):
+    cfg, data, runs, root = retrieval_runs
+    model, info, ((db, train), _) = _student_embeddings(root / "on", data, 16)
+    pre = embed(model, train, info, info.image_size, 16, torch.device("cpu"), "pre_logits")
+    assert torch.equal(pre, db)
+    # cnn_xs's pre_logits is the global average pool of its last stage.
+    last = embed(model, train, info, info.image_size, 16, torch.device("cpu"), "feature[-1]")
+    assert torch.allclose(last, pre, atol=1e-6)
+    model.train()
+    first = embed(model, train, info, info.image_size, 50, torch.device("cpu"), "feature[0]")
+    assert first.shape == (100, 8) and model.training  # evaluated in eval mode, then restored
+    model.eval()
+    with pytest.raises(ValueError, match="out of range"):
+        embed(model, train, info, info.image_size, 16, torch.device("cpu"), "feature[3]")
+
+
+def test_a_retrieval_tap_the_student_lacks_fails_before_training(retrieval_runs, tmp_path):
+    cfg, data, runs, root = retrieval_runs
+    bad = parse_config(generated_raw(Path(cfg.data.root), protocol={"epochs": 1, "retrieval_tap": "feature[5]"}),
+                       source="bad.yaml")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: key 'protocol\.retrieval_tap'.*out of range.*cnn_xs"):
+        run_distill(bad, "t", "cnn_xs", "baseline", 0, data, None, {}, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -57,7 +57,7 @@ def make_record(
     skip_reason: str | None = None,
     params: dict[str, Any] | None = None,
     best_val_test: float | None = None,
-    retrieval_map: float | None = None,
+    retrieval: dict[str, float] | None = None,
     live_teacher: bool = False,
     views: int = 2,
     epochs: int = 4,
@@ -85,7 +85,7 @@ def make_record(
             else ({} if method_name == "baseline" else {"T": 4.0, "alpha": 0.9}),
             "seed": seed,
         },
-        "protocol": {"epochs": epochs},
+        "protocol": {"epochs": epochs, **({"retrieval_tap": "pre_logits"} if retrieval else {})},
         "protocol_hash": protocol_hash,
     }
     if status == "ok":  # a skipped record (as distill writes it) has no views, final, cost or provenance
@@ -101,7 +101,7 @@ def make_record(
             "test_top1_at_best_val": best_val_test if best_val_test is not None else top1 - 0.1,
             "teacher_agreement": 80.0 + seed if teacher_run else 75.0,
             "teacher_test_top1": 79.1,
-            "retrieval_map": retrieval_map,
+            **(retrieval or {}),  # map_cosine, map_euclidean, p100_cosine, p100_euclidean (None when not measured)
         }
         rec["cost"] = {
             "wall_time_s": 100.0 + seed,
@@ -151,6 +151,15 @@ def make_record(
 #                               ci = 4.303 * 1.212436 / sqrt(3) = 3.012105
 BASE = [70.0, 71.0, 72.0]
 KD = [72.0, 74.5, 73.1]
+# Retrieval (teacher t32x4 -> resnet20, seeds 0, 1, 2), paired like top-1:
+#   map_cosine     baseline 40, 41, 42 (mean 41, std 1); kd 45, 47, 46 (mean 46, std 1)
+#                  d = 5, 6, 4: mean 5, sd 1, ci 4.303 / sqrt(3) = 2.484339 -> [+2.52, +7.48]
+#   map_euclidean  baseline 35, 36, 37 (mean 36, std 1); kd 38, 38.5, 40.5 (mean 39, SS 3.5, std 1.322876)
+#                  d = 3, 2.5, 3.5: mean 3, sd 0.5, ci 4.303 * 0.5 / sqrt(3) = 1.242170 -> [+1.76, +4.24]
+RETRIEVAL_BASE = {"map_cosine": [40.0, 41.0, 42.0], "map_euclidean": [35.0, 36.0, 37.0],
+                  "p100_cosine": [30.0, 31.0, 32.0], "p100_euclidean": [29.0, 30.0, 31.0]}
+RETRIEVAL_KD = {"map_cosine": [45.0, 47.0, 46.0], "map_euclidean": [38.0, 38.5, 40.5],
+                "p100_cosine": [33.0, 34.0, 35.0], "p100_euclidean": [32.0, 33.0, 34.0]}
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +187,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     # Only one seed paired with the baseline: no delta; seed 1 skipped.
     paths.append(make_record(root, method="fitnet", seed=0, top1=72.0))
     paths.append(make_record(root, method="fitnet", seed=1, status="skipped", skip_reason="out of memory"))
-    # Second student (with a retrieval metric) and a run with a different torch build.
+    # Second student (with retrieval mAP: RETRIEVAL_BASE, RETRIEVAL_KD) and a run with a different torch build.
     for seed in range(3):
         paths.append(
             make_record(
@@ -187,7 +196,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
                 student="resnet20",
                 seed=seed,
                 top1=68.0 + seed,
-                retrieval_map=0.40 + 0.01 * seed,
+                retrieval={k: v[seed] for k, v in RETRIEVAL_BASE.items()},
             )
         )
         prov = {"packages": {"torch": "2.15.0", "timm": "1.0.20", "numpy": "2.4.6"}} if seed == 2 else None
@@ -198,7 +207,7 @@ def grid(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
                 student="resnet20",
                 seed=seed,
                 top1=69.5 + seed,
-                retrieval_map=0.45 + 0.01 * seed,
+                retrieval={k: v[seed] for k, v in RETRIEVAL_KD.items()},
                 provenance=prov,
             )
         )
@@ -507,6 +516,7 @@ def test_published_legend_and_footnotes_only_with_published_numbers(tmp_path: Pa
     assert not any("Published" in item for item in view.legend)
     ((table, _),) = view.tables[0].groups
     assert "Published" not in table.headers and not table.footnotes and "published" not in table.caption
+    assert not any("mAP" in h for h in table.headers) and not any("mAP" in item for item in view.legend)
 
 
 def test_bad_epochs_line_names_file_and_line(tmp_path: Path) -> None:
@@ -560,8 +570,34 @@ def test_leaderboard_csv_numbers(report: tuple[dict, Path]) -> None:
     assert kd["teacher_source"] == "cache" and base["teacher_source"] == "none"
     assert float(_row(rows, method="scalekd")["teacher_forward"]) == 5000
     r20 = _row(rows, method="kd", student="resnet20")
-    assert float(r20["retrieval_map"]) == pytest.approx(0.46)
     assert r20["published_top1"] == ""
+    # Retrieval columns are empty where the protocol does not measure retrieval.
+    assert kd["map_cosine_mean"] == kd["map_cosine_delta_vs_baseline"] == kd["retrieval_tap"] == ""
+    assert kd["map_cosine_delta_note"] == base["map_euclidean_delta_note"] == ""
+
+
+def test_leaderboard_csv_retrieval_map_with_paired_delta(report: tuple[dict, Path]) -> None:
+    _, out = report
+    rows = _csv(out / "leaderboard.csv")
+    kd = _row(rows, method="kd", student="resnet20")
+    assert kd["retrieval_tap"] == "pre_logits"
+    assert float(kd["map_cosine_mean"]) == pytest.approx(46.0) and float(kd["map_cosine_std"]) == pytest.approx(1.0)
+    assert float(kd["map_cosine_ci95"]) == pytest.approx(2.484339, abs=1e-5)
+    assert float(kd["map_cosine_delta_vs_baseline"]) == pytest.approx(5.0)
+    assert float(kd["map_cosine_delta_ci95_low"]) == pytest.approx(5.0 - 2.484339, abs=1e-5)
+    assert float(kd["map_cosine_delta_ci95_high"]) == pytest.approx(5.0 + 2.484339, abs=1e-5)
+    assert kd["map_cosine_delta_n"] == "3" and kd["map_cosine_delta_note"] == ""
+    assert float(kd["map_euclidean_mean"]) == pytest.approx(39.0)
+    assert float(kd["map_euclidean_std"]) == pytest.approx(1.322876, abs=1e-5)
+    assert float(kd["map_euclidean_delta_vs_baseline"]) == pytest.approx(3.0)
+    assert float(kd["map_euclidean_delta_ci95_low"]) == pytest.approx(3.0 - 1.242170, abs=1e-5)
+    assert float(kd["map_euclidean_delta_ci95_high"]) == pytest.approx(3.0 + 1.242170, abs=1e-5)
+    assert float(kd["p100_cosine"]) == pytest.approx(34.0) and float(kd["p100_euclidean"]) == pytest.approx(33.0)
+    base = _row(rows, method="baseline", student="resnet20")
+    assert float(base["map_cosine_mean"]) == pytest.approx(41.0) and base["map_cosine_delta_vs_baseline"] == ""
+    assert base["map_cosine_delta_note"] == base["map_euclidean_delta_note"] == "baseline"
+    # Top-1 stays the headline: its columns, delta and rank are the ones compare reads.
+    assert float(kd["delta_vs_baseline"]) == pytest.approx(1.5) and kd["rank"] == "1"
 
 
 def test_leaderboard_ranks_and_skips(report: tuple[dict, Path]) -> None:
@@ -598,6 +634,12 @@ def test_markdown(report: tuple[dict, Path]) -> None:
     assert "skipped: needs sample_index, not provided by this store" in md
     assert "| Teacher fwd (images) |" in md and "**Teacher fwd (images)**: training images" in md
     assert "interval entirely below 0" in md and "overlaps" not in md
+    # Retrieval mAP (only the resnet20 group measured it): mean ± std and the paired Δ, as top-1.
+    header = "| mAP (cosine) | Δ mAP (cosine) [95% CI] | mAP (Euclidean) | Δ mAP (Euclidean) [95% CI] |"
+    assert md.count(header) == 1
+    assert "| 46.00 ± 1.00 | +5.00 [+2.52, +7.48] (n=3) | 39.00 ± 1.32 | +3.00 [+1.76, +4.24] (n=3) |" in md
+    assert "| 41.00 ± 1.00 | (baseline) | 36.00 ± 1.00 | (baseline) |" in md
+    assert "Retrieval embedding: pre_logits." in md and "- **mAP (cosine)**, **mAP (Euclidean)**:" in md
     # Published numbers: a legend item and a footnote for each marker, the teacher's included.
     assert "Teacher t32x4 (resnet32x4): test top-1 79.10%, published 79.42 [1]" in md
     assert "- [1] Published teacher resnet32x4: 79.42 — RepDistiller" in md

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers_store import (
+    SpyTeacher,
     build_store,
     expect_for,
     flip_byte,
@@ -160,22 +161,6 @@ def test_teacher_inputs_at_build_equal_the_global_renderers(world):
         x, _ = renderer.render(v, np.arange(len(train)), 28)
         for row in range(len(train)):
             assert torch.equal(x[row], world["rec"].inputs[(v, int(ids[row]))]), (v, row)
-
-
-class SpyTeacher:
-    """Wraps a teacher source and records every (view, rows, served logits) of ``fit``."""
-
-    def __init__(self, inner: CachedTeacher) -> None:
-        self.inner, self.calls = inner, []
-        self.forward_count = 0
-
-    def outputs(self, view, rows, device):
-        out = self.inner.outputs(view, rows, device)
-        self.calls.append((view, rows.copy(), out["logits"].clone()))
-        return out
-
-    def bytes_read(self) -> int:
-        return self.inner.bytes_read()
 
 
 def test_fit_replays_the_exact_views_the_teacher_saw(world, monkeypatch):

@@ -1,6 +1,8 @@
 """Where a student's teacher outputs come from: the cache (default) or the live teacher module.
 
-Both serve :class:`kdbench.train.loop.TeacherSource`.
+Both serve :class:`kdbench.train.loop.TeacherSource`: the outputs of a stored view ``v`` (the student's own
+view, or another one for ``teacher_view: other``) or of :data:`~kdbench.data.views.CLEAN_VIEW` (the
+un-augmented image, ``teacher_view: clean``; live teacher only, no store holds it).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from kdbench.cache.store import TeacherStore
-from kdbench.data.views import ViewRenderer
+from kdbench.data.views import CLEAN_VIEW, ViewRenderer
+from kdbench.errors import StoreError
 from kdbench.taps import compute_taps
 
 
@@ -23,6 +26,11 @@ class CachedTeacher:
         self.stores = stores
 
     def outputs(self, view: int, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        if view == CLEAN_VIEW:
+            raise StoreError(
+                "the teacher's outputs on the un-augmented images (teacher_view: clean) are not in any store;"
+                " a method that declares teacher_view 'clean' must declare Requirements(live_teacher=True)"
+            )
         idx = torch.from_numpy(rows)
         return {tap: store.fetch(view % store.views, idx).to(device) for tap, store in self.stores.items()}
 
@@ -31,7 +39,7 @@ class CachedTeacher:
 
 
 class LiveTeacher:
-    """The teacher module run on the exact same views (frozen, eval mode, no grad).
+    """The teacher module run on the views it is asked for (frozen, eval mode, no grad).
 
     Args:
         model: The teacher.

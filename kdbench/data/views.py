@@ -13,6 +13,9 @@ job, a student's training step, an audit) and is bit-identical. Parameters:
   ``v``. Unmixed views have ``partner = -1`` and ``lam = 1``.
 
 The uniforms come from a splitmix64 hash of ``(seed, id, view, stream)``, vectorised in numpy.
+
+The view index :data:`CLEAN_VIEW` is the un-augmented image (whole image, no flip, no mixup, rendered as for
+evaluation): what a "fixed teacher" sees (``teacher_view: clean`` in :mod:`kdbench.methods.base`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.config import ViewRecipe
+
+CLEAN_VIEW = -1
+"""The view index of the un-augmented training image: whole image, no flip, no mixup."""
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _STREAMS = {"scale": 1, "ratio": 2, "top": 3, "left": 4, "flip": 5, "mix": 6, "partner": 7, "lam": 8}
@@ -198,6 +204,12 @@ class ViewRenderer:
         return cls(recipe, split.images, split.ids, split.shard_size, data.mean, data.std)
 
     def params(self, view: int, positions: np.ndarray) -> ViewParams:
+        """Parameters of view ``view`` (or :data:`CLEAN_VIEW`) of rows ``positions``."""
+        if view == CLEAN_VIEW:
+            n = len(positions)
+            box = np.tile(np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32), (n, 1))
+            no_partner = np.full(n, -1, dtype=np.int64)
+            return ViewParams(box, np.zeros(n, dtype=bool), no_partner, np.ones(n, dtype=np.float32))
         return view_params(
             self.recipe, self.ids[positions], positions, view, self.shard_size, len(self.ids), self.image_hw
         )
@@ -205,9 +217,14 @@ class ViewRenderer:
     def render(
         self, view: int, positions: np.ndarray, out_size: int, device: torch.device | str = "cpu"
     ) -> tuple[torch.Tensor, ViewParams]:
-        """Returns ``(inputs [n, C, S, S], params)`` of view ``view`` for rows ``positions``."""
+        """Returns ``(inputs [n, C, S, S], params)`` of view ``view`` for rows ``positions``.
+
+        ``view = CLEAN_VIEW`` renders the whole images unflipped and unmixed, exactly as evaluation does.
+        """
         positions = np.asarray(positions, dtype=np.int64)
         p = self.params(view, positions)
+        if view == CLEAN_VIEW:
+            return render(self.images[positions].to(device), None, None, out_size, self.mean, self.std), p
         x = render(
             self.images[positions].to(device),
             torch.from_numpy(p.box),

@@ -40,6 +40,18 @@ class Requirements:
     full_logits: bool = False
 
 
+TEACHER_VIEWS = ("same", "other", "clean")
+"""What a method's teacher outputs may be computed on (:meth:`DistillMethod.teacher_view`):
+
+* ``same``: exactly the view the student sees in this step (consistent teaching; every method by default);
+* ``other``: another stored view of the same image, view ``(v + 1) mod V`` for the student's view ``v``
+  (independent augmentation of teacher and student; needs ``V >= 2``);
+* ``clean``: the un-augmented image (whole image, no flip, no mixup), one output per image for the whole
+  run (a "fixed teacher"). No store holds it yet, so a method that declares ``clean`` must also declare
+  ``Requirements(live_teacher=True)``.
+"""
+
+
 @dataclass(frozen=True)
 class Targets:
     """Labels of a batch of (possibly mixed) views.
@@ -151,6 +163,11 @@ class DistillMethod(nn.Module):
         return Requirements()
 
     @classmethod
+    def teacher_view(cls, cfg: Any) -> str:
+        """Which view the teacher's outputs come from, one of :data:`TEACHER_VIEWS` (default ``same``)."""
+        return "same"
+
+    @classmethod
     def assistant(cls, cfg: Any) -> str | None:
         """A teacher-assistant model (timm name) the workflow must first distil from the teacher, which then
         replaces the teacher for this method (TAKD); ``None`` for one-step methods."""
@@ -189,6 +206,7 @@ class DistillMethod(nn.Module):
             "teacher_taps": sorted(cls.teacher_taps(cfg)),
             "student_taps": sorted(cls.student_taps(cfg)),
             "requirements": dataclasses.asdict(cls.requirements(cfg)),
+            "teacher_view": cls.teacher_view(cfg),
             "assistant": cls.assistant(cfg),
         }
 

@@ -9,6 +9,10 @@ Headline number: last-epoch test top-1, mean ± sample std over seeds, with the 
 (:mod:`kdbench.report.stats`). The test top-1 at the epoch of best *validation* top-1 is a secondary,
 flagged column; nothing is ever selected on test.
 
+:data:`PAIRED_METRICS` are the columns summarised and compared with the baseline in the same way (mean ± std,
+t-interval, paired gain over the baseline per seed): the headline, and the retrieval mAPs (cosine, Euclidean)
+of a protocol that measures them (``protocol.retrieval_tap``). Ranks use the headline only.
+
 Rank rule (within a group, over the cells with at least two finished seeds):
 
 1. Order the cells by mean top-1, highest first (ties by method label).
@@ -44,6 +48,10 @@ from kdbench.report.stats import PairedDelta, Summary, paired_delta, summarize
 _logger = logging.getLogger(__name__)
 
 BASELINE = "baseline"
+HEADLINE = "test_top1"
+#: Runs-table column -> its name in ``leaderboard.csv``: the metrics with mean ± std and a paired gain over the
+#: baseline (the headline first; the others only where runs have them).
+PAIRED_METRICS = {HEADLINE: "top1", "map_cosine": "map_cosine", "map_euclidean": "map_euclidean"}
 
 
 @dataclass(eq=False)
@@ -54,10 +62,10 @@ class LeaderboardCell:
         key: ``(dataset, protocol_hash, teacher, student, method)``.
         runs: Finished runs (``status == "ok"``), sorted by seed.
         skipped: Skipped runs.
-        top1: Last-epoch test top-1 over seeds (the headline).
+        stats: Each :data:`PAIRED_METRICS` column over the finished seeds (``top1`` is the headline's).
         best_val_top1: Test top-1 at the best-validation epoch (secondary).
-        delta: Paired gain over the group's baseline (``None`` for the baseline itself and when the group
-            has no baseline).
+        deltas: Paired gain over the group's baseline of each :data:`PAIRED_METRICS` column (none for the
+            baseline itself and when the group has no baseline; ``delta`` is the headline's).
         rank: Rank in the group (``None`` with fewer than two finished seeds).
         notes: Human-readable remarks (skips, missing pairs, differing provenance, ...).
     """
@@ -65,10 +73,9 @@ class LeaderboardCell:
     key: tuple[str, str, str, str, str]
     runs: list[Mapping[str, Any]] = field(default_factory=list)
     skipped: list[Mapping[str, Any]] = field(default_factory=list)
-    top1: Summary = field(default_factory=Summary.empty)
+    stats: dict[str, Summary] = field(default_factory=dict)
     best_val_top1: Summary = field(default_factory=Summary.empty)
-    retrieval_map: Summary = field(default_factory=Summary.empty)
-    delta: PairedDelta | None = None
+    deltas: dict[str, PairedDelta] = field(default_factory=dict)
     rank: int | None = None
     published: Published | None = None
     notes: list[str] = field(default_factory=list)
@@ -120,10 +127,32 @@ class LeaderboardCell:
     def seeds(self) -> list[int]:
         return [r["seed"] for r in self.runs]
 
+    def stat(self, column: str) -> Summary:
+        """``column`` over the finished seeds (:data:`PAIRED_METRICS`; empty when no seed has it)."""
+        return self.stats.get(column, Summary.empty())
+
+    @property
+    def top1(self) -> Summary:
+        """Last-epoch test top-1 over seeds (the headline)."""
+        return self.stat(HEADLINE)
+
+    @top1.setter
+    def top1(self, value: Summary) -> None:
+        self.stats[HEADLINE] = value
+
+    @property
+    def delta(self) -> PairedDelta | None:
+        """The headline's paired gain over the group's baseline."""
+        return self.deltas.get(HEADLINE)
+
+    def by_seed(self, column: str) -> dict[int, float]:
+        """``column`` of each finished seed that has it (the values the paired comparisons use)."""
+        return {r["seed"]: r[column] for r in self.runs if r.get(column) is not None}
+
     @property
     def top1_by_seed(self) -> dict[int, float]:
-        """Last-epoch test top-1 of each finished seed (the values the paired comparisons use)."""
-        return {r["seed"]: r["test_top1"] for r in self.runs}
+        """Last-epoch test top-1 of each finished seed."""
+        return self.by_seed(HEADLINE)
 
     @property
     def status(self) -> str:
@@ -243,9 +272,8 @@ def build_cells(rows: Sequence[Mapping[str, Any]]) -> list[LeaderboardCell]:
     for cell in cells.values():
         cell.runs.sort(key=lambda r: r["seed"])
         cell.skipped.sort(key=lambda r: r["seed"])
-        cell.top1 = summarize([r["test_top1"] for r in cell.runs])
+        cell.stats = {column: summarize([r.get(column) for r in cell.runs]) for column in PAIRED_METRICS}
         cell.best_val_top1 = summarize([r["test_top1_at_best_val"] for r in cell.runs])
-        cell.retrieval_map = summarize([r.get("retrieval_map") for r in cell.runs])
         cell.published = published_result(cell.dataset, cell.teacher_model, cell.student, cell.method_name)
         _cell_notes(cell)
     return [cells[k] for k in sorted(cells)]
@@ -367,7 +395,11 @@ def build_group(
     else:
         for cell in cells:
             if cell is not baseline:
-                cell.delta = paired_delta(cell.top1_by_seed, baseline.top1_by_seed)
+                cell.deltas = {
+                    column: paired_delta(cell.by_seed(column), baseline.by_seed(column))
+                    for column in PAIRED_METRICS
+                    if column == HEADLINE or cell.stat(column).n
+                }
     rank_cells(cells)
     cells = sorted(cells, key=lambda c: (c.rank is None, c.rank or 0, -(c.top1.mean or 0.0), c.method))
     teacher = _teacher_summary(cells, notes)
@@ -413,9 +445,28 @@ def protocols_per_dataset(tables: Sequence[Table]) -> dict[str, list[str]]:
     return out
 
 
+def summary_columns(column: str) -> tuple[str, str, str]:
+    """The ``leaderboard.csv`` columns of a :data:`PAIRED_METRICS` column's mean, std and 95% half width."""
+    name = PAIRED_METRICS[column]
+    return f"{name}_mean", f"{name}_std", f"{name}_ci95"
+
+
+def delta_columns(column: str) -> tuple[str, str, str, str, str]:
+    """The ``leaderboard.csv`` columns of a :data:`PAIRED_METRICS` column's paired gain over the baseline
+    (the headline's are unprefixed): mean, 95% interval, paired seeds, note."""
+    p = "" if column == HEADLINE else f"{PAIRED_METRICS[column]}_"
+    return f"{p}delta_vs_baseline", f"{p}delta_ci95_low", f"{p}delta_ci95_high", f"{p}delta_n", f"{p}delta_note"
+
+
 # The headline statistics of a cell in leaderboard.csv (also what a comparison of two leaderboards reads).
-TOP1_COLUMNS = ("top1_mean", "top1_std", "top1_ci95")
-DELTA_COLUMNS = ("delta_vs_baseline", "delta_ci95_low", "delta_ci95_high", "delta_n", "delta_note")
+TOP1_COLUMNS = summary_columns(HEADLINE)
+DELTA_COLUMNS = delta_columns(HEADLINE)
+# Retrieval (empty where the protocol does not measure it): each mAP as top-1, then the top-100 precisions.
+RETRIEVAL_COLUMNS = (
+    *(c for column in PAIRED_METRICS if column != HEADLINE for c in summary_columns(column) + delta_columns(column)),
+    "p100_cosine",
+    "p100_euclidean",
+)
 
 LEADERBOARD_COLUMNS = (
     "dataset",
@@ -440,7 +491,8 @@ LEADERBOARD_COLUMNS = (
     "best_val_test_top1_std",
     "best_epoch_mean",
     "teacher_agreement",
-    "retrieval_map",
+    "retrieval_tap",
+    *RETRIEVAL_COLUMNS,
     "wall_time_s",
     "train_time_s",
     "teacher_forward",
@@ -465,7 +517,7 @@ def cell_row(cell: LeaderboardCell, group: Group) -> dict[str, Any]:
     ``best_val_test_top1_*`` is the secondary number (test top-1 at the epoch chosen on validation); cost
     columns are means over the finished seeds.
     """
-    d = cell.delta
+    paired = {k: v for column in PAIRED_METRICS for k, v in _paired_values(cell, group, column).items()}
     return {
         "dataset": cell.dataset,
         "protocol_hash": cell.protocol_hash,
@@ -483,19 +535,14 @@ def cell_row(cell: LeaderboardCell, group: Group) -> dict[str, Any]:
         "n_skipped": len(cell.skipped),
         "skip_reason": cell.skip_reason,
         "rank": cell.rank,
-        "top1_mean": cell.top1.mean,
-        "top1_std": cell.top1.std,
-        "top1_ci95": cell.top1.ci95,
-        "delta_vs_baseline": d.diff.mean if d else None,
-        "delta_ci95_low": d.diff.low if d else None,
-        "delta_ci95_high": d.diff.high if d else None,
-        "delta_n": len(d.seeds) if d else None,
-        "delta_note": (d.note if d else ("baseline" if cell is group.baseline else "no baseline in group")),
+        **paired,
         "best_val_test_top1_mean": cell.best_val_top1.mean,
         "best_val_test_top1_std": cell.best_val_top1.std,
         "best_epoch_mean": cell.mean_of("best_epoch"),
         "teacher_agreement": cell.mean_of("teacher_agreement"),
-        "retrieval_map": cell.retrieval_map.mean,
+        "retrieval_tap": cell.first("retrieval_tap"),
+        "p100_cosine": cell.mean_of("p100_cosine"),
+        "p100_euclidean": cell.mean_of("p100_euclidean"),
         "wall_time_s": cell.mean_of("wall_time_s"),
         "train_time_s": cell.mean_of("train_time_s"),
         "teacher_forward": cell.mean_of("teacher_forward"),
@@ -512,6 +559,20 @@ def cell_row(cell: LeaderboardCell, group: Group) -> dict[str, Any]:
         "published_source": cell.published.source if cell.published else "",
         "notes": "; ".join(cell.notes),
     }
+
+
+def _paired_values(cell: LeaderboardCell, group: Group, column: str) -> dict[str, Any]:
+    """A :data:`PAIRED_METRICS` column's statistics and paired gain in ``leaderboard.csv``
+    (:func:`summary_columns`, :func:`delta_columns`)."""
+    s, d = cell.stat(column), cell.deltas.get(column)
+    if d is not None:
+        note = d.note
+    elif column != HEADLINE and not s.n:
+        note = ""  # not measured
+    else:
+        note = "baseline" if cell is group.baseline else "no baseline in group"
+    gain = (d.diff.mean, d.diff.low, d.diff.high, len(d.seeds)) if d else (None, None, None, None)
+    return dict(zip(summary_columns(column) + delta_columns(column), (s.mean, s.std, s.ci95, *gain, note)))
 
 
 def leaderboard_rows(tables: Sequence[Table]) -> list[dict[str, Any]]:

@@ -11,7 +11,14 @@ from typing import Sequence
 
 from kdbench import __version__
 from kdbench.report import _format as fmt
-from kdbench.report.aggregate import Group, LeaderboardCell, Table, protocols_per_dataset
+from kdbench.report.aggregate import (
+    HEADLINE,
+    PAIRED_METRICS,
+    Group,
+    LeaderboardCell,
+    Table,
+    protocols_per_dataset,
+)
 from kdbench.report.provenance import ProvenanceField
 from kdbench.report.published import Published
 from kdbench.report.records import DIRTY_FILES, split_dirty_files
@@ -53,6 +60,15 @@ _LEGEND = (
         "own training, the store build and evaluation are not counted)."
     ),
 )
+# Headers of the paired metrics beside the headline (each shown, with its Δ, when a run of the group has it).
+METRIC_HEADERS = {"map_cosine": "mAP (cosine)", "map_euclidean": "mAP (Euclidean)"}
+_LEGEND_RETRIEVAL = (
+    "**mAP (cosine)**, **mAP (Euclidean)**: retrieval mean average precision (%, 11 recall levels, InDistill's "
+    "official protocol) of the student's embedding at the protocol's `retrieval_tap` (a feature map globally "
+    "average-pooled): the test images query the training images, both whole and un-augmented, ranked by cosine "
+    "or Euclidean distance; relevant = same class. Mean ± sample std over seeds; its **Δ** is the paired gain "
+    "over the baseline with its 95% t-interval, as for top-1. Top-1 stays the headline and decides the rank."
+)
 _LEGEND_PUBLISHED = (
     "**Published** numbers (teacher in the caption, methods in the *Published* column) come from their "
     "authors' own protocols and reporting rules; each is marked [n] and its source is footnote [n] under "
@@ -61,10 +77,24 @@ _LEGEND_PUBLISHED = (
 
 
 def legend(tables: Sequence[Table]) -> list[str]:
-    """The "How to read these tables" items; the one on published numbers only when a table shows one."""
+    """The "How to read these tables" items; those on retrieval and on published numbers only when a table
+    shows them."""
     groups = [g for t in tables for g in t.groups]
     shows_published = any(g.teacher_published or any(c.published for c in g.cells) for g in groups)
-    return [*_LEGEND, _LEGEND_PUBLISHED] if shows_published else list(_LEGEND)
+    shows_retrieval = any(_paired_columns(g) for g in groups)
+    return [*_LEGEND, *[_LEGEND_RETRIEVAL] * shows_retrieval, *[_LEGEND_PUBLISHED] * shows_published]
+
+
+def _paired_columns(group: Group) -> list[str]:
+    """The paired metrics beside the headline that some run of ``group`` has (retrieval mAP)."""
+    return [m for m in PAIRED_METRICS if m != HEADLINE and any(c.stat(m).n for c in group.cells)]
+
+
+def _delta(cell: LeaderboardCell, group: Group, column: str) -> str:
+    """The paired gain of ``column`` over the baseline as text (``(baseline)`` for the baseline itself)."""
+    if cell is group.baseline:
+        return "(baseline)"
+    return fmt.delta(cell.deltas.get(column)) if cell.stat(column).n else ""
 
 
 @dataclass
@@ -124,7 +154,7 @@ def group_display(group: Group) -> DisplayTable:
     """The text table of one group."""
     cells = group.cells
     views = {c.views_note for c in cells if c.views_note}
-    show_map = any(c.retrieval_map.n for c in cells)
+    retrieval = _paired_columns(group)
     show_pub = any(c.published for c in cells)
     headers = [
         "Rank",
@@ -136,10 +166,15 @@ def group_display(group: Group) -> DisplayTable:
         "Top-1 @ best-val epoch†",
         "Agreement",
     ]
-    headers += ["Retrieval mAP"] * show_map + ["Published"] * show_pub
+    for m in retrieval:
+        headers += [METRIC_HEADERS.get(m, m), f"Δ {METRIC_HEADERS.get(m, m)} [95% CI]"]
+    headers += ["Published"] * show_pub
     headers += ["Wall time", TEACHER_FWD, "Cache read", "Extra params", "Teacher", "Notes"]
     footnotes: list[str] = []
     caption = _caption(group, views, footnotes)
+    taps = sorted({str(c.first("retrieval_tap")) for c in cells if c.first("retrieval_tap")})
+    if retrieval and taps:
+        caption += f" Retrieval embedding: {', '.join(taps)}."
     rows = []
     for cell in cells:
         notes = list(cell.notes)
@@ -150,22 +185,18 @@ def group_display(group: Group) -> DisplayTable:
             ci = f"±{fmt.num(cell.top1.ci95)}" if cell.top1.ci95 is not None else "n/a (1 seed)"
         else:
             top1, ci = f"skipped: {cell.skip_reason}", ""
-        if cell is group.baseline:
-            delta = "(baseline)"
-        else:
-            delta = fmt.delta(cell.delta) if cell.top1.n else ""
         row = [
             str(cell.rank) if cell.rank is not None else fmt.DASH,
             _method_label(cell),
             _seeds(cell),
             top1,
             ci,
-            delta,
+            _delta(cell, group, HEADLINE),
             fmt.mean_std(cell.best_val_top1),
             fmt.num(cell.mean_of("teacher_agreement"), 1),
         ]
-        if show_map:
-            row.append(fmt.num(cell.retrieval_map.mean, 3))
+        for m in retrieval:
+            row += [fmt.mean_std(cell.stat(m)), _delta(cell, group, m)]
         if show_pub:
             row.append(_published(cell.published, cell.method, footnotes) if cell.published else "")
         row += [

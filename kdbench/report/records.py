@@ -199,6 +199,7 @@ def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
     if repeats is None and row["views_count"] is not None:
         repeats = row["views_epochs"] > row["views_count"]
     row["views_repeat"] = repeats
+    row["retrieval_tap"] = _opt(rec, "protocol.retrieval_tap")  # the embedding of the map_* / p100_* metrics
     row.update({k: _opt(rec, f"final.{k}") for k in _FINAL + _FINAL_OPTIONAL})
     row.update({k: _opt(rec, f"cost.{k}") for k in _COST})
     row.update({f"req.{k}": _opt(rec, f"requirements.{k}") for k in _REQUIREMENTS})

@@ -16,11 +16,11 @@ import torch.nn as nn
 
 from kdbench.config import Protocol
 from kdbench.data.shards import Split
-from kdbench.data.views import ViewRenderer
+from kdbench.data.views import CLEAN_VIEW, ViewRenderer
 from kdbench.errors import NonFiniteLossError
 from kdbench.evaluate import predict, topk_accuracy
 from kdbench.meta import DataInfo
-from kdbench.methods.base import DistillMethod, StepContext, Targets
+from kdbench.methods.base import TEACHER_VIEWS, DistillMethod, StepContext, Targets
 from kdbench.taps import TapDict, compute_taps
 from kdbench.train.optim import build_optimizer, lr_factor
 
@@ -28,7 +28,7 @@ _logger = logging.getLogger(__name__)
 
 
 class TeacherSource(TypingProtocol):
-    """Serves the declared teacher taps for the views of a batch."""
+    """Serves the declared teacher taps for a view (a stored view index, or ``CLEAN_VIEW``) of a batch's rows."""
 
     forward_count: int
 
@@ -36,6 +36,25 @@ class TeacherSource(TypingProtocol):
 
     def bytes_read(self) -> int: ...
 
+
+def teacher_view_index(kind: str, view: int, count: int) -> int:
+    """The view whose teacher outputs a student on view ``view`` (of ``count``) is served.
+
+    Args:
+        kind: The method's declared ``teacher_view``: ``same`` (``view``), ``other`` (``(view + 1) mod count``)
+            or ``clean`` (:data:`~kdbench.data.views.CLEAN_VIEW`).
+        view: The student's view.
+        count: V, the views per image.
+    """
+    if kind == "same":
+        return view
+    if kind == "other":
+        if count < 2:
+            raise ValueError(f"teacher_view 'other' needs at least 2 views per image; protocol.views.count is {count}")
+        return (view + 1) % count
+    if kind == "clean":
+        return CLEAN_VIEW
+    raise ValueError(f"unknown teacher_view {kind!r}; valid: {', '.join(TEACHER_VIEWS)}")
 
 
 @dataclass
@@ -73,7 +92,8 @@ def fit(
     """Trains ``model`` with ``method``'s loss under ``protocol``.
 
     Epoch ``e`` replays view ``e mod V`` of every training image, in a seeded random order; the teacher's
-    outputs for exactly that view come from ``teacher``.
+    outputs come from ``teacher``, for exactly that view unless the method declares another
+    :meth:`~kdbench.methods.base.DistillMethod.teacher_view` (see :func:`teacher_view_index`).
 
     Args:
         model: The student (trained in place).
@@ -128,12 +148,15 @@ class _Run:
         self.renderer = ViewRenderer.for_split(protocol.views, train, data)
         model.to(device).to(memory_format=torch.channels_last)
         method.to(device)
-        self.optimizer = build_optimizer(list(model.parameters()) + list(method.parameters()), protocol)
+        self.params = [q for q in list(model.parameters()) + list(method.parameters()) if q.requires_grad]
+        self.optimizer = build_optimizer(self.params, protocol)
         self.n = len(train)
         self.steps_per_epoch = math.ceil(self.n / protocol.batch_size)
         self.student_taps = method.student_taps(method.cfg)
         self.teacher_taps = method.teacher_taps(method.cfg)
         self.needs_index = method.requirements(method.cfg).sample_index
+        self.teacher_view = method.teacher_view(method.cfg)
+        teacher_view_index(self.teacher_view, 0, protocol.views.count)  # an impossible declaration fails here
         self.owner = f"method {method.name!r}"
         self.step = 0
         self.student_forward = 0
@@ -177,7 +200,8 @@ class _Run:
         targets = Targets(labels.to(device), partner_labels.to(device), torch.from_numpy(params.lam).to(device))
         ctx = StepContext(epoch, p.epochs, self.step, self.steps_per_epoch, view,
                           torch.from_numpy(rows).to(device) if self.needs_index else None)
-        t_out = self.teacher.outputs(view, rows, device) if self.teacher_taps else {}
+        t_view = teacher_view_index(self.teacher_view, view, p.views.count)
+        t_out = self.teacher.outputs(t_view, rows, device) if self.teacher_taps else {}
         s_out = compute_taps(self.model, x.contiguous(memory_format=torch.channels_last), self.student_taps)
         out = self.method.loss(TapDict(s_out, self.owner + " (student)"), TapDict(t_out, self.owner + " (teacher)"),
                                targets, ctx)
@@ -191,6 +215,8 @@ class _Run:
             group["lr"] = p.lr * lr_factor(p, self.step, self.steps_per_epoch)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if p.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, p.grad_clip_norm)
         self.optimizer.step()
         self.student_forward += len(rows)
         self.step += 1
