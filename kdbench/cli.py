@@ -240,16 +240,9 @@ def cmd_plan(args) -> None:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"kdbench: error: --config takes KEY=VALUE, got {item!r}")
-        overrides[key] = yaml_value(value)
+        overrides[key] = value  # read as YAML by the plan, as the workflow reads snakemake --config
     plan = Plan.resolve(args.configfile or [], overrides)
     print(plan.render())
-
-
-def yaml_value(text: str) -> Any:
-    """A ``--config`` value parsed as Snakemake does (YAML: ``[0,1]`` is a list, ``5e-2`` a number)."""
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 def cmd_verify(args) -> int:
@@ -347,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configfile", nargs="+", metavar="FILE",
                    help="config files merged in order, or one suite file (default: workflow/config/config.yaml)")
     p.add_argument("--config", dest="set", nargs="+", metavar="KEY=VALUE",
-                   help="overrides, as snakemake --config (dotted keys reach nested values)")
+                   help="overrides as snakemake --config takes them (values read as YAML); dotted keys reach nested values")
 
     p = add("train-teacher", cmd_train_teacher, "train (or load) one teacher of the config")
     p.add_argument("--teacher", required=True, help="teacher name in the config")

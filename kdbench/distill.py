@@ -94,6 +94,8 @@ def run_distill(
         return _skip(out_dir, identity, cfg, reason)
     seed_everything(seed)  # adapters are seeded too, independently of the teacher's loading
     method = method_cls(mcfg, teacher=t_info, student=s_info, data=job.data)
+    if job.teacher is not None:
+        method.bind_teacher_weights(job.teacher)
     train = job.split("train")
     source, store_manifests = _teacher_source(job, method, label, train, stores)
     result = fit(model, method, train, {"val": job.split("val"), "test": job.split("test")}, job.data, cfg.protocol,
@@ -138,9 +140,10 @@ def _teacher_source(
     taps = method.teacher_taps(method.cfg)
     if not taps:
         return None, {}
-    if method.requirements(method.cfg).live_teacher:
+    reqs = method.requirements(method.cfg)
+    if reqs.live_teacher or reqs.live_teacher_tail:  # the tail alone still reads its taps from the stores
         method.live_teacher_module(job.teacher)
-    if method.requirements(method.cfg).live_teacher or not stores:
+    if reqs.live_teacher or not stores:
         return LiveTeacher(job.teacher, frozenset(taps), job.renderer(train), job.tmeta["image_size"]), {}
     n_stages = len(model_info(job.teacher, job.tmeta["model"], job.data.in_chans, job.tmeta["image_size"]).feature_shapes)
     opened, manifests = {}, {}
@@ -252,6 +255,7 @@ def _record(
             "data_manifest_sha256": job.data_manifest_sha256(),
             "store_manifests": store_manifests,
             "model_sha256": meta["sha256"],
+            **({"method_audit": audit} if (audit := method.audit()) else {}),
         },
         inputs={"data": str(job.data_dir), "teacher_dir": str(teacher_dir) if teacher_dir else None,
                 "stores": {tap: str(d) for tap, d in stores.items()}},

@@ -254,6 +254,9 @@ _RESNETS = {
     "resnet32x4": (32, (32, 64, 128, 256)),
 }
 _WRNS = {"wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
+STAGED_CNNS = frozenset(_CONVNETS) | frozenset(_RESNETS) | frozenset(_WRNS)
+"""kdbench's own conv nets (``ConvNet``, ``CifarResNet``): each feature stage ends in a conv whose output
+channels reach the stage's output one for one (per-channel BN / ReLU / residual sum)."""
 
 
 def _register_all() -> None:

@@ -4,7 +4,8 @@ A config is resolved **once** (:func:`resolve_tables`): the files are merged in 
 on top (``seeds=[0,1]``, or a dotted key such as ``protocol.epochs=5``), a teacher given as
 ``{from: other-config.yaml}`` is replaced by that config's teacher (its model, checkpoint, training protocol
 and training data, written out in full), and a suite file (``tables: [a.yaml, b.yaml]``) becomes one table per
-listed config. Every table's resolved config is written to ``results/<table>/config.resolved.yaml`` and every
+listed config. Every table's resolved config is written to ``results/<table>/config-<hash>.resolved.yaml`` (a
+new file for every distinct config, so a record's config file never changes under it) and every
 job of that table reads that file.
 
 :class:`Plan` turns the tables into jobs and is the only place that knows an output path. Upstream work is
@@ -68,7 +69,7 @@ class Layout:
     STORE = f"{RESULTS}/cache/{{key}}/{{spec}}/{{tapdir}}"
     SHARD = f"{STORE}/{SHARD_NAME}"
     TABLE = f"{RESULTS}/{{table}}"
-    RESOLVED = f"{TABLE}/config.resolved.yaml"
+    RESOLVED = f"{TABLE}/config-{{config_hash}}.resolved.yaml"
     RUN = f"{TABLE}/runs/{{teacher}}/{{student}}/{{label}}/seed{{seed}}"
     LEADERBOARD = f"{TABLE}/leaderboard"
     COMPARE = f"{TABLE}/compare.md"
@@ -104,6 +105,25 @@ def apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
         else:
             node[last] = copy.deepcopy(value)
     return raw
+
+
+def typed_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``--config`` values as YAML types: Snakemake reads ``seeds=[0,1]`` with YAML's base loader, which leaves
+    every item a string (``['0', '1']``); each string inside is read again as YAML (``[0, 1]``)."""
+
+    def typed(value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return yaml.safe_load(value) if value.strip() else value
+            except yaml.YAMLError:
+                return value
+        if isinstance(value, Mapping):
+            return {k: typed(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [typed(v) for v in value]
+        return value
+
+    return {k: typed(v) for k, v in overrides.items()}
 
 
 def _merged(files: Sequence[Path]) -> dict:
@@ -159,7 +179,7 @@ class Table:
 
     @property
     def resolved_path(self) -> str:
-        return Layout.RESOLVED.format(table=self.name)
+        return self.cfg.source
 
     @property
     def config_hash(self) -> str:
@@ -173,14 +193,10 @@ def _table(files: Sequence[Path], overrides: Mapping[str, Any]) -> Table:
     origin = " + ".join(str(f) for f in files)
     if overrides:
         origin += " + --config " + " ".join(f"{k}={v!r}" for k, v in overrides.items())
-    name = raw.get("name") if isinstance(raw, Mapping) else None
-    source = Layout.RESOLVED.format(table=name) if isinstance(name, str) and "/" not in name else str(files[-1])
-    try:
-        cfg = parse_config(raw, source=source)
-    except ConfigError as e:  # name the file the user wrote, not the resolved copy
-        raise ConfigError(str(e).replace(source, origin, 1)) from None
+    cfg = parse_config(raw, source=origin)  # errors name the files and overrides the user wrote
     if cfg.name in RESERVED:
         raise ConfigError(f"{origin}: key 'name' must not be one of {', '.join(sorted(RESERVED))} (result folders)")
+    source = Layout.RESOLVED.format(table=cfg.name, config_hash=config_hash(cfg))
     return Table(cfg=parse_config(to_raw(cfg), source=source), origin=origin)  # as the jobs will read it
 
 
@@ -195,7 +211,7 @@ def resolve_tables(files: Sequence[str | Path], overrides: Mapping[str, Any] | N
         ConfigError: naming the file and the key.
     """
     paths = [Path(f) for f in files] or [Path(DEFAULT_CONFIG)]
-    overrides = dict(overrides or {})
+    overrides = typed_overrides(overrides or {})
     merged = _merged(paths)
     if "tables" not in merged:
         tables = [_table(paths, overrides)]

@@ -107,9 +107,11 @@ def _setup(
     teacher.eval()
     student.train()
     method.train()
-    if cls.requirements(cfg).live_teacher:
+    reqs = cls.requirements(cfg)
+    if reqs.live_teacher or reqs.live_teacher_tail:
         teacher.requires_grad_(False)  # the harness hands over a frozen teacher
         method.live_teacher_module(teacher)
+    method.bind_teacher_weights(teacher)  # as the harness does whenever the job loads a teacher
     return Setup(name, cls, cfg, method, teacher, student, pair[0])
 
 

@@ -30,9 +30,11 @@ from kdbench.methods.crd import contrast_scores, nce_loss
 from kdbench.methods.dist import dist_loss, inter_class_relation, intra_class_relation, pearson_correlation
 from kdbench.methods.dkd import decoupled_kd_terms, dkd_loss, dkd_warmup
 from kdbench.methods.fitnet import hint_loss, resize_to
+from kdbench.methods.indistill import layer_mse, match_spatial
 from kdbench.methods.kd import kd_loss
 from kdbench.methods.pkt import cosine_kernel_probs, pkt_loss
 from kdbench.methods.rkd import pairwise_distances, rkd_angle_loss, rkd_distance_loss, triplet_angles
+from kdbench.methods.scalekd import CrossAttentionProjector, dfm_alt_loss, dfm_direct_loss, remove_spatial_mean
 from kdbench.models import ModelInfo
 from kdbench.taps import TapDict
 
@@ -95,7 +97,26 @@ CASES: dict[str, Callable[[], torch.Tensor]] = {
     "crd.nce_loss": lambda: nce_loss(contrast_scores(ANCHOR, MEMORY, ROWS, 0.07) / 2000.0, 40),
     "funmatch.loss": lambda: _funmatch().loss,
     "funmatch.loss.tau10": lambda: _funmatch(tau=10.0).loss,
+    "indistill.match_spatial": lambda: match_spatial(MAP_S, MAP_T)[0][0, 0].flatten(),
+    "indistill.layer_mse": lambda: layer_mse(MAP_S, MAP_T, torch.tensor([0, 3, 4, 7, 10, 11])),
+    "indistill.layer_mse.same_size": lambda: layer_mse(
+        MAP_T[:, :5], _randn(B, 12, 4, 4, seed=11), torch.tensor([1, 2, 6, 8, 9])
+    ),
+    "scalekd.remove_spatial_mean": lambda: remove_spatial_mean(MAP_T)[0, 0].flatten(),
+    "scalekd.dfm_direct_loss": lambda: dfm_direct_loss(MAP_T, _randn(B, 12, 4, 4, seed=11)),
+    "scalekd.dfm_alt_loss": lambda: dfm_alt_loss(MAP_T, _randn(B, 12, 4, 4, seed=11)),
+    "scalekd.cap_shapes": lambda: _cap_shapes(),
 }
+
+
+def _cap_shapes() -> torch.Tensor:
+    """Output shapes of ScaleKD's CAP: learned 4x4 queries on an 8x8 student map (6 -> 12 channels), then
+    supplied 2x3 queries, as a float64 vector (no weights involved)."""
+    torch.manual_seed(0)
+    cap = CrossAttentionProjector(6, (8, 8), 12, (4, 4), head_dim=4).double()
+    learned = cap(MAP_S)
+    supplied = cap(MAP_S, _randn(B, 6, 12, seed=12))
+    return torch.tensor([*learned.shape, *supplied.shape, cap.num_heads], dtype=torch.float64)
 
 
 def _value(name: str) -> list[float]:

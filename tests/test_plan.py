@@ -35,7 +35,7 @@ def test_default_config_resolves_with_overrides_and_every_value_explicit():
     assert table.cfg.protocol.epochs == 4
     assert table.raw["protocol"]["warmup_epochs"] == 0  # a default, written out
     assert table.raw["methods"]["kd"] == {"method": "kd", "tau": 4.0, "ce_weight": 0.1, "kd_weight": 0.9}
-    assert table.cfg.source == "results/fashion-mnist-default/config.resolved.yaml"
+    assert table.cfg.source == f"results/fashion-mnist-default/config-{table.config_hash}.resolved.yaml"
     (plain,) = resolve_tables([CONFIGS / "config.yaml"])
     assert plain.config_hash != table.config_hash  # two different configs never share one tag
 
@@ -171,3 +171,9 @@ def test_an_incompatible_cell_is_not_scheduled_and_the_leaderboard_lists_its_rea
     assert cli.main(["leaderboard", "--config", str(resolved), "--runs", *runs, "--out", str(tmp_path / "lb")]) == 0
     board = (tmp_path / "lb" / "leaderboard.md").read_text()
     assert "num_stages" in board and "| at |" in board
+
+
+def test_snakemake_config_values_are_read_as_yaml():
+    """Snakemake parses `--config seeds=[0,1]` with YAML's base loader: every item is a string."""
+    (table,) = resolve_tables([CONFIGS / "config.yaml"], {"seeds": ["0", "1"], "protocol": {"epochs": "4", "lr": "5e-2"}})
+    assert table.cfg.seeds == (0, 1) and table.cfg.protocol.epochs == 4 and table.cfg.protocol.lr == 0.05

@@ -33,11 +33,15 @@ class Requirements:
             marked in the leaderboard).
         sample_index: The step context carries the rows (positions) of the batch's samples (memory banks).
         full_logits: Needs every class's logit; a grid whose cache keeps only the top-k is rejected.
+        live_teacher_tail: The method receives the teacher module (:meth:`DistillMethod.live_teacher_module`)
+            to run part of it (ScaleKD's last stage) on its own inputs, but its declared teacher taps are still
+            served from the stores; the row is marked and the method counts that part's compute.
     """
 
     live_teacher: bool = False
     sample_index: bool = False
     full_logits: bool = False
+    live_teacher_tail: bool = False
 
 
 TEACHER_VIEWS = ("same", "other", "clean")
@@ -226,7 +230,18 @@ class DistillMethod(nn.Module):
         """Called before each epoch (curricula, memory-bank refreshes)."""
 
     def live_teacher_module(self, teacher: nn.Module) -> None:
-        """Receives the teacher module when ``requirements().live_teacher`` (frozen; never trained)."""
+        """Receives the teacher module when ``requirements().live_teacher`` or ``live_teacher_tail`` (frozen;
+        never trained)."""
+
+    def bind_teacher_weights(self, teacher: nn.Module) -> None:
+        """Receives the frozen teacher once, before training, whenever the job loads one (cached or live), for
+        constants derived from its weights (InDistill's pruned channels). The teacher's outputs still come
+        from the cache: a method that runs the teacher must declare ``live_teacher`` instead."""
+
+    def audit(self) -> dict[str, Any]:
+        """JSON-serialisable facts a method derived at run time (e.g. from the teacher's weights), written to
+        the run record's provenance; empty by default."""
+        return {}
 
     def extra_parameters(self) -> int:
         """Trainable parameters the method adds (adapters), counted in the cost columns."""
