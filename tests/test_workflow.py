@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -23,10 +24,14 @@ needs_data = pytest.mark.skipif(
 )
 
 
+# The workflow's jobs run the `kdbench` command of this interpreter's environment, activated or not.
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def snakemake(workdir: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(config), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=ENV)
 
 
 def write_config(tmp_path: Path, **changes) -> Path:
@@ -103,7 +108,9 @@ def test_end_to_end_workflow_builds_the_leaderboard(tmp_path):
     more = snakemake(tmp_path, TINY, "-n", "--config", f"seeds={raw['seeds'] + [7]}")
     assert more.returncode == 0, more.stderr
     assert job_counts(more.stdout) == {"distill": len(want), "leaderboard": 1, "all": 1, "total": len(want) + 2}
-    assert "seed7/record.json" in more.stdout and "seed0/record.json" not in more.stdout
+    planned = set(re.findall(r"^\s+output: (\S+)", more.stdout, re.M))
+    assert {p for p in planned if p.endswith("record.json")} == {
+        f"results/{raw['name']}/runs/{t}/{s}/{m}/seed7/record.json" for t, s, m in want}
     # A cache job killed mid-write leaves only a temporary file and no manifest: the rerun finishes the
     # store (and redoes what depends on it), and no reader ever took the temporary file for a shard.
     shard = next((tmp_path / "results" / "cache").rglob("shard-00000.h5"))
@@ -116,6 +123,13 @@ def test_end_to_end_workflow_builds_the_leaderboard(tmp_path):
     assert redo.returncode == 0, redo.stderr[-3000:]
     assert shard.exists() and (shard.parent / "manifest.json").exists()
     assert len(list(csv.DictReader(open(board / "leaderboard.csv")))) == len(want)
+    # Published as a snapshot, the table is checked against it as the workflow's last step (`kdbench compare`).
+    shutil.copytree(board, tmp_path / "results" / "published" / raw["name"])
+    check = snakemake(tmp_path, TINY, "--cores", "2")
+    assert check.returncode == 0, check.stderr[-3000:]
+    summary = (tmp_path / "results" / raw["name"] / "compare.md").read_text().strip().splitlines()[-1]
+    assert summary == f"{len(want)}/{len(want)} cells reproduced within the published 95% interval"
+    assert f"{raw['name']}: {summary}" in check.stdout
     shutil.rmtree(tmp_path / ".snakemake", ignore_errors=True)
 
 
