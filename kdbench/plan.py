@@ -291,11 +291,6 @@ class StoreKey:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_stages(model: str) -> int:
-    return len(create_model(model, num_classes=10, in_chans=3, img_size=32).feature_info)
-
-
-@functools.lru_cache(maxsize=None)
 def _model_info(model: str, source: str, image_size: int | None) -> ModelInfo:
     """A model's metadata on a data source (built on the CPU, never trained), for compatibility checks."""
     src = SOURCES.get(source)
@@ -429,7 +424,7 @@ class Plan:
     def _stores_of(self, table: str, tk: TeacherKey, taps: set[str]) -> dict[str, StoreKey]:
         cfg = self.tables[table].cfg
         model = self.assistant_model(tk.table, tk.label) if tk.label else self.tables[tk.table].cfg.teachers[tk.teacher].model
-        n = _num_stages(model)
+        n = len(_model_info(model, cfg.data.source, None).feature_shapes)
         spec = _h(self.data_key(table), cfg.protocol.views, cfg.cache, cfg.protocol.eval_batch_size)
         return {tap: StoreKey(tk, spec, normalize_tap(tap, n), table) for tap in sorted(taps)}
 
