@@ -97,7 +97,7 @@ def run_distill(
     if job.teacher is not None:
         method.bind_teacher_weights(job.teacher)
     train = job.split("train")
-    source, store_manifests = _teacher_source(job, method, label, train, stores)
+    source, store_manifests = _teacher_source(job, method, label, train, stores, t_info)
     result = fit(model, method, train, {"val": job.split("val"), "test": job.split("test")}, job.data, cfg.protocol,
                  seed, job.device, source, out_dir / "epochs.jsonl", label=f"{teacher}/{student}/{label}/seed{seed}")
     record = _record(job, identity, method, model, s_info, result, teacher_dir, store_manifests, stores, out_dir, wall0)
@@ -134,9 +134,12 @@ def _skip(out_dir: Path, identity: Identity, cfg: Config, reason: str) -> RunRec
 
 
 def _teacher_source(
-    job: JobInputs, method: DistillMethod, label: str, train, stores: dict[str, Path]
+    job: JobInputs, method: DistillMethod, label: str, train, stores: dict[str, Path], t_info: ModelInfo | None
 ) -> tuple[TeacherSource | None, dict[str, str]]:
-    """Where the method's teacher taps come from: the stores (the teacher never runs) or the live teacher."""
+    """Where the method's teacher taps come from: the stores (the teacher never runs) or the live teacher.
+
+    ``t_info`` is the teacher's metadata (its stage count normalises the declared taps to store names).
+    """
     taps = method.teacher_taps(method.cfg)
     if not taps:
         return None, {}
@@ -145,7 +148,7 @@ def _teacher_source(
         method.live_teacher_module(job.teacher)
     if reqs.live_teacher or not stores:
         return LiveTeacher(job.teacher, frozenset(taps), job.renderer(train), job.tmeta["image_size"]), {}
-    n_stages = len(model_info(job.teacher, job.tmeta["model"], job.data.in_chans, job.tmeta["image_size"]).feature_shapes)
+    n_stages = len(t_info.feature_shapes)
     opened, manifests = {}, {}
     for tap in taps:
         norm = normalize_tap(tap, n_stages)

@@ -202,7 +202,7 @@ def test_distill_hands_the_teacher_over_and_still_reads_the_stores(monkeypatch, 
         cfg=SimpleNamespace(cache=SimpleNamespace(verify=False)), store_identity=lambda tap: tap,
     )
     stores = {"logits": tmp_path / "logits", "feature[-1]": tmp_path / "feature_5"}
-    source, manifests = distill._teacher_source(job, method, "scalekd", None, stores)
+    source, manifests = distill._teacher_source(job, method, "scalekd", None, stores, t_info)
     assert source == ("cached", ["feature[-1]", "logits"])
     assert set(manifests) == {"logits", "feature[-1]"} and len(opened) == 2
     assert method.tail.kind == "vit"
