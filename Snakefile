@@ -27,6 +27,9 @@ localrules:
     cache_manifest,
     leaderboard,
     compare,
+    study,
+    amd_select,
+    amd_audit,
 
 
 rule all:

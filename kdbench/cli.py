@@ -212,6 +212,70 @@ def cmd_distill(args) -> None:
         _done(f"{run}: skipped ({record.skip_reason})")
 
 
+def _amd_args(args):
+    cfg = _config(args)
+    _check_cell(cfg, args.teacher, args.label)
+    return cfg
+
+
+def cmd_amd_search(args) -> None:
+    from kdbench.tasearch import run_search
+
+    cfg = _amd_args(args)
+    summary = run_search(cfg, args.teacher, args.label, Path(args.data), Path(args.teacher_dir), _stores(args.store),
+                         Path(args.out))
+    accs = ", ".join(f"{c['ratio']:.2f}: {c['val_top1']:.1f}%" for c in summary["candidates"])
+    _done(f"{cfg.name}: {args.teacher}/{args.label}: {len(summary['candidates'])} candidates trained jointly in"
+          f" {summary['wall_time_s']:.0f} s (scale: val top-1 {accs})")
+
+
+def cmd_amd_select(args) -> None:
+    from kdbench.tasearch import run_select
+
+    sel = run_select(Path(args.search))
+    _done(f"{args.search}: {sel['criterion']} selects candidate {sel['selected']} ({sel['name']}, {sel['ratio']:.2f} of"
+          " the teacher)")
+
+
+def cmd_amd_finetune(args) -> None:
+    from kdbench.tasearch import run_finetune
+
+    cfg = _amd_args(args)
+    record = run_finetune(cfg, args.teacher, args.label, Path(args.data), Path(args.teacher_dir), _stores(args.store),
+                          Path(args.search), Path(args.out))
+    _done(f"{cfg.name}: {args.teacher}/{args.label}: assistant {record.identity.student} fine-tuned, test top-1"
+          f" {record.final.test_top1:.2f}% in {record.cost.wall_time_s:.0f} s")
+
+
+def cmd_amd_oracle(args) -> None:
+    from kdbench.tasearch import run_oracle
+
+    cfg = _amd_args(args)
+    record = run_oracle(cfg, args.teacher, args.label, args.student, Path(args.search) / "candidates" / str(args.candidate),
+                        Path(args.data), Path(args.out))
+    _done(f"{cfg.name}: oracle candidate {args.candidate} -> {args.student}: val top-1 {record.final.val_top1:.2f}%"
+          f" in {record.cost.wall_time_s:.0f} s")
+
+
+def cmd_amd_audit(args) -> None:
+    from kdbench._util import write_json_atomic
+    from kdbench.errors import ConfigError
+    from kdbench.tasearch import audit, audit_markdown
+
+    oracle = {}
+    for item in args.oracle:
+        student, _, files = item.partition("=")
+        if not files:
+            raise ConfigError(f"--oracle {item!r}: expected STUDENT=RECORD[,RECORD...]")
+        oracle[student] = [Path(f) for f in files.split(",")]
+    result = audit(Path(args.search), oracle)
+    out = Path(args.out)
+    write_json_atomic(out.with_suffix(".json"), result)
+    out.write_text(audit_markdown(result))
+    picks = "; ".join(f"{s}: oracle best {st['best']}, regret {st['regret']:.2f} points" for s, st in result["students"].items())
+    _done(f"AMD audit: npsd-approx selected candidate {result['selected']}; {picks} ({out})")
+
+
 def cmd_leaderboard(args) -> None:
     from kdbench._util import to_jsonable
     from kdbench.config import config_hash
@@ -232,8 +296,17 @@ def cmd_leaderboard(args) -> None:
     _done(f"leaderboard {title}: {summary['cells']} cells from {summary['runs']} runs -> {args.out}")
 
 
+def cmd_study(args) -> None:
+    from kdbench.report.study import write_study
+
+    study = write_study([Path(p) for p in args.runs], Path(args.out), args.name)
+    for check in study.checks:
+        _done(f"lossless check: {check.render()}")
+    _done(f"study {args.name}: {len(study.rows)} rows from {len(args.runs)} runs -> {args.out}")
+
+
 def cmd_plan(args) -> None:
-    from kdbench.plan import Plan
+    from kdbench.plan import Plan, resolve_study
 
     overrides = {}
     for item in args.set or []:
@@ -243,6 +316,9 @@ def cmd_plan(args) -> None:
         overrides[key] = value  # read as YAML by the plan, as the workflow reads snakemake --config
     plan = Plan.resolve(args.configfile or [], overrides)
     print(plan.render())
+    study = resolve_study(args.configfile or [], list(plan.tables.values()))
+    if study:
+        print(f"study {study.name} over {len(study.tables)} tables -> {study.dir}/study.md")
 
 
 def cmd_verify(args) -> int:
@@ -390,9 +466,50 @@ def build_parser() -> argparse.ArgumentParser:
     store_option(p, f"a store of a cached teacher tap the method reads (repeatable){named}", action="append")
     p.add_argument("--out", required=True, help="run directory")
 
+    def amd_common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--teacher", required=True, help="teacher name in the config")
+        p.add_argument("--method-label", dest="label", required=True, metavar="LABEL", help="the 'amd' method label")
+        p.add_argument("--data", required=True, help="data directory")
+
+    p = add("amd-search", cmd_amd_search, "AMD: prune the teacher into nested candidates and train them jointly")
+    amd_common(p)
+    p.add_argument("--teacher-dir", required=True, help="teacher directory")
+    store_option(p, f"a store of the teacher's logits or last feature stage (repeatable){named}", action="append")
+    p.add_argument("--out", required=True, help="search directory to write")
+
+    p = add("amd-select", cmd_amd_select, "AMD: select a candidate by npsd-approx from the search's logged accuracies",
+            config=False)
+    p.add_argument("--search", required=True, help="search directory (candidates.json)")
+
+    p = add("amd-finetune", cmd_amd_finetune, "AMD: fine-tune the selected candidate into the assistant")
+    amd_common(p)
+    p.add_argument("--teacher-dir", required=True, help="teacher directory")
+    store_option(p, f"a store of the teacher's logits or last feature stage (repeatable){named}", action="append")
+    p.add_argument("--search", required=True, help="search directory (selection.json)")
+    p.add_argument("--out", required=True, help="assistant directory to write")
+
+    p = add("amd-oracle", cmd_amd_oracle, "AMD's audit: a short run from one candidate (live) to a student")
+    amd_common(p)
+    p.add_argument("--student", required=True, help="timm model name")
+    p.add_argument("--search", required=True, help="search directory")
+    p.add_argument("--candidate", required=True, type=int, help="candidate index on the grid")
+    p.add_argument("--out", required=True, help="run directory")
+
+    p = add("amd-audit", cmd_amd_audit, "AMD's audit table: the selection against the oracle runs", config=False)
+    p.add_argument("--search", required=True, help="search directory")
+    p.add_argument("--oracle", required=True, action="append", metavar="STUDENT=RECORDS",
+                   help="a student and its oracle records in grid order, comma-separated (repeatable)")
+    p.add_argument("--out", required=True, help="the audit's Markdown file (the .json beside it)")
+
     p = add("leaderboard", cmd_leaderboard, "run records -> leaderboard tables, page and plots")
     p.add_argument("--runs", nargs="+", required=True, help="record.json files")
     p.add_argument("--out", required=True, help="leaderboard directory to write")
+
+    p = add("study", cmd_study, "a suite's study: the run records of all its tables -> one table (study.md, .csv),"
+            " one plot of accuracy vs store bytes (study.png) and the live-vs-cache lossless check", config=False)
+    p.add_argument("--runs", nargs="+", required=True, help="record.json files of every table of the study")
+    p.add_argument("--name", required=True, help="the study's name (the suite's study.name)")
+    p.add_argument("--out", required=True, help="study directory to write")
 
     p = add("verify", cmd_verify, "re-run one cell from its record and compare (bit-identical on the same CPU"
             " model and ISA, not across CPUs)", config=False)

@@ -174,6 +174,10 @@ class TeacherConfig:
     data: DataConfig | None = None
 
 
+#: Where a method entry's teacher outputs come from (``methods.<label>.teacher_source``).
+TEACHER_SOURCES = ("cache", "live")
+
+
 @dataclass(frozen=True)
 class MethodEntry:
     """One column of the grid: a registered method with its parameters under a label.
@@ -182,11 +186,16 @@ class MethodEntry:
         label: The name in the config and the leaderboard (e.g. ``kd`` or ``funmatch_fixed``).
         method: The registered method name (defaults to the label).
         params: Parameters of the method's ``Config`` dataclass.
+        teacher_source: The harness's, not the method's: ``cache`` (default) serves the teacher's outputs from
+            the stores unless the method needs the teacher online; ``live`` runs the teacher during training on
+            the same counter-based views, although the method could read a cache (the reference of the cache
+            budget study: at V = E it must reproduce the cached run). Left out of every hash while ``cache``.
     """
 
     label: str
     method: str
     params: Mapping[str, Any] = field(default_factory=dict)
+    teacher_source: str = field(default="cache", metadata=OMIT_WHEN_DEFAULT)
 
 
 @dataclass(frozen=True)
@@ -317,23 +326,30 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     for label, mraw in raw["methods"].items():
         mraw = dict(mraw or {})
         mname = mraw.pop("method", label)
+        teacher_source = mraw.pop("teacher_source", "cache")
         if mname not in METHODS:
             raise ConfigError(
                 f"{source}: key 'methods.{label}': unknown method {mname!r}; valid choices: {', '.join(METHODS.names())}"
             )
-        entry = MethodEntry(label=str(label), method=mname, params=mraw)
+        if teacher_source not in TEACHER_SOURCES:
+            raise ConfigError(f"{source}: key 'methods.{label}.teacher_source' must be one of"
+                              f" {', '.join(TEACHER_SOURCES)}, got {teacher_source!r}")
+        entry = MethodEntry(label=str(label), method=mname, params=mraw, teacher_source=teacher_source)
         try:
             mcfg = METHODS.get(mname).make_config(mraw)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: key 'methods.{label}': {e}") from e
         reqs = METHODS.get(mname).requirements(mcfg)
+        if teacher_source == "live" and not METHODS.get(mname).teacher_taps(mcfg):
+            raise ConfigError(f"{source}: key 'methods.{label}.teacher_source' is 'live', but method {mname!r} reads"
+                              " no teacher output. Fix: remove 'teacher_source'")
         if METHODS.get(mname).teacher_view(mcfg) == "other" and protocol.views.count < 2:
             raise ConfigError(
                 f"{source}: method '{label}' ({mname}) reads the teacher's outputs on another view of the image than"
                 f" the student's (teacher_view 'other'), but key 'protocol.views.count' is {protocol.views.count}."
                 f" Fix: set 'protocol.views.count' to 2 or more, or remove '{label}' from 'methods'"
             )
-        if cache.topk and reqs.full_logits and not reqs.live_teacher:
+        if cache.topk and reqs.full_logits and not reqs.live_teacher and teacher_source == "cache":
             raise ConfigError(
                 f"{source}: method '{label}' ({mname}) needs the teacher's full logits, but key 'cache.topk' is"
                 f" {cache.topk}, so the cache keeps only the top-{cache.topk}. Fix: remove 'cache.topk' (store all"
@@ -362,7 +378,8 @@ def to_raw(cfg: Config) -> dict:
     """
     def method(entry: MethodEntry) -> dict:
         built = METHODS.get(entry.method).make_config(entry.params)
-        return {"method": entry.method, **to_jsonable(built)}
+        source = {} if entry.teacher_source == "cache" else {"teacher_source": entry.teacher_source}
+        return {"method": entry.method, **to_jsonable(built), **source}
 
     return {
         "name": cfg.name,

@@ -28,7 +28,7 @@ from kdbench.config import Config
 from kdbench.errors import ConfigError
 from kdbench.evaluate import agreement, embed
 from kdbench.methods.base import METHODS, DistillMethod
-from kdbench.modeldir import save_model_dir
+from kdbench.modeldir import CANDIDATES_FILE, SEARCH_DIR, load_checkpoint, save_model_dir
 from kdbench.models import ModelInfo, create_model, model_info
 from kdbench.record import Cost, Final, Identity, RunRecord, Views, write_record
 from kdbench.retrieval import METRICS, retrieval_map
@@ -65,6 +65,7 @@ def run_distill(
     teacher_dir: Path | None,
     stores: dict[str, Path],
     out_dir: Path,
+    init: Path | None = None,
 ) -> RunRecord:
     """Trains one student and writes its run directory.
 
@@ -79,6 +80,8 @@ def run_distill(
             needed for live-teacher methods and for agreement; ``None`` for the baseline.
         stores: Tap (declared or normalised) -> store directory of the cached teacher outputs.
         out_dir: The run directory.
+        init: A state dict the student starts from instead of its seeded initialisation (AMD's fine-tuned
+            assistant starts from its searched weights).
     """
     wall0 = time.perf_counter()
     entry = cfg.methods[label]
@@ -87,6 +90,8 @@ def run_distill(
     job = open_inputs(cfg, data_dir, teacher_dir, load_model=bool(method_cls.teacher_taps(mcfg)))
     identity = run_identity(cfg, teacher, student, label, seed)
     model, s_info = _build_student(job, student, seed)
+    if init is not None:
+        load_checkpoint(model, init, student)
     _check_retrieval_tap(cfg, student, s_info)
     t_info = model_info(job.teacher, job.tmeta["model"], job.data.in_chans, job.tmeta["image_size"]) if job.teacher else None
     reason = method_cls.compatibility(mcfg, t_info, s_info)
@@ -148,13 +153,30 @@ def _teacher_source(
         method.live_teacher_module(job.teacher)
     if reqs.live_teacher or not stores:
         return LiveTeacher(job.teacher, frozenset(taps), job.renderer(train), job.tmeta["image_size"]), {}
-    n_stages = len(t_info.feature_shapes)
+    return cached_teacher(job, taps, stores, len(t_info.feature_shapes), f"method {label!r}")
+
+
+def cached_teacher(
+    job: JobInputs, taps, stores: dict[str, Path], n_stages: int, reader: str
+) -> tuple[CachedTeacher, dict[str, str]]:
+    """Opens (and checks against the job's teacher, views and cache policy) the store of every tap.
+
+    Args:
+        job: The job's inputs.
+        taps: Declared teacher taps.
+        stores: Tap (declared or normalised) -> store directory.
+        n_stages: The teacher's feature stages (normalises negative feature indices).
+        reader: Who reads them, for the error message.
+
+    Returns:
+        ``(source, tap -> sha256 of the store's manifest)``.
+    """
     opened, manifests = {}, {}
     for tap in taps:
         norm = normalize_tap(tap, n_stages)
         store_dir = stores.get(tap, stores.get(norm))  # keyed by the declared or the normalised tap
         if store_dir is None:
-            raise StoreError(f"method {label!r} reads teacher tap {tap!r} but no store of it was given;"
+            raise StoreError(f"{reader} reads teacher tap {tap!r} but no store of it was given;"
                              f" pass --store DIR with a store directory named {tap_dirname(norm)!r}")
         opened[tap] = TeacherStore.open(store_dir, job.store_identity(norm), verify=job.cfg.cache.verify)
         manifests[tap] = sha256_file(Path(store_dir) / "manifest.json")
@@ -200,6 +222,20 @@ def _retrieval(job: JobInputs, model: nn.Module) -> tuple[dict[str, float | None
     return fields, seconds
 
 
+def _assistant_cost(teacher_dir: Path | None) -> tuple[float | None, int | None]:
+    """``(seconds, candidates)`` the job's own assistant cost: its training run (TAKD, AMD's fine-tuning) plus,
+    for a searched assistant (AMD), the search that produced it and how many candidates it trained;
+    ``(None, None)`` when the job distils from a teacher, not an assistant."""
+    if teacher_dir is None or not (teacher_dir / "record.json").exists():
+        return None, None
+    seconds = read_json(teacher_dir / "record.json", "assistant run record")["cost"]["wall_time_s"]
+    search = teacher_dir / SEARCH_DIR / CANDIDATES_FILE
+    if not search.exists():
+        return seconds, None
+    summary = read_json(search, "assistant search summary")
+    return seconds + summary["wall_time_s"], len(summary["candidates"])
+
+
 def _record(
     job: JobInputs, identity: Identity, method: DistillMethod, model: nn.Module, s_info: ModelInfo,
     result: FitResult, teacher_dir: Path | None, store_manifests: dict[str, str], stores: dict[str, Path],
@@ -216,9 +252,7 @@ def _record(
     best = max(range(len(hist)), key=lambda i: hist[i]["val_top1"])
     t_pred = np.load(teacher_dir / "predictions.npy") if teacher_dir else None
     tmeta = job.tmeta
-    assistant = teacher_dir / "record.json" if teacher_dir else None
-    assistant_time = (read_json(assistant, "assistant run record")["cost"]["wall_time_s"]
-                      if assistant is not None and assistant.exists() else None)  # distilled from an assistant (TAKD)
+    assistant_time, candidates = _assistant_cost(teacher_dir)
     entry = cfg.methods[identity.method]
     return RunRecord(
         status="ok",
@@ -246,6 +280,7 @@ def _record(
             student_forward=result.student_forward,
             cache_bytes_read=result.cache_bytes_read,
             assistant_time_s=assistant_time,
+            assistant_candidates=candidates,
             retrieval_time_s=retrieval_time,
         ),
         requirements=dataclasses.asdict(method.requirements(method.cfg)),

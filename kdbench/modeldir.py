@@ -20,6 +20,11 @@ from kdbench.meta import DataInfo
 from kdbench.models import create_model
 from kdbench.runtime import provenance
 
+SEARCH_DIR = "search"
+"""Subdirectory of a searched assistant's directory (AMD) holding its search (:mod:`kdbench.tasearch`)."""
+CANDIDATES_FILE = "candidates.json"
+"""The search's summary: every candidate, its joint accuracy, and the search's wall time."""
+
 
 def save_model_dir(
     out_dir: Path, model: nn.Module, model_name: str, test: Split, val: Split, data: DataInfo, image_size: int,

@@ -263,7 +263,7 @@ def _register_all() -> None:
     def convnet(name: str, widths, depths):
         def fn(pretrained: bool = False, **kwargs) -> ConvNet:
             _no_pretrained(pretrained, name)
-            return ConvNet(widths, depths, **kwargs)
+            return ConvNet(kwargs.pop("widths", widths), depths, **kwargs)
 
         fn.__name__ = name
         fn.__doc__ = f"VGG-style conv net, widths {widths}, depths {depths}."
@@ -272,7 +272,7 @@ def _register_all() -> None:
     def resnet(name: str, depth: int, widths):
         def fn(pretrained: bool = False, **kwargs) -> CifarResNet:
             _no_pretrained(pretrained, name)
-            return CifarResNet(depth, widths, **kwargs)
+            return CifarResNet(depth, kwargs.pop("widths", widths), **kwargs)
 
         fn.__name__ = name
         fn.__doc__ = f"CIFAR ResNet of depth {depth}, widths {widths} (RepDistiller's {name})."
@@ -281,7 +281,7 @@ def _register_all() -> None:
     def wrn(name: str, depth: int, k: int):
         def fn(pretrained: bool = False, **kwargs) -> CifarResNet:
             _no_pretrained(pretrained, name)
-            return CifarResNet(depth, (16, 16 * k, 32 * k, 64 * k), wide=True, **kwargs)
+            return CifarResNet(depth, kwargs.pop("widths", (16, 16 * k, 32 * k, 64 * k)), wide=True, **kwargs)
 
         fn.__name__ = name
         fn.__doc__ = f"Wide ResNet {depth}-{k} (Zagoruyko & Komodakis 2016)."
@@ -313,8 +313,53 @@ def _register_all() -> None:
 _register_all()
 
 
+PRUNED_SEP = ":w"
+"""Separates a staged CNN's name from its channel widths in a pruned model's name (``cnn_m:w13-26-51``)."""
+
+
+def staged_widths(name: str) -> tuple[int, ...]:
+    """The widths a staged CNN (:data:`STAGED_CNNS`) is built with: its stages' (``cnn_*``) or its stem's then
+    stages' (CIFAR ResNets) channels; a pruned name's own widths."""
+    base, widths = split_pruned_name(name)
+    if widths is not None:
+        return widths
+    if base in _CONVNETS:
+        return tuple(_CONVNETS[base][0])
+    if base in _RESNETS:
+        return tuple(_RESNETS[base][1])
+    if base in _WRNS:
+        k = _WRNS[base][1]
+        return (16, 16 * k, 32 * k, 64 * k)
+    raise ValueError(f"{name!r} is not one of kdbench's staged CNNs ({', '.join(sorted(STAGED_CNNS))})")
+
+
+def pruned_name(base: str, widths: Sequence[int]) -> str:
+    """The name of ``base`` (a staged CNN) built with other channel widths: what a pruned model is called."""
+    staged_widths(base)
+    return f"{base}{PRUNED_SEP}{'-'.join(str(int(w)) for w in widths)}"
+
+
+def split_pruned_name(name: str) -> tuple[str, tuple[int, ...] | None]:
+    """``(base name, widths)`` of a pruned model's name; ``(name, None)`` for any other name."""
+    if PRUNED_SEP not in name:
+        return name, None
+    base, _, text = name.partition(PRUNED_SEP)
+    try:
+        widths = tuple(int(w) for w in text.split("-"))
+    except ValueError:
+        raise ValueError(f"model {name!r}: widths after {PRUNED_SEP!r} must be integers joined by '-'") from None
+    if base not in STAGED_CNNS or len(widths) != len(staged_widths(base)) or min(widths) < 1:
+        raise ValueError(f"model {name!r}: a pruned name is a staged CNN and {len(staged_widths(base)) if base in STAGED_CNNS else 'its'}"
+                         " positive widths")
+    return base, widths
+
+
 def check_model_name(name: str) -> str | None:
-    """Returns ``None`` if timm knows ``name``, else a reason with close matches."""
+    """Returns ``None`` if timm knows ``name`` (or it is a valid pruned name), else a reason with close matches."""
+    try:
+        name, _ = split_pruned_name(name)
+    except ValueError as e:
+        return str(e)
     if timm.is_model(name):
         return None
     close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
@@ -325,11 +370,14 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: int) -> n
     """Creates a timm model for a dataset (never pretrained: there is no model hub here).
 
     Args:
-        name: A timm model name.
+        name: A timm model name, or a pruned staged CNN's name (:func:`pruned_name`).
         num_classes: Classes of the head.
         in_chans: Input channels.
         img_size: Input resolution, passed to models that take it (ViTs).
     """
+    name, widths = split_pruned_name(name)
+    if widths is not None:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, widths=widths)
     try:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     except TypeError:

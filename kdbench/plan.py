@@ -4,9 +4,10 @@ A config is resolved **once** (:func:`resolve_tables`): the files are merged in 
 on top (``seeds=[0,1]``, or a dotted key such as ``protocol.epochs=5``), a teacher given as
 ``{from: other-config.yaml}`` is replaced by that config's teacher (its model, checkpoint, training protocol
 and training data, written out in full), and a suite file (``tables: [a.yaml, b.yaml]``) becomes one table per
-listed config. Every table's resolved config is written to ``results/<table>/config-<hash>.resolved.yaml`` (a
-new file for every distinct config, so a record's config file never changes under it) and every
-job of that table reads that file.
+listed config (or derived from one: ``{config: a.yaml, set: {...}, methods: [...]}``), with an optional
+``study`` over all of them (:func:`resolve_study`). Every table's resolved config is written to
+``results/<table>/config-<hash>.resolved.yaml`` (a new file for every distinct config, so a record's config
+file never changes under it) and every job of that table reads that file.
 
 :class:`Plan` turns the tables into jobs and is the only place that knows an output path. Upstream work is
 content-addressed, so two tables that need the same data, teacher or store share one job:
@@ -18,6 +19,7 @@ content-addressed, so two tables that need the same data, teacher or store share
 * runs:            ``results/<table>/runs/<teacher>/<student>/<label>/seed<k>/``
 * leaderboards:    ``results/<table>/leaderboard/``; the check against ``results/published/<table>/``:
   ``results/<table>/compare.md``.
+* studies:         ``results/<study>/study.{md,csv,png}``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from kdbench.config import (
 )
 from kdbench.data.sources import SOURCES, shard_counts
 from kdbench.methods import METHODS
+from kdbench.methods.base import SEARCHED_ASSISTANT
 from kdbench.models import ModelInfo, create_model, model_info
+from kdbench.prune import Candidate, assistant_grid
 from kdbench.taps import normalize_tap, tap_dirname
 
 RESULTS = "results"
@@ -66,6 +70,8 @@ class Layout:
     DATA = f"{RESULTS}/data/{{dkey}}"
     TEACHER = f"{RESULTS}/teachers/{{tkey}}"
     ASSISTANT = f"{RESULTS}/assistants/{{akey}}"
+    SEARCH = f"{ASSISTANT}/search"  # AMD's search: candidates.json, selection.json, candidates/<k>/
+    ORACLE = f"{ASSISTANT}/oracle/{{student}}/c{{cand}}"  # AMD's audit: candidate k -> student, short run
     STORE = f"{RESULTS}/cache/{{key}}/{{spec}}/{{tapdir}}"
     SHARD = f"{STORE}/{SHARD_NAME}"
     TABLE = f"{RESULTS}/{{table}}"
@@ -73,9 +79,12 @@ class Layout:
     RUN = f"{TABLE}/runs/{{teacher}}/{{student}}/{{label}}/seed{{seed}}"
     LEADERBOARD = f"{TABLE}/leaderboard"
     COMPARE = f"{TABLE}/compare.md"
+    AUDIT = f"{TABLE}/audit/{{teacher}}/{{label}}"  # the audit of a searched assistant: .md and .json
     PUBLISHED = f"{RESULTS}/published/{{table}}"
     LOGS = f"{RESULTS}/logs"
     TABLE_LOGS = f"{TABLE}/logs"
+    STUDY = f"{RESULTS}/{{study}}"  # a suite's study report (study.md / .csv / .png), over all its tables
+    STUDY_LOGS = f"{STUDY}/logs"
 
 
 # --- resolving config files + overrides --------------------------------------------------------------------
@@ -91,15 +100,18 @@ def deep_update(base: dict, new: Mapping) -> dict:
     return base
 
 
-def apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
-    """Applies ``--config`` overrides; a dotted key (``protocol.epochs``) reaches into nested mappings."""
+def apply_overrides(raw: dict, overrides: Mapping[str, Any], where: str = "--config") -> dict:
+    """Applies ``--config`` overrides; a dotted key (``protocol.epochs``) reaches into nested mappings.
+
+    ``where`` names the overrides in errors (a suite entry's ``set`` passes its file and key).
+    """
     for key, value in overrides.items():
         *parents, last = str(key).split(".")
         node = raw
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--config {key}=...: '{p}' is not a mapping in the config")
+                raise ConfigError(f"{where} {key}=...: '{p}' is not a mapping in the config")
         if isinstance(value, Mapping) and isinstance(node.get(last), dict):
             deep_update(node[last], value)
         else:
@@ -187,12 +199,68 @@ class Table:
         return config_hash(self.cfg)
 
 
-def _table(files: Sequence[Path], overrides: Mapping[str, Any]) -> Table:
-    raw = apply_overrides(_merged(files), overrides)
-    raw = _expand_teacher_refs(raw, files[-1])
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One entry of a suite file's ``tables`` list (see :func:`resolve_tables`).
+
+    Attributes:
+        config: The config file (relative to the suite file).
+        overrides: Its ``set``: overrides of that config, keys and values as ``--config`` takes them (dotted
+            keys, e.g. ``protocol.views.count: 1``; ``name: ...`` names the table); applied before the command
+            line's.
+        methods: Keep only these method labels (after every override); ``None`` keeps all.
+        where: ``<suite file>: tables[<i>]``, for messages and the resolved file's header.
+    """
+
+    config: Path
+    overrides: Mapping[str, Any]
+    methods: tuple[str, ...] | None
+    where: str
+
+
+def _suite_entry(suite: Path, i: int, item: Any) -> SuiteEntry:
+    """A suite's ``tables[i]``: a config file name, or ``{config: FILE, set: {KEY: VALUE}, methods: [LABEL]}``."""
+    where = f"{suite}: tables[{i}]"
+    if isinstance(item, str):
+        item = {"config": item}
+    if not isinstance(item, Mapping) or not isinstance(item.get("config"), str):
+        raise ConfigError(f"{suite}: key 'tables[{i}]' must be a config file name or a mapping with 'config' (a file"
+                          " name) and optionally 'set' (overrides) and 'methods' (labels to keep)")
+    unknown = sorted(set(item) - {"config", "set", "methods"})
+    if unknown:
+        raise ConfigError(f"{suite}: unknown key 'tables[{i}].{unknown[0]}'; valid keys: config, methods, set")
+    config = suite.parent / item["config"]
+    if not config.is_file():
+        raise ConfigError(f"{suite}: key 'tables[{i}].config': config file not found: {config}")
+    sets = item.get("set") or {}
+    if not isinstance(sets, Mapping):
+        raise ConfigError(f"{suite}: key 'tables[{i}].set' must be a mapping of config keys (dotted, as --config"
+                          " takes them) to values")
+    methods = item.get("methods")
+    if methods is not None and (not isinstance(methods, list) or not methods
+                                or not all(isinstance(m, str) for m in methods)):
+        raise ConfigError(f"{suite}: key 'tables[{i}].methods' must be a non-empty list of method labels")
+    return SuiteEntry(config, dict(sets), tuple(methods) if methods is not None else None, where)
+
+
+def _table(files: Sequence[Path], overrides: Mapping[str, Any], entry: SuiteEntry | None = None) -> Table:
+    raw = _merged(files)
     origin = " + ".join(str(f) for f in files)
+    if entry is not None and entry.overrides:
+        raw = apply_overrides(raw, entry.overrides, where=f"{entry.where}.set:")
+        origin += f" + {entry.where}.set " + " ".join(f"{k}={v!r}" for k, v in entry.overrides.items())
+    raw = apply_overrides(raw, overrides)
     if overrides:
         origin += " + --config " + " ".join(f"{k}={v!r}" for k, v in overrides.items())
+    if entry is not None and entry.methods is not None:
+        labels = raw.get("methods") if isinstance(raw.get("methods"), Mapping) else {}
+        missing = [m for m in entry.methods if m not in labels]
+        if missing:
+            raise ConfigError(f"{entry.where}.methods: {missing[0]!r} is not a method label of {origin}; its labels:"
+                              f" {', '.join(labels)}")
+        raw["methods"] = {m: labels[m] for m in entry.methods}
+        origin += f" + {entry.where}.methods [{', '.join(entry.methods)}]"
+    raw = _expand_teacher_refs(raw, files[-1])
     cfg = parse_config(raw, source=origin)  # errors name the files and overrides the user wrote
     if cfg.name in RESERVED:
         raise ConfigError(f"{origin}: key 'name' must not be one of {', '.join(sorted(RESERVED))} (result folders)")
@@ -203,9 +271,13 @@ def _table(files: Sequence[Path], overrides: Mapping[str, Any]) -> Table:
 def resolve_tables(files: Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> list[Table]:
     """Resolves config files (or one suite file listing tables) and overrides into tables.
 
+    A suite file has the key ``tables``, a list whose items are config files (relative to the suite) or
+    :class:`SuiteEntry` mappings that derive a table from a config: ``{config: base.yaml, set: {name: base-v1,
+    protocol.views.count: 1}, methods: [kd]}``; and optionally ``study: {name: NAME}`` (:func:`resolve_study`).
+
     Args:
         files: Config files merged in order (``--configfile``); empty means the default config.
-        overrides: ``--config`` key/value pairs, applied to every table.
+        overrides: ``--config`` key/value pairs, applied to every table (after a suite entry's ``set``).
 
     Raises:
         ConfigError: naming the file and the key.
@@ -216,14 +288,59 @@ def resolve_tables(files: Sequence[str | Path], overrides: Mapping[str, Any] | N
     if "tables" not in merged:
         tables = [_table(paths, overrides)]
     else:
-        if set(merged) != {"tables"} or not isinstance(merged["tables"], list) or not merged["tables"]:
-            raise ConfigError(f"{paths[-1]}: a suite file has exactly one key, 'tables': a list of config files")
-        tables = [_table([paths[-1].parent / str(t)], overrides) for t in merged["tables"]]
+        suite = paths[-1]
+        if set(merged) - {"tables", "study"} or not isinstance(merged["tables"], list) or not merged["tables"]:
+            raise ConfigError(f"{suite}: a suite file has the key 'tables' (a list of config files or {{config, set,"
+                              " methods}} entries) and optionally 'study', and no other key")
+        entries = [_suite_entry(suite, i, item) for i, item in enumerate(merged["tables"])]
+        tables = [_table([e.config], overrides, e) for e in entries]
     names = [t.name for t in tables]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ConfigError(f"{paths[-1]}: two tables share the name {dup[0]!r}; give each config its own 'name'")
+        raise ConfigError(f"{paths[-1]}: two tables share the name {dup[0]!r}; give each config its own 'name'"
+                          " (a suite entry: set: {name: ...})")
     return tables
+
+
+@dataclass(frozen=True)
+class Study:
+    """A suite's study: one report over the run records of all its tables (``kdbench study``).
+
+    Attributes:
+        name: The study's result folder, ``results/<name>/``.
+        tables: The suite's tables, in order.
+    """
+
+    name: str
+    tables: tuple[str, ...]
+
+    @property
+    def dir(self) -> str:
+        return Layout.STUDY.format(study=self.name)
+
+
+def resolve_study(files: Sequence[str | Path], tables: Sequence[Table]) -> Study | None:
+    """The study of a suite file (``study: {name: NAME}`` next to ``tables``), or ``None``.
+
+    Args:
+        files: The files given to :func:`resolve_tables`.
+        tables: What they resolved to.
+
+    Raises:
+        ConfigError: naming the file and the key.
+    """
+    paths = [Path(f) for f in files] or [Path(DEFAULT_CONFIG)]
+    merged = _merged(paths)
+    if "tables" not in merged or "study" not in merged:
+        return None
+    raw, suite = merged["study"], paths[-1]
+    if not isinstance(raw, Mapping) or set(raw) != {"name"}:
+        raise ConfigError(f"{suite}: key 'study' must be a mapping with the single key 'name' (its result folder)")
+    name, names = raw["name"], [t.name for t in tables]
+    if not isinstance(name, str) or not name or "/" in name or name in RESERVED or name in names:
+        raise ConfigError(f"{suite}: key 'study.name' must be a non-empty string without '/' that is neither a"
+                          f" table's name nor one of {', '.join(sorted(RESERVED))} (result folders); got {name!r}")
+    return Study(name, tuple(names))
 
 
 def write_resolved(table: Table) -> Path:
@@ -288,6 +405,11 @@ class StoreKey:
     @property
     def dir(self) -> str:
         return Layout.STORE.format(key=self.teacher.key, spec=self.spec, tapdir=tap_dirname(self.tap))
+
+
+def _assistant_model(declared: str | None, teacher_model: str) -> str | None:
+    """The model of a declared assistant: a timm name as is, a searched one the teacher's (pruned)."""
+    return teacher_model if declared == SEARCHED_ASSISTANT else declared
 
 
 @functools.lru_cache(maxsize=None)
@@ -360,7 +482,7 @@ class Plan:
         cls = METHODS.get(entry.method)
         mcfg = cls.make_config(entry.params)
         size = cfg.protocol.image_size
-        t_model = cls.assistant(mcfg) or cfg.teachers[teacher].model
+        t_model = _assistant_model(cls.assistant(mcfg), cfg.teachers[teacher].model) or cfg.teachers[teacher].model
         t_info = _model_info(t_model, cfg.data.source, cfg.teachers[teacher].train.image_size) if cls.teacher_taps(mcfg) else None
         return cls.compatibility(mcfg, t_info, _model_info(student, cfg.data.source, size))
 
@@ -370,14 +492,46 @@ class Plan:
         cls = METHODS.get(entry.method)
         return cls, cls.make_config(entry.params)
 
-    def assistant_model(self, table: str, label: str) -> str | None:
+    def assistant_model(self, table: str, teacher: str, label: str) -> str | None:
+        """The model of a method's assistant (a searched one is the teacher's model, pruned: same stages)."""
         cls, mcfg = self.method(table, label)
-        return cls.assistant(mcfg)
+        return _assistant_model(cls.assistant(mcfg), self.tables[table].cfg.teachers[teacher].model)
+
+    def searched(self, table: str, label: str) -> bool:
+        """Whether the label's assistant is searched (AMD) rather than distilled (TAKD)."""
+        cls, mcfg = self.method(table, label)
+        return cls.assistant(mcfg) == SEARCHED_ASSISTANT
 
     def assistants(self, table: str) -> list[tuple[str, str]]:
         """``(teacher, label)`` of every assistant a table trains."""
         cfg = self.tables[table].cfg
-        return sorted((t, m) for t in cfg.teachers for m in cfg.methods if self.assistant_model(table, m))
+        return sorted((t, m) for t in cfg.teachers for m in cfg.methods if self.assistant_model(table, t, m))
+
+    def search_grid(self, akey: str) -> list[Candidate]:
+        """A searched assistant's candidates (:func:`kdbench.prune.assistant_grid`), known before anything runs."""
+        ak = self.teachers[akey]
+        cfg = self.tables[ak.table].cfg
+        src = SOURCES.get(cfg.data.source)
+        _, mcfg = self.method(ak.table, ak.label)
+        return assistant_grid(cfg.teachers[ak.teacher].model, list(cfg.students), src.num_classes, src.in_chans,
+                              cfg.protocol.image_size or src.image_size, mcfg.grid_step)
+
+    def search_dir(self, akey: str) -> str:
+        return Layout.SEARCH.format(akey=akey)
+
+    def oracle_runs(self, akey: str) -> dict[str, list[str]]:
+        """Student -> the oracle run directory of every candidate (grid order)."""
+        ak = self.teachers[akey]
+        n = len(self.search_grid(akey))
+        return {s: [Layout.ORACLE.format(akey=akey, student=s, cand=k) for k in range(n)]
+                for s in self.tables[ak.table].cfg.students}
+
+    def audit_file(self, table: str, teacher: str, label: str) -> str:
+        return Layout.AUDIT.format(table=table, teacher=teacher, label=label) + ".md"
+
+    def audits(self, table: str) -> list[str]:
+        """The audit files of a table's searched assistants."""
+        return [self.audit_file(table, t, m) for t, m in self.assistants(table) if self.searched(table, m)]
 
     # --- keys and directories
 
@@ -423,16 +577,18 @@ class Plan:
 
     def _stores_of(self, table: str, tk: TeacherKey, taps: set[str]) -> dict[str, StoreKey]:
         cfg = self.tables[table].cfg
-        model = self.assistant_model(tk.table, tk.label) if tk.label else self.tables[tk.table].cfg.teachers[tk.teacher].model
+        model = self.assistant_model(tk.table, tk.teacher, tk.label) if tk.label else self.tables[tk.table].cfg.teachers[tk.teacher].model
         n = len(_model_info(model, cfg.data.source, None).feature_shapes)
         spec = _h(self.data_key(table), cfg.protocol.views, cfg.cache, cfg.protocol.eval_batch_size)
         return {tap: StoreKey(tk, spec, normalize_tap(tap, n), table) for tap in sorted(taps)}
 
     def job_stores(self, job: DistillJob) -> dict[str, StoreKey]:
-        """Declared tap -> store of a job (empty for live-teacher methods and the student alone)."""
+        """Declared tap -> store of a job (empty for live-teacher methods, for an entry with ``teacher_source:
+        live`` and for the student alone: the distill job then runs the teacher online)."""
         cls, mcfg = self.method(job.table, job.label)
         tk = self.job_teacher(job)
-        if tk is None or cls.requirements(mcfg).live_teacher:
+        live = self.tables[job.table].cfg.methods[job.label].teacher_source == "live"
+        if tk is None or live or cls.requirements(mcfg).live_teacher:
             return {}
         return self._stores_of(job.table, tk, cls.teacher_taps(mcfg))
 

@@ -60,6 +60,8 @@ class Final:
 class Cost:
     """What the run cost: time, forwards (in images), cache bytes read, extra parameters.
 
+    ``assistant_time_s`` is the run's own assistant's cost (TAKD: its distillation; AMD: its search and
+    fine-tuning), ``assistant_candidates`` how many candidates AMD's search trained (``None`` otherwise).
     ``retrieval_time_s`` is the retrieval step's share of ``wall_time_s`` (embedding both splits and both
     metrics), ``None`` when the protocol does not measure retrieval.
     """
@@ -73,6 +75,7 @@ class Cost:
     cache_bytes_read: int
     assistant_time_s: float | None = None
     retrieval_time_s: float | None = None
+    assistant_candidates: int | None = None
 
 
 @dataclass(frozen=True)

@@ -101,12 +101,17 @@ def _diff(a, b, path: str, out: list[str], tol: float) -> None:
         out.append(f"{path}: {a!r} != {b!r}")
 
 
-def compare_runs(original: Path, rerun: Path, tolerance: float = 0.0) -> list[str]:
-    """Differences between two run directories' metrics (final + per epoch), timings excluded."""
+def compare_runs(original: Path, rerun: Path, tolerance: float = 0.0, cost: bool = True) -> list[str]:
+    """Differences between two run directories' metrics (final + per epoch), timings excluded.
+
+    ``cost=False`` leaves out the cost counters, e.g. to compare a live-teacher run with a cached one (which
+    count teacher forwards and cache bytes differently by design).
+    """
     out: list[str] = []
     a, b = read_json(original / "record.json", "run record"), read_json(rerun / "record.json", "run record")
     _diff(strip_timings(a.get("final")), strip_timings(b.get("final")), "final", out, tolerance)
-    _diff(strip_timings(a.get("cost")), strip_timings(b.get("cost")), "cost", out, 0.0)
+    if cost:
+        _diff(strip_timings(a.get("cost")), strip_timings(b.get("cost")), "cost", out, 0.0)
     ea = [json.loads(line) for line in (original / "epochs.jsonl").read_text().splitlines()]
     eb = [json.loads(line) for line in (rerun / "epochs.jsonl").read_text().splitlines()]
     _diff(strip_timings(ea), strip_timings(eb), "epochs", out, tolerance)

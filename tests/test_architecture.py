@@ -13,7 +13,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "kdbench"
 
 LAYERS: list[set[str]] = [
-    {"kdbench", "errors", "_util", "_typed", "registry", "taps", "models", "meta", "retrieval", "record"},
+    {"kdbench", "errors", "_util", "_typed", "registry", "taps", "models", "meta", "retrieval", "record", "prune"},
     {"methods", "methods.*"},
     {"config"},
     {"data", "data.sources", "data.views"},
@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"modeldir", "train", "train.optim", "train.loop", "cache.source", "cache.inputs"},
     {"teacher", "cache.build", "cache.check"},
     {"distill"},
-    {"verify", "report", "report.*"},
+    {"verify", "report", "report.*", "tasearch"},
     {"cli"},
 ]
 

@@ -154,6 +154,7 @@ def test_tail_passes_gradients_to_the_student_but_never_changes(pair):
     assert method.tail_forward == 3 * 4 * 2  # steps x batch x views
     assert method.audit()["teacher_tail_forward"] == 24
     assert method.audit()["teacher_tail_params"] == sum(p.numel() for p in method.tail.parameters()) > 0
+    assert method.audit()["teacher_params"] == sum(p.numel() for p in teacher.parameters())
     assert all(not m.training for m in method.tail.modules())
 
 

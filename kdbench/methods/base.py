@@ -44,6 +44,10 @@ class Requirements:
     live_teacher_tail: bool = False
 
 
+SEARCHED_ASSISTANT = "searched"
+""":meth:`DistillMethod.assistant` of a method whose assistant is a pruned teacher found by the workflow's
+search (AMD); the assistant's model is then the teacher's family at the selected widths."""
+
 TEACHER_VIEWS = ("same", "other", "clean")
 """What a method's teacher outputs may be computed on (:meth:`DistillMethod.teacher_view`):
 
@@ -173,8 +177,9 @@ class DistillMethod(nn.Module):
 
     @classmethod
     def assistant(cls, cfg: Any) -> str | None:
-        """A teacher-assistant model (timm name) the workflow must first distil from the teacher, which then
-        replaces the teacher for this method (TAKD); ``None`` for one-step methods."""
+        """A teacher assistant that replaces the teacher for this method: a timm name the workflow first
+        distils from the teacher (TAKD), :data:`SEARCHED_ASSISTANT` for one the workflow searches by pruning
+        the teacher (AMD, :mod:`kdbench.tasearch`), ``None`` for one-step methods."""
         return None
 
     @classmethod

@@ -389,14 +389,16 @@ class ScaleKD(DistillMethod):
 
     def live_teacher_module(self, teacher: nn.Module) -> None:
         self._tail[:] = [teacher_tail(teacher)]
+        self.teacher_params = sum(p.numel() for p in teacher.parameters())
 
     def audit(self) -> dict:
         """The teacher tail's compute, for the run record (``provenance.method_audit``): samples it processed
-        (each DFM view counts) and its parameter count."""
+        (each DFM view counts), its parameter count and the whole teacher's."""
         if not self._tail:
             return {}
         return {"teacher_tail_forward": self.tail_forward,
-                "teacher_tail_params": sum(p.numel() for p in self._tail[0].parameters())}
+                "teacher_tail_params": sum(p.numel() for p in self._tail[0].parameters()),
+                "teacher_params": self.teacher_params}
 
     @property
     def tail(self) -> TeacherTail:

@@ -38,8 +38,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from kdbench.report import _format as fmt
 from kdbench.report.published import Published, published_result, published_teacher
@@ -171,18 +172,32 @@ class LeaderboardCell:
         return any(bool(r.get("req.live_teacher")) for r in self.all_runs)
 
     @property
+    def live_teacher_tail(self) -> bool:
+        """Whether the method ran part of the teacher (its tail) live on its own inputs (ScaleKD's last stage,
+        ``Requirements.live_teacher_tail``): the requirement, or the tail compute in a finished run's audit."""
+        return any(
+            bool(r.get("req.live_teacher_tail")) or r.get("teacher_tail_forward") is not None
+            for r in self.runs
+        )
+
+    @property
     def teacher_source(self) -> str:
         """How the teacher's outputs reached the student.
 
         ``live (required)``: the method needs the teacher module online; ``live``: the teacher ran although
         the method could read a cache (no store was given); ``cache``: only stored outputs were read;
-        ``none``: no teacher signal (the baseline); ``""`` without a finished run.
+        ``cache + live tail``: stored outputs, and the method ran the teacher's tail live on its own inputs
+        (``live + live tail`` when no store was given); ``none``: no teacher signal (the baseline); ``""``
+        without a finished run.
         """
         if not self.runs:
             return ""
         if self.live_teacher:
             return "live (required)"
-        if any((r.get("teacher_forward") or 0) > 0 for r in self.runs):
+        ran = any((r.get("teacher_forward") or 0) > 0 for r in self.runs)
+        if self.live_teacher_tail:
+            return f"{'live' if ran else 'cache'} + live tail"
+        if ran:
             return "live"
         if self.method_name == BASELINE or not any((r.get("cache_bytes_read") or 0) > 0 for r in self.runs):
             return "none"
@@ -455,7 +470,13 @@ def delta_columns(column: str) -> tuple[str, str, str, str, str]:
     """The ``leaderboard.csv`` columns of a :data:`PAIRED_METRICS` column's paired gain over the baseline
     (the headline's are unprefixed): mean, 95% interval, paired seeds, note."""
     p = "" if column == HEADLINE else f"{PAIRED_METRICS[column]}_"
-    return f"{p}delta_vs_baseline", f"{p}delta_ci95_low", f"{p}delta_ci95_high", f"{p}delta_n", f"{p}delta_note"
+    return (
+        f"{p}delta_vs_baseline",
+        f"{p}delta_ci95_low",
+        f"{p}delta_ci95_high",
+        f"{p}delta_n",
+        f"{p}delta_note",
+    )
 
 
 # The headline statistics of a cell in leaderboard.csv (also what a comparison of two leaderboards reads).
@@ -463,7 +484,12 @@ TOP1_COLUMNS = summary_columns(HEADLINE)
 DELTA_COLUMNS = delta_columns(HEADLINE)
 # Retrieval (empty where the protocol does not measure it): each mAP as top-1, then the top-100 precisions.
 RETRIEVAL_COLUMNS = (
-    *(c for column in PAIRED_METRICS if column != HEADLINE for c in summary_columns(column) + delta_columns(column)),
+    *(
+        c
+        for column in PAIRED_METRICS
+        if column != HEADLINE
+        for c in summary_columns(column) + delta_columns(column)
+    ),
     "p100_cosine",
     "p100_euclidean",
 )
@@ -496,11 +522,16 @@ LEADERBOARD_COLUMNS = (
     "wall_time_s",
     "train_time_s",
     "teacher_forward",
+    "teacher_tail_forward",
+    "teacher_tail_params",
+    "teacher_params",
     "student_forward",
     "cache_bytes_read",
     "extra_params",
     "assistant_time_s",
+    "assistant_candidates",
     "live_teacher",
+    "live_teacher_tail",
     "teacher_source",
     "views_count",
     "views_epochs",
@@ -515,7 +546,9 @@ def cell_row(cell: LeaderboardCell, group: Group) -> dict[str, Any]:
     """The machine-readable leaderboard row of a cell (``leaderboard.csv``, :data:`LEADERBOARD_COLUMNS`).
 
     ``best_val_test_top1_*`` is the secondary number (test top-1 at the epoch chosen on validation); cost
-    columns are means over the finished seeds.
+    columns are means over the finished seeds. ``teacher_forward`` counts full teacher forwards,
+    ``teacher_tail_forward`` the samples through a live teacher tail (``teacher_tail_params`` of the teacher's
+    ``teacher_params``; empty without a live tail or when the record does not say).
     """
     paired = {k: v for column in PAIRED_METRICS for k, v in _paired_values(cell, group, column).items()}
     return {
@@ -546,11 +579,16 @@ def cell_row(cell: LeaderboardCell, group: Group) -> dict[str, Any]:
         "wall_time_s": cell.mean_of("wall_time_s"),
         "train_time_s": cell.mean_of("train_time_s"),
         "teacher_forward": cell.mean_of("teacher_forward"),
+        "teacher_tail_forward": cell.mean_of("teacher_tail_forward"),
+        "teacher_tail_params": cell.first("teacher_tail_params"),
+        "teacher_params": cell.first("teacher_params"),
         "student_forward": cell.mean_of("student_forward"),
         "cache_bytes_read": cell.mean_of("cache_bytes_read"),
         "extra_params": cell.first("extra_params"),
         "assistant_time_s": cell.mean_of("assistant_time_s"),
+        "assistant_candidates": cell.first("assistant_candidates"),
         "live_teacher": cell.live_teacher,
+        "live_teacher_tail": cell.live_teacher_tail,
         "teacher_source": cell.teacher_source,
         "views_count": cell.first("views_count"),
         "views_epochs": cell.first("views_epochs"),

@@ -5,9 +5,9 @@ Markdown and HTML render exactly the same :class:`DisplayTable` per group, so th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from kdbench import __version__
 from kdbench.report import _format as fmt
@@ -76,13 +76,28 @@ _LEGEND_PUBLISHED = (
 )
 
 
+_LEGEND_TAIL = (
+    "**Teacher** `cache + live tail`: the teacher's outputs come from the store, but the method also runs the "
+    "teacher's last stage (its *tail*, frozen) live on the student's features (ScaleKD's teacher parameter "
+    f"perception). **{TEACHER_FWD}** then also shows the samples through the tail per run (`… tail [n]`; each "
+    "pass counts), and footnote [n] gives the tail's parameters and, when the record has the teacher's size, "
+    "their share of the teacher's: a rough proxy for the tail's share of a full teacher forward's compute."
+)
+
+
 def legend(tables: Sequence[Table]) -> list[str]:
-    """The "How to read these tables" items; those on retrieval and on published numbers only when a table
-    shows them."""
+    """The "How to read these tables" items; those on retrieval, published numbers and live teacher tails only
+    when a table shows them."""
     groups = [g for t in tables for g in t.groups]
     shows_published = any(g.teacher_published or any(c.published for c in g.cells) for g in groups)
     shows_retrieval = any(_paired_columns(g) for g in groups)
-    return [*_LEGEND, *[_LEGEND_RETRIEVAL] * shows_retrieval, *[_LEGEND_PUBLISHED] * shows_published]
+    shows_tail = any(c.live_teacher_tail for g in groups for c in g.cells)
+    return [
+        *_LEGEND,
+        *[_LEGEND_RETRIEVAL] * shows_retrieval,
+        *[_LEGEND_PUBLISHED] * shows_published,
+        *[_LEGEND_TAIL] * shows_tail,
+    ]
 
 
 def _paired_columns(group: Group) -> list[str]:
@@ -125,10 +140,60 @@ def _seeds(cell: LeaderboardCell) -> str:
     return f"{cell.top1.n}" + (f" (+{len(cell.skipped)} skipped)" if cell.skipped else "")
 
 
+def _footnote(text: str, footnotes: list[str]) -> str:
+    """Appends footnote ``text`` to the group's ``footnotes`` and returns its marker ``"[n]"``."""
+    footnotes.append(text)
+    return f"[{len(footnotes)}]"
+
+
 def _published(pub: Published, what: str, footnotes: list[str]) -> str:
     """``"73.33 [n]"``; appends footnote ``n`` (what the number is and its source) to ``footnotes``."""
-    footnotes.append(f"Published {what}: {fmt.num(pub.top1)} — {pub.source}")
-    return f"{fmt.num(pub.top1)} [{len(footnotes)}]"
+    marker = _footnote(f"Published {what}: {fmt.num(pub.top1)} — {pub.source}", footnotes)
+    return f"{fmt.num(pub.top1)} {marker}"
+
+
+def tail_note(cell: LeaderboardCell) -> str:
+    """What a live teacher tail cost, in words: ``"teacher tail: 1.2M samples through 25k of the teacher's 400k
+    params (6%) per run ..."``; the tail's parameters alone when the record lacks the teacher's. ``""`` for a
+    cell without a live tail."""
+    if not cell.live_teacher_tail:
+        return ""
+    samples, tail, teacher = (
+        cell.mean_of("teacher_tail_forward"),
+        cell.first("teacher_tail_params"),
+        cell.first("teacher_params"),
+    )
+    if samples is None:
+        return (
+            "teacher tail ran live; its compute was not recorded (the record has no provenance.method_audit)"
+        )
+    n = len(cell.by_seed("teacher_tail_forward"))
+    seeds = f"mean over {n} seeds" if n > 1 else "1 seed"
+    text = f"teacher tail: {fmt.si(samples)} samples"
+    if tail is None:
+        return f"{text} per run ({seeds})"
+    if not teacher:
+        return (
+            f"{text} through its {fmt.si(tail)} params per run ({seeds}; the teacher's size is not recorded)"
+        )
+    share = tail / teacher
+    pct = f"{share:.0%}" if share >= 0.01 else f"{share:.1%}"
+    return (
+        f"{text} through {fmt.si(tail)} of the teacher's {fmt.si(teacher)} params ({pct}) per run ({seeds});"
+        f" by parameter share about {fmt.si(samples * share)} full teacher forwards"
+    )
+
+
+def _teacher_forward(cell: LeaderboardCell, footnotes: list[str]) -> str:
+    """The teacher-forward cell: full teacher forwards, plus ``"<n> tail [k]"`` with footnote ``k``
+    (:func:`tail_note`) when the method ran the teacher's tail live."""
+    full = fmt.si(cell.mean_of("teacher_forward"))
+    if not cell.live_teacher_tail:
+        return full
+    samples = cell.mean_of("teacher_tail_forward")
+    tail = "tail" if samples is None else f"{fmt.si(samples)} tail"
+    text = f"{full} + {tail}" if cell.mean_of("teacher_forward") else tail
+    return f"{text} {_footnote(f'{cell.method} — {tail_note(cell)}', footnotes)}"
 
 
 def _caption(group: Group, views: set[str], footnotes: list[str]) -> str:
@@ -180,6 +245,10 @@ def group_display(group: Group) -> DisplayTable:
         notes = list(cell.notes)
         if len(views) > 1 and cell.views_note:
             notes.append(cell.views_note)
+        if cell.mean_of("assistant_time_s") is not None:  # the run's own assistant (TAKD, AMD): its cost too
+            searched = cell.first("assistant_candidates")
+            notes.append(f"+ {fmt.seconds(cell.mean_of('assistant_time_s'))} for its assistant"
+                         + (f" (search of {searched} candidates + fine-tuning)" if searched else ""))
         if cell.top1.n:
             top1 = fmt.mean_std(cell.top1)
             ci = f"±{fmt.num(cell.top1.ci95)}" if cell.top1.ci95 is not None else "n/a (1 seed)"
@@ -201,7 +270,7 @@ def group_display(group: Group) -> DisplayTable:
             row.append(_published(cell.published, cell.method, footnotes) if cell.published else "")
         row += [
             fmt.seconds(cell.mean_of("wall_time_s")),
-            fmt.si(cell.mean_of("teacher_forward")),
+            _teacher_forward(cell, footnotes),
             fmt.si(cell.mean_of("cache_bytes_read"), "B"),
             fmt.si(cell.first("extra_params")),
             fmt.DASH if cell.teacher_source == "none" else cell.teacher_source,

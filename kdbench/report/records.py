@@ -2,7 +2,8 @@
 
 A run record (``record.json``, written by the distill job) is one (teacher, student, method label, seed).
 :func:`load_runs` turns a list of them into rows of one flat table (``runs.csv``): identity columns,
-``param.<name>`` for every resolved method hyper-parameter, final metrics, cost, requirements and
+``param.<name>`` for every resolved method hyper-parameter, final metrics, cost (with the compute of a live
+teacher tail a method reports in ``provenance.method_audit``: :data:`TAIL_COLUMNS`), requirements and
 provenance (``prov.*``, ``pkg.<package>``, ``store.<tap>``; the list ``prov.dirty_files`` becomes one
 ``"; "``-joined cell, and provenance keys older records lack become empty cells). Every later table and
 plot is derived from these rows; nothing downstream reads a record again (training curves read the
@@ -16,8 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from kdbench.errors import RecordError
 from kdbench.record import SCHEMA_VERSION, optional_keys, required_keys
@@ -45,7 +47,11 @@ _REQUIRED_OK = (
 _FINAL = tuple(k.split(".", 1)[1] for k in required_keys("final"))
 _FINAL_OPTIONAL = optional_keys("final")
 _COST = tuple(k.split(".", 1)[1] for k in required_keys("cost")) + optional_keys("cost")
-_REQUIREMENTS = ("live_teacher", "sample_index", "full_logits")
+_REQUIREMENTS = ("live_teacher", "sample_index", "full_logits", "live_teacher_tail")
+# The compute of a teacher tail the method ran live (Requirements.live_teacher_tail, e.g. ScaleKD), from the
+# method's audit (``provenance.method_audit``): samples through the tail (each pass counts), the tail's
+# parameters and, when the method reports it, the whole teacher's. Empty for other methods and older records.
+TAIL_COLUMNS = ("teacher_tail_forward", "teacher_tail_params", "teacher_params")
 # Optional in a record (older records lack the later keys): missing ones become empty cells.
 _PROVENANCE = (
     "kdbench_version",
@@ -77,7 +83,6 @@ TRAILING_COLUMNS = ("epochs_file", "provenance_differs")
 # Files modified or untracked under kdbench/ and workflow/ when the commit is "+dirty", one cell.
 DIRTY_FILES = "prov.dirty_files"
 _DIRTY_SEP = "; "
-
 
 
 def _get(obj: Mapping[str, Any], dotted: str) -> Any:
@@ -202,6 +207,8 @@ def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
     row["retrieval_tap"] = _opt(rec, "protocol.retrieval_tap")  # the embedding of the map_* / p100_* metrics
     row.update({k: _opt(rec, f"final.{k}") for k in _FINAL + _FINAL_OPTIONAL})
     row.update({k: _opt(rec, f"cost.{k}") for k in _COST})
+    audit = _opt(rec, "provenance.method_audit")
+    row.update({k: audit.get(k) if isinstance(audit, Mapping) else None for k in TAIL_COLUMNS})
     row.update({f"req.{k}": _opt(rec, f"requirements.{k}") for k in _REQUIREMENTS})
     prov = rec.get("provenance") or {}
     row.update({f"prov.{k}": prov.get(k) for k in _PROVENANCE})

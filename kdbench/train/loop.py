@@ -57,6 +57,20 @@ def teacher_view_index(kind: str, view: int, count: int) -> int:
     raise ValueError(f"unknown teacher_view {kind!r}; valid: {', '.join(TEACHER_VIEWS)}")
 
 
+def view_targets(train: Split, rows: np.ndarray, params, device: torch.device) -> Targets:
+    """The labels of a batch of rendered views (``params``: the renderer's, with mixup partners and weights)."""
+    labels = train.labels[rows]
+    partner = torch.from_numpy(params.partner)
+    partner_labels = torch.where(partner >= 0, train.labels[partner.clamp(min=0)], labels)
+    return Targets(labels.to(device), partner_labels.to(device), torch.from_numpy(params.lam).to(device))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The seeded order of the training rows in an epoch."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).numpy()
+
+
 @dataclass
 class FitResult:
     """What :func:`fit` measured.
@@ -168,8 +182,7 @@ class _Run:
         self.method.on_epoch_start(StepContext(epoch, p.epochs, self.step, spe, view))
         self.model.train()
         self.method.train()
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=g).numpy()
+        order = epoch_order(self.n, seed, epoch)
         t0, loss_sum, term_sums = time.perf_counter(), 0.0, {}
         for b in range(spe):
             rows = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
@@ -194,10 +207,7 @@ class _Run:
         """Renders the batch's view, serves the teacher's outputs for it, and takes one optimiser step."""
         p, device = self.protocol, self.device
         x, params = self.renderer.render(view, rows, self.image_size, device)
-        labels = self.train.labels[rows]
-        partner = torch.from_numpy(params.partner)
-        partner_labels = torch.where(partner >= 0, self.train.labels[partner.clamp(min=0)], labels)
-        targets = Targets(labels.to(device), partner_labels.to(device), torch.from_numpy(params.lam).to(device))
+        targets = view_targets(self.train, rows, params, device)
         ctx = StepContext(epoch, p.epochs, self.step, self.steps_per_epoch, view,
                           torch.from_numpy(rows).to(device) if self.needs_index else None)
         t_view = teacher_view_index(self.teacher_view, view, p.views.count)

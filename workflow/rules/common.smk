@@ -5,17 +5,16 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from kdbench.plan import Layout as L, Plan, resolve_tables, write_resolved
+from kdbench.plan import Layout as L, Plan, resolve_study, resolve_tables, write_resolved
 
 # `--configfile` files (default: workflow/config/config.yaml) and `--config` overrides, resolved once. The
 # Snakefile has no `configfile:` directive on purpose: Snakemake would deep-merge the default into every other
 # config (a copy's `methods` would gain the default's), so kdbench reads the files itself.
 DEFAULT_CONFIG = Path(workflow.basedir) / "workflow" / "config" / "config.yaml"
-TABLES = resolve_tables(
-    [str(f) for f in workflow.config_settings.configfiles] or [str(DEFAULT_CONFIG)],
-    dict(workflow.config_settings.config),
-)
+CONFIGFILES = [str(f) for f in workflow.config_settings.configfiles] or [str(DEFAULT_CONFIG)]
+TABLES = resolve_tables(CONFIGFILES, dict(workflow.config_settings.config))
 PLAN = Plan(TABLES)
+STUDY = resolve_study(CONFIGFILES, TABLES)  # a suite's `study:` (one report over all its tables), or None
 for _table in TABLES:
     write_resolved(_table)  # every job of a table reads this file
 
@@ -33,6 +32,8 @@ wildcard_constraints:
     label=r"[^/]+",
     seed=r"\d+",
     shard=r"\d{5}",
+    study=r"[^/]+",
+    cand=r"\d+",
 
 
 def q(text):
@@ -63,22 +64,74 @@ def assistant_inputs(wildcards):
     ak = PLAN.teachers[wildcards.akey]
     teacher = PLAN.teacher_key(ak.table, ak.teacher)
     stores = PLAN.assistant_stores(ak.table, ak.teacher, ak.label)
-    return {
+    inputs = {
         "data": f"{PLAN.teacher_data_dir(ak.key)}/manifest.json",
         "teacher": f"{teacher.dir}/metrics.json",
         "stores": [f"{s.dir}/manifest.json" for s in stores.values()],
     }
+    if PLAN.searched(ak.table, ak.label):  # AMD: fine-tune the selected candidate
+        inputs["selection"] = f"{PLAN.search_dir(ak.key)}/selection.json"
+    return inputs
 
 
-def assistant_args(wildcards, output):
-    ak = PLAN.teachers[wildcards.akey]
+def assistant_common(ak):
+    """Arguments shared by every step that trains an assistant or its candidates from the teacher."""
     stores = PLAN.assistant_stores(ak.table, ak.teacher, ak.label)
     return " ".join([
-        f"--config {config_of(ak.table)} --teacher {q(ak.teacher)} --student {q(PLAN.assistant_model(ak.table, ak.label))}",
-        f"--method-label {q(ak.label)} --seed 0 --data {q(PLAN.teacher_data_dir(ak.key))}",
-        f"--teacher-dir {q(PLAN.teacher_key(ak.table, ak.teacher).dir)}",
+        f"--config {config_of(ak.table)} --teacher {q(ak.teacher)} --method-label {q(ak.label)}",
+        f"--data {q(PLAN.teacher_data_dir(ak.key))} --teacher-dir {q(PLAN.teacher_key(ak.table, ak.teacher).dir)}",
         *(f"--store {q(s.dir)}" for s in stores.values()),
     ])
+
+
+def assistant_command(wildcards, output):
+    """`kdbench distill` of TAKD's assistant, or `kdbench amd-finetune` of AMD's selected candidate."""
+    ak = PLAN.teachers[wildcards.akey]
+    if PLAN.searched(ak.table, ak.label):
+        return f"amd-finetune {assistant_common(ak)} --search {q(PLAN.search_dir(ak.key))}"
+    return f"distill {assistant_common(ak)} --student {q(PLAN.assistant_model(ak.table, ak.teacher, ak.label))} --seed 0"
+
+
+def search_inputs(wildcards):
+    inputs = assistant_inputs(wildcards)
+    inputs.pop("selection", None)
+    return inputs
+
+
+def search_args(wildcards, output):
+    return assistant_common(PLAN.teachers[wildcards.akey])
+
+
+def oracle_inputs(wildcards):
+    ak = PLAN.teachers[wildcards.akey]
+    return {
+        "data": f"{PLAN.data_dir(PLAN.data_key(ak.table))}/manifest.json",
+        "search": f"{PLAN.search_dir(ak.key)}/candidates.json",
+    }
+
+
+def oracle_args(wildcards, output):
+    ak = PLAN.teachers[wildcards.akey]
+    return " ".join([
+        f"--config {config_of(ak.table)} --teacher {q(ak.teacher)} --method-label {q(ak.label)}",
+        f"--student {q(wildcards.student)} --data {q(PLAN.data_dir(PLAN.data_key(ak.table)))}",
+        f"--search {q(PLAN.search_dir(ak.key))} --candidate {wildcards.cand}",
+    ])
+
+
+def audit_inputs(wildcards):
+    ak = PLAN.assistant_key(wildcards.table, wildcards.teacher, wildcards.label)
+    return {
+        "selection": f"{PLAN.search_dir(ak.key)}/selection.json",
+        "oracle": [f"{d}/record.json" for runs in PLAN.oracle_runs(ak.key).values() for d in runs],
+    }
+
+
+def audit_args(wildcards, input, output):
+    ak = PLAN.assistant_key(wildcards.table, wildcards.teacher, wildcards.label)
+    oracle = " ".join(f"--oracle {q(s)}={q(','.join(f'{d}/record.json' for d in runs))}"
+                      for s, runs in PLAN.oracle_runs(ak.key).items())
+    return f"--search {q(PLAN.search_dir(ak.key))} {oracle}"
 
 
 def store_of(wildcards):
@@ -135,13 +188,19 @@ def compare_inputs(wildcards):
     }
 
 
+def study_records(wildcards):
+    """Every run record of the study's tables."""
+    return [r for t in STUDY.tables for r in PLAN.records(t)]
+
+
 def final_targets():
-    """Per table: the check against its published snapshot where one exists, else its leaderboard."""
+    """Per table: the check against its published snapshot where one exists, else its leaderboard; the
+    audit of every searched assistant (AMD); and a suite's study."""
     return [
         PLAN.compare_file(t) if Path(f"{PLAN.published_dir(t)}/leaderboard.csv").exists()
         else f"{PLAN.leaderboard_dir(t)}/leaderboard.md"
         for t in PLAN.tables
-    ]
+    ] + [a for t in PLAN.tables for a in PLAN.audits(t)] + ([f"{STUDY.dir}/study.md"] if STUDY else [])
 
 
 for _table in TABLES:  # the second layer after kdbench's own checks (which name the file and the key)

@@ -41,3 +41,22 @@ rule compare:
         f"{L.TABLE_LOGS}/compare.log",
     shell:
         "kdbench compare {params.new} {params.published} --out {output} --exit-zero 2> {log}"
+
+
+rule study:
+    """Gather: the run records of every table of a suite with a `study:` -> one table (md / csv), one plot of
+    accuracy against store bytes, and the lossless check of the live teacher against the cache at V = E."""
+    input:
+        study_records,
+    output:
+        md=report(f"{L.STUDY}/study.md", category="{study}", labels={"study": "{study}", "file": "study"}),
+        csv=f"{L.STUDY}/study.csv",
+        png=report(f"{L.STUDY}/study.png", category="{study}", labels={"study": "{study}", "file": "plot"}),
+    params:
+        spec=lambda wildcards: [PLAN.table_hash(t) for t in STUDY.tables],  # rerun trigger: the tables' grids
+        name=lambda wildcards: q(wildcards.study),
+        out=lambda wildcards, output: Path(output.md).parent,
+    log:
+        f"{L.STUDY_LOGS}/study.log",
+    shell:
+        "kdbench study --name {params.name} --runs {input} --out {params.out} 2> {log}"

@@ -22,14 +22,15 @@ rule train_teacher:
 
 
 rule train_assistant:
-    """A multi-step method's teacher-assistant (TAKD): distilled from the teacher with the method's own loss,
-    then an ordinary teacher for the cache and the distill stage."""
+    """A multi-step method's teacher-assistant: TAKD's distilled from the teacher with the method's own loss,
+    AMD's selected candidate fine-tuned from its searched weights; then an ordinary teacher for the cache and the
+    distill stage."""
     input:
         unpack(assistant_inputs),
     output:
         f"{L.ASSISTANT}/metrics.json",
     params:
-        args=assistant_args,
+        command=assistant_command,
         out=lambda wildcards, output: Path(output[0]).parent,
     resources:
         mem_mb=4000,
@@ -38,4 +39,72 @@ rule train_assistant:
     log:
         f"{L.LOGS}/assistants/{{akey}}.log",
     shell:
-        "kdbench distill {params.args} --threads {threads} --out {params.out} 2> {log}"
+        "kdbench {params.command} --threads {threads} --out {params.out} 2> {log}"
+
+
+rule amd_search:
+    """AMD: prune the teacher into nested candidates and train them jointly (shared weights, teacher outputs
+    from the stores); every candidate's weights and validation accuracy, candidates.json last."""
+    input:
+        unpack(search_inputs),
+    output:
+        f"{L.SEARCH}/candidates.json",
+    params:
+        args=search_args,
+        out=lambda wildcards, output: Path(output[0]).parent,
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=240,
+    priority: 10
+    log:
+        f"{L.LOGS}/assistants/{{akey}}.search.log",
+    shell:
+        "kdbench amd-search {params.args} --threads {threads} --out {params.out} 2> {log}"
+
+
+rule amd_select:
+    """AMD: npsd-approx over the logged candidate accuracies (a pure function of candidates.json)."""
+    input:
+        f"{L.SEARCH}/candidates.json",
+    output:
+        f"{L.SEARCH}/selection.json",
+    params:
+        search=lambda wildcards, output: Path(output[0]).parent,
+    log:
+        f"{L.LOGS}/assistants/{{akey}}.select.log",
+    shell:
+        "kdbench amd-select --search {params.search} 2> {log}"
+
+
+rule amd_oracle:
+    """AMD's audit: a short run from one candidate (live) to one student."""
+    input:
+        unpack(oracle_inputs),
+    output:
+        f"{L.ORACLE}/record.json",
+    params:
+        args=oracle_args,
+        out=lambda wildcards, output: Path(output[0]).parent,
+    resources:
+        mem_mb=3000,
+        runtime=60,
+    log:
+        f"{L.LOGS}/assistants/{{akey}}.oracle.{{student}}.c{{cand}}.log",
+    shell:
+        "kdbench amd-oracle {params.args} --threads {threads} --out {params.out} 2> {log}"
+
+
+rule amd_audit:
+    """AMD's audit table: per candidate the search's numbers and the oracle's, Spearman and regret."""
+    input:
+        unpack(audit_inputs),
+    output:
+        md=f"{L.AUDIT}.md",
+        json=f"{L.AUDIT}.json",
+    params:
+        args=audit_args,
+    log:
+        f"{L.TABLE_LOGS}/audit.{{teacher}}.{{label}}.log",
+    shell:
+        "kdbench amd-audit {params.args} --out {output.md} 2> {log}"

@@ -1,0 +1,375 @@
+"""AMD's teacher-assistant search, one function per workflow rule (:mod:`kdbench.methods.amd` has the method).
+
+* :func:`run_search`: prune the teacher into nested candidates (:mod:`kdbench.prune`) and train them jointly
+  with shared weights (sandwich rule: the largest candidate plus ``sandwich`` random ones per step, each with
+  AMD's loss against the frozen teacher, whose outputs come from the per-view stores); then recompute each
+  candidate's BatchNorm statistics and save it as a model directory (``candidates/<k>/``) with its validation
+  accuracy. Writes ``candidates.json`` last.
+* :func:`run_select`: ``npsd-approx`` (:func:`npsd_approx`), a pure function of the logged accuracies ->
+  ``selection.json``.
+* :func:`run_finetune`: the selected candidate, from its searched weights, trained further with AMD's loss
+  against the teacher -> the assistant directory (an ordinary teacher for the stores and the students).
+* :func:`run_oracle`: a short candidate -> student run (live candidate), for the audit.
+* :func:`audit`: per candidate, the search's numbers next to the oracle's, the Spearman correlation of the
+  two rankings and the selection's regret.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from kdbench._util import read_json, write_json_atomic
+from kdbench.cache.inputs import open_inputs
+from kdbench.config import Config
+from kdbench.distill import cached_teacher, run_distill
+from kdbench.errors import ConfigError, NonFiniteLossError
+from kdbench.methods.amd import FEATURE, AMDConfig, amd_terms
+from kdbench.methods.base import METHODS
+from kdbench.modeldir import CANDIDATES_FILE, save_model_dir
+from kdbench.models import create_model
+from kdbench.prune import CLASSIFIER_INPUT, Candidate, assistant_grid, param_count, slice_state, sort_channels
+from kdbench.runtime import seed_everything
+from kdbench.taps import compute_taps
+from kdbench.train.loop import epoch_order, view_targets
+from kdbench.train.optim import build_optimizer, lr_factor
+
+_logger = logging.getLogger(__name__)
+
+CRITERION = "npsd-approx"
+SELECTION_FILE = "selection.json"
+
+
+def amd_config(cfg: Config, label: str) -> AMDConfig:
+    entry = cfg.methods[label]
+    if entry.method != "amd":
+        raise ConfigError(f"{cfg.source}: method label {label!r} is {entry.method!r}, not 'amd'")
+    return METHODS.get("amd").make_config(entry.params)
+
+
+def with_epochs(cfg: Config, epochs: int) -> Config:
+    """The config with the protocol's epochs replaced (a search stage's own budget)."""
+    return dataclasses.replace(cfg, protocol=dataclasses.replace(cfg.protocol, epochs=epochs))
+
+
+def grid(cfg: Config, teacher: str, label: str, num_classes: int, in_chans: int, image_size: int) -> list[Candidate]:
+    """The table's candidate grid (:func:`kdbench.prune.assistant_grid`)."""
+    return assistant_grid(cfg.teachers[teacher].model, list(cfg.students), num_classes, in_chans, image_size,
+                          amd_config(cfg, label).grid_step)
+
+
+class _Tapped(nn.Module):
+    """A model whose forward returns its logits and last feature stage (for :func:`functional_call`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return compute_taps(self.model, x, {"logits", FEATURE})
+
+
+# --- joint training ----------------------------------------------------------------------------------------
+
+
+def run_search(
+    cfg: Config, teacher: str, label: str, data_dir: Path, teacher_dir: Path, stores: dict[str, Path], out_dir: Path
+) -> dict:
+    """Prunes the teacher into the grid's candidates, trains them jointly and writes ``out_dir``.
+
+    Returns:
+        The summary written to ``candidates.json``.
+    """
+    wall0 = time.perf_counter()
+    mcfg = amd_config(cfg, label)
+    job = open_inputs(cfg, data_dir, teacher_dir)
+    device, data, p = job.device, job.data, cfg.protocol
+    image_size = p.image_size or data.image_size
+    cands = grid(cfg, teacher, label, data.num_classes, data.in_chans, image_size)
+    shared = copy.deepcopy(job.teacher).eval()
+    for q in shared.parameters():
+        q.requires_grad_(True)
+    orders = sort_channels(shared, torch.zeros(1, data.in_chans, image_size, image_size, device=device))
+    feature_order = orders[CLASSIFIER_INPUT]  # the teacher's last-stage channels, most important first
+    seed_everything(0)
+    models = []
+    for c in cands:
+        m = _Tapped(_init_candidate(c.name, shared, data, image_size)).to(device)
+        models.append(m)
+    train = job.split("train")
+    n_stages = len(job.teacher.feature_info)
+    source, manifests = cached_teacher(job, {"logits", FEATURE}, stores, n_stages, f"AMD's search ({label!r})")
+    epochs = mcfg.epochs("joint", p.epochs)
+    steps = _joint_train(shared, models, feature_order, train, job.renderer(train), source, with_epochs(cfg, epochs).protocol,
+                         mcfg, image_size, device, f"{teacher}/{label}/search")
+    val, test = job.split("val"), job.split("test")
+    rows = []
+    for c, m in zip(cands, models):
+        model = m.model
+        with torch.no_grad():
+            for name, v in slice_state(dict(shared.named_parameters()), dict(model.named_parameters())).items():
+                model.get_parameter(name).copy_(v)
+        _recalibrate_bn(model, train, job.renderer(train), mcfg.bn_batches, p.batch_size, image_size, device)
+        cdir = out_dir / "candidates" / str(c.index)
+        metrics, _ = save_model_dir(cdir, model, c.name, test, val, data, image_size, p.eval_batch_size, device,
+                                    {"candidate": c.to_dict()})
+        rows.append({**c.to_dict(), "val_top1": metrics["val_top1"], "test_top1": metrics["test_top1"],
+                     "dir": f"candidates/{c.index}"})
+        _logger.info("candidate %d (%s, %.1f%% of the teacher): val top-1 %.2f%%", c.index, c.name, 100 * c.ratio,
+                     metrics["val_top1"])
+    summary = {
+        "teacher": job.tmeta["model"],
+        "teacher_params": param_count(job.tmeta["model"], data.num_classes, data.in_chans, image_size),
+        "teacher_val_top1": job.tmeta["val_top1"],
+        "teacher_sha256": job.tmeta["sha256"],
+        "grid_step": mcfg.grid_step,
+        "joint": {"epochs": epochs, "steps": steps, "sandwich": mcfg.sandwich, "teacher_forward": source.forward_count,
+                  "cache_bytes_read": source.bytes_read(), "store_manifests": manifests},
+        "candidates": rows,
+        "wall_time_s": time.perf_counter() - wall0,
+    }
+    write_json_atomic(out_dir / CANDIDATES_FILE, summary)
+    return summary
+
+
+def _init_candidate(name: str, shared: nn.Module, data, image_size: int) -> nn.Module:
+    """A candidate module holding the shared model's leading slices (its own copies of the BN buffers)."""
+    model = create_model(name, data.num_classes, data.in_chans, image_size)
+    model.load_state_dict({k: v.detach().clone() for k, v in slice_state(shared.state_dict(), model.state_dict()).items()})
+    for q in model.parameters():
+        q.requires_grad_(False)  # the trained weights are the shared ones, passed in by functional_call
+    return model
+
+
+def _joint_train(shared, models, feature_order, train, renderer, source, protocol, mcfg: AMDConfig, image_size,
+                 device, label) -> int:
+    """The sandwich rule over shared weights; returns the number of steps."""
+    params = dict(shared.named_parameters())
+    optimizer = build_optimizer(params.values(), protocol)
+    n = len(train)
+    spe = math.ceil(n / protocol.batch_size)
+    rng = random.Random(0)
+    largest, others = len(models) - 1, list(range(len(models) - 1))
+    step = 0
+    for epoch in range(protocol.epochs):
+        view = epoch % protocol.views.count
+        order = epoch_order(n, 0, epoch)
+        for m in models:
+            m.train()
+        t0, total = time.perf_counter(), 0.0
+        for b in range(spe):
+            rows = np.sort(order[b * protocol.batch_size : (b + 1) * protocol.batch_size])
+            x, vp = renderer.render(view, rows, image_size, device)
+            targets = view_targets(train, rows, vp, device)
+            t = source.outputs(view, rows, device)
+            picks = [largest, *rng.sample(others, min(mcfg.sandwich, len(others)))]
+            loss = torch.zeros((), device=device)
+            for k in picks:
+                m = models[k]
+                sliced = {f"model.{name}": v for name, v in
+                          slice_state(params, dict(m.model.named_parameters())).items()}
+                out = functional_call(m, sliced, (x,))
+                c = out[FEATURE].shape[1]
+                t_feat = t[FEATURE][:, feature_order[:c].to(device)]
+                loss = loss + sum(amd_terms(out["logits"], out[FEATURE], t["logits"], t_feat, targets, mcfg).values())
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"{label}: joint loss is {loss.item()} at epoch {epoch} step {step}; lower"
+                                         " the learning rate or check the method's parameters")
+            for group in optimizer.param_groups:
+                group["lr"] = protocol.lr * lr_factor(protocol, step, spe)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if protocol.grad_clip_norm is not None:
+                torch.nn.utils.clip_grad_norm_(list(params.values()), protocol.grad_clip_norm)
+            optimizer.step()
+            total += loss.item()
+            step += 1
+        _logger.info("%s epoch %d/%d view %d joint loss %.4f | %.0f samples/s", label, epoch + 1, protocol.epochs,
+                     view, total / spe, n / (time.perf_counter() - t0))
+    return step
+
+
+@torch.no_grad()
+def _recalibrate_bn(model, train, renderer, batches: int, batch_size: int, image_size: int, device) -> None:
+    """Recomputes BatchNorm statistics as the exact average over ``batches`` training batches of view 0."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    model.train()
+    order = epoch_order(len(train), 0, 0)
+    for b in range(min(batches, math.ceil(len(train) / batch_size))):
+        rows = np.sort(order[b * batch_size : (b + 1) * batch_size])
+        x, _ = renderer.render(0, rows, image_size, device)
+        model(x)
+    for bn in bns:
+        bn.momentum = 0.1
+    model.eval()
+
+
+# --- selection, fine-tuning, oracle, audit -----------------------------------------------------------------
+
+
+def npsd_approx(scales: list[float], accuracies: list[float], teacher_accuracy: float) -> dict:
+    """``npsd-approx``: AMD's selection as methods.md §1.3 specifies it (the paper's exact NPSD was not found).
+
+    With candidates sorted by scale ``s_1 < ... < s_m`` (accuracies ``P_k``) and the teacher at ``s = 1``
+    (``P_T``), the slope from candidate k+1 down to k is ``D_k = (P_{k+1} - P_k) / (s_{k+1} - s_k)`` (the
+    teacher is candidate m+1), the grid's average slope is ``D = (P_T - P_1) / (1 - s_1)``, and the selected
+    candidate is the smallest whose ``D_k <= D`` (the knee: below it, accuracy falls faster than on average).
+
+    Returns:
+        ``{"criterion", "slopes": [D_k], "mean_slope": D, "selected": k (0-based), "rank": [candidate indices in
+        the rule's order of preference]}``. The preference order is the eligible candidates (``D_k <= D``) from
+        the smallest, then the others by increasing ``D_k``.
+    """
+    if len(scales) != len(accuracies) or not scales:
+        raise ValueError("npsd_approx needs one accuracy per scale")
+    if any(b <= a for a, b in zip(scales, scales[1:])) or scales[-1] >= 1:
+        raise ValueError(f"scales must increase strictly and stay below 1, got {scales}")
+    s = [*scales, 1.0]
+    acc = [*accuracies, teacher_accuracy]
+    slopes = [(acc[k + 1] - acc[k]) / (s[k + 1] - s[k]) for k in range(len(scales))]
+    mean = (teacher_accuracy - accuracies[0]) / (1 - scales[0])
+    eligible = [k for k, d in enumerate(slopes) if d <= mean + 1e-12]
+    rest = sorted((k for k in range(len(scales)) if k not in eligible), key=lambda k: (slopes[k], k))
+    rank = eligible + rest
+    return {"criterion": CRITERION, "slopes": slopes, "mean_slope": mean, "selected": rank[0], "rank": rank}
+
+
+def run_select(search_dir: Path) -> dict:
+    """Applies :func:`npsd_approx` to ``candidates.json`` and writes ``selection.json``."""
+    summary = read_json(search_dir / CANDIDATES_FILE, "AMD search summary (the search step did not finish)")
+    cands = summary["candidates"]
+    result = npsd_approx([c["scale"] for c in cands], [c["val_top1"] for c in cands], summary["teacher_val_top1"])
+    chosen = cands[result["selected"]]
+    selection = {**result, "name": chosen["name"], "dir": chosen["dir"], "params": chosen["params"],
+                 "ratio": chosen["ratio"]}
+    write_json_atomic(search_dir / SELECTION_FILE, selection)
+    return selection
+
+
+def run_finetune(
+    cfg: Config, teacher: str, label: str, data_dir: Path, teacher_dir: Path, stores: dict[str, Path],
+    search_dir: Path, out_dir: Path,
+):
+    """Fine-tunes the selected candidate from its searched weights with AMD's loss against the teacher."""
+    sel = read_json(search_dir / SELECTION_FILE, "AMD selection (the select step did not finish)")
+    epochs = amd_config(cfg, label).epochs("finetune", cfg.protocol.epochs)
+    return run_distill(with_epochs(cfg, epochs), teacher, sel["name"], label, 0, data_dir, teacher_dir, stores,
+                       out_dir, init=search_dir / sel["dir"] / "model.pt")
+
+
+def run_oracle(cfg: Config, teacher: str, label: str, student: str, candidate_dir: Path, data_dir: Path,
+               out_dir: Path):
+    """A short run of AMD's loss from one candidate (live) to a student: what the oracle prefers."""
+    epochs = amd_config(cfg, label).epochs("oracle", cfg.protocol.epochs)
+    return run_distill(with_epochs(cfg, epochs), teacher, student, label, 0, data_dir, candidate_dir, {}, out_dir)
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); ``None`` for fewer than 2 points or no spread."""
+    if len(a) < 2:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else None
+
+
+def _ranks(values: list[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def audit(search_dir: Path, oracle: dict[str, list[Path]]) -> dict:
+    """The selection next to the oracle, per student.
+
+    Args:
+        search_dir: The search directory (``candidates.json``, ``selection.json``).
+        oracle: Student -> the oracle run records, one per candidate in grid order.
+
+    Returns:
+        ``{"criterion", "selected", "candidates": [...], "students": {student: {"val_top1": [...],
+        "test_top1": [...], "best": k, "spearman": rho, "regret": points, "selected_rank": r}}}``: the
+        Spearman correlation between the rule's preference order and the oracle's (student val top-1), and
+        the regret = best oracle student val top-1 minus the selected candidate's.
+    """
+    summary = read_json(search_dir / CANDIDATES_FILE, "AMD search summary")
+    sel = read_json(search_dir / SELECTION_FILE, "AMD selection")
+    m = len(summary["candidates"])
+    preference = [0.0] * m
+    for position, k in enumerate(sel["rank"]):
+        preference[k] = float(m - position)  # higher = preferred by the rule
+    students = {}
+    for student, records in oracle.items():
+        if len(records) != m:
+            raise ValueError(f"oracle of {student}: {len(records)} records for {m} candidates")
+        finals = [read_json(r, "oracle run record")["final"] for r in records]
+        val = [f["val_top1"] for f in finals]
+        best = max(range(m), key=lambda k: (val[k], -k))
+        oracle_rank = sorted(range(m), key=lambda k: -val[k])
+        students[student] = {
+            "val_top1": val,
+            "test_top1": [f["test_top1"] for f in finals],
+            "best": best,
+            "spearman": spearman(preference, val),
+            "regret": val[best] - val[sel["selected"]],
+            "selected_rank": oracle_rank.index(sel["selected"]) + 1,
+        }
+    return {"criterion": CRITERION, "selected": sel["selected"], "candidates": summary["candidates"],
+            "slopes": sel["slopes"], "mean_slope": sel["mean_slope"], "teacher": summary["teacher"],
+            "teacher_params": summary["teacher_params"], "teacher_val_top1": summary["teacher_val_top1"],
+            "search_time_s": summary["wall_time_s"], "students": students}
+
+
+def audit_markdown(result: dict) -> str:
+    """The audit as a Markdown table: one row per candidate, one oracle column per student."""
+    students = list(result["students"])
+    head = ["candidate", "scale", "params (ratio)", "joint val top-1", f"{CRITERION} slope", *(f"oracle {s} val top-1" for s in students)]
+    lines = [
+        f"# AMD search audit: {result['teacher']} ({result['teacher_params']:,} params, val top-1"
+        f" {result['teacher_val_top1']:.2f}%)",
+        "",
+        f"Selection: `{CRITERION}` (methods.md §1.3; the paper's exact NPSD was not found). Grid average slope"
+        f" {result['mean_slope']:.2f} points per unit of scale; the rule picks the smallest candidate whose slope"
+        f" from the next larger one is at most that. Search wall time {result['search_time_s']:.0f} s.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    for k, c in enumerate(result["candidates"]):
+        mark = " **(selected)**" if k == result["selected"] else ""
+        cells = [f"{k}: `{c['name']}`{mark}", f"{c['scale']:.2f}", f"{c['params']:,} ({c['ratio']:.3f})",
+                 f"{c['val_top1']:.2f}", f"{result['slopes'][k]:.2f}"]
+        for s in students:
+            st = result["students"][s]
+            cells.append(f"{st['val_top1'][k]:.2f}" + (" (best)" if k == st["best"] else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for s, st in result["students"].items():
+        rho = "n/a" if st["spearman"] is None else f"{st['spearman']:+.2f}"
+        lines.append(f"- {s}: the oracle prefers candidate {st['best']}; `{CRITERION}`'s pick ranks"
+                     f" {st['selected_rank']} of {len(result['candidates'])} (regret {st['regret']:.2f} points,"
+                     f" Spearman {rho} between the rule's and the oracle's order).")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,237 @@
+"""AMD: nested pruned candidates with the requested ratios, a function-preserving channel sort, the selection as
+a pure function of logged accuracies, and the search -> select -> fine-tune -> oracle -> audit chain on tiny
+data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdbench.models import create_model, pruned_name, split_pruned_name
+from kdbench.prune import CLASSIFIER_INPUT, candidate_grid, slice_state, sort_channels
+from kdbench.tasearch import npsd_approx, spearman
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _randomised(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(name, 10, 1, 28).eval()
+    for m in model.modules():  # non-trivial BN statistics, so that a wrong permutation shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.normal_()
+    return model
+
+
+@pytest.mark.parametrize("name", ["cnn_m", "resnet20"])
+def test_sorting_channels_by_importance_keeps_the_function(name):
+    model = _randomised(name)
+    x = torch.randn(4, 1, 28, 28)
+    before = model(x)
+    orders = sort_channels(model, torch.zeros(1, 1, 28, 28))
+    assert CLASSIFIER_INPUT in orders and len(orders) > 2
+    assert any(not torch.equal(o, torch.arange(len(o))) for o in orders.values())  # something moved
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cnn_m", "resnet20"])
+def test_candidates_have_the_requested_ratios_and_are_nested(name):
+    grid = candidate_grid(name, 10, 1, 28, min_scale=0.05, step=0.1)
+    assert [c.scale for c in grid] == pytest.approx([0.1 * k for k in range(1, 10)])
+    for c in grid:
+        assert abs(c.ratio - c.scale) <= 0.02, c  # the requested ratio ± 2% (of the teacher's size)
+        assert c.ratio == pytest.approx(c.scale, rel=0.01 if name == "cnn_m" else 0.02), c
+        assert split_pruned_name(c.name) == (name, c.widths)
+        assert sum(p.numel() for p in create_model(c.name, 10, 1, 28).parameters()) == c.params
+    # nested: every tensor of candidate k is a leading slice of candidate k+1's (and of the sorted teacher's)
+    teacher = _randomised(name)
+    sort_channels(teacher, torch.zeros(1, 1, 28, 28))
+    shared = teacher.state_dict()
+    states = [slice_state(shared, create_model(c.name, 10, 1, 28).state_dict()) for c in grid]
+    for small, big in zip(states, states[1:]):
+        for key, t in small.items():
+            assert all(a <= b for a, b in zip(t.shape, big[key].shape))
+            assert torch.equal(t, big[key][tuple(slice(0, n) for n in t.shape)])
+    assert all(a.params < b.params for a, b in zip(grid, grid[1:]))
+
+
+def test_a_grid_too_fine_for_the_widths_is_refused():
+    with pytest.raises(ValueError, match="too fine"):
+        candidate_grid("cnn_xs", 10, 1, 28, min_scale=0.0, step=0.01)
+
+
+def test_pruned_names_round_trip_and_bad_ones_are_named():
+    assert pruned_name("cnn_m", (3, 4, 5)) == "cnn_m:w3-4-5"
+    assert split_pruned_name("cnn_m:w3-4-5") == ("cnn_m", (3, 4, 5))
+    with pytest.raises(ValueError, match="cnn_m:w3-4"):
+        split_pruned_name("cnn_m:w3-4")
+    with pytest.raises(ValueError, match="staged CNN"):
+        pruned_name("vit_pico_patch4", (3,))
+
+
+def test_npsd_approx_is_the_knee_rule_on_logged_accuracies():
+    scales = [0.2, 0.4, 0.6, 0.8]
+    acc = [60.0, 80.0, 84.0, 86.0]  # steep, then flat
+    out = npsd_approx(scales, acc, 88.0)
+    assert out["criterion"] == "npsd-approx"
+    assert out["slopes"] == pytest.approx([100.0, 20.0, 10.0, 10.0])
+    assert out["mean_slope"] == pytest.approx(28.0 / 0.8)
+    assert out["selected"] == 1  # the smallest candidate whose slope is at most the average
+    assert out["rank"] == [1, 2, 3, 0]
+    assert npsd_approx(scales, acc, 88.0) == out  # pure: same inputs, same output
+    assert npsd_approx(scales, [80.0, 81.0, 82.0, 83.0], 84.0)["selected"] == 0  # flat: the smallest
+    with pytest.raises(ValueError):
+        npsd_approx([0.4, 0.2], [1.0, 2.0], 3.0)
+
+
+def test_spearman_matches_known_values():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 1, 1]) is None
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """Teacher cnn_s on a tiny Fashion-MNIST slice, its stores, and AMD's whole chain."""
+    if not (FMNIST / "train-labels-idx1-ubyte.gz").exists():
+        pytest.skip("needs dataset-fashion-mnist")
+    from kdbench.cache.build import build_shard, finalize_store
+    from kdbench.config import load_config
+    from kdbench.data.shards import prepare
+    from kdbench.data.sources import shard_counts
+    from kdbench.teacher import train_teacher
+    from kdbench.tasearch import audit, run_finetune, run_oracle, run_search, run_select
+
+    root = tmp_path_factory.mktemp("amd")
+    raw = {
+        "name": "amd-unit",
+        "data": {"val_size": 128, "shard_size": 128, "train_limit": 256, "test_limit": 128},
+        "protocol": {"epochs": 3, "batch_size": 64, "eval_batch_size": 128, "views": {"count": 2, "mixup": 0.0}},
+        "teachers": {"t": {"model": "cnn_s", "train": {"epochs": 1}}},
+        "students": ["cnn_xs"],
+        "methods": {"amd": {"grid_step": 0.3, "bn_batches": 2}},
+        "seeds": [0],
+        "runtime": {"device": "cpu", "threads": 1},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(root / "config.yaml")
+    data, teacher = root / "data", root / "teacher"
+    prepare(cfg.data, data)
+    train_teacher(cfg, "t", data, teacher)
+    stores = {}
+    for tap, dirname in (("logits", "logits"), ("feature[2]", "feature_2")):
+        store = root / "cache" / dirname
+        for i in range(shard_counts(cfg.data)["train"]):
+            build_shard(cfg, teacher, data, tap, i, store / f"shard-{i:05d}.h5")
+        finalize_store(cfg, teacher, data, tap, store)
+        stores[tap] = store
+    assistant = root / "assistant"
+    search = assistant / "search"
+    summary = run_search(cfg, "t", "amd", data, teacher, stores, search)
+    selection = run_select(search)
+    ta = run_finetune(cfg, "t", "amd", data, teacher, stores, search, assistant)
+    oracle = [run_oracle(cfg, "t", "amd", "cnn_xs", search / c["dir"], data, root / "oracle" / str(c["index"]))
+              for c in summary["candidates"]]
+    result = audit(search, {"cnn_xs": [root / "oracle" / str(c["index"]) / "record.json" for c in summary["candidates"]]})
+    return cfg, root, summary, selection, ta, oracle, result
+
+
+def test_search_trains_every_candidate_and_logs_its_accuracy(searched):
+    cfg, root, summary, selection, ta, oracle, result = searched
+    cands = summary["candidates"]
+    assert [c["scale"] for c in cands] == pytest.approx([0.3, 0.6, 0.9])
+    assert summary["joint"]["teacher_forward"] == 0 and summary["joint"]["cache_bytes_read"] > 0  # from the stores
+    for c in cands:
+        metrics = json.loads((root / "assistant" / "search" / c["dir"] / "metrics.json").read_text())
+        assert metrics["model"] == c["name"] and metrics["val_top1"] == c["val_top1"]
+    saved = json.loads((root / "assistant" / "search" / "candidates.json").read_text())
+    assert saved["candidates"] == cands
+
+
+def test_selection_recomputes_from_the_logged_accuracies(searched):
+    cfg, root, summary, selection, *_ = searched
+    again = npsd_approx([c["scale"] for c in summary["candidates"]], [c["val_top1"] for c in summary["candidates"]],
+                        summary["teacher_val_top1"])
+    assert selection["selected"] == again["selected"] and selection["name"] == summary["candidates"][again["selected"]]["name"]
+
+
+def test_finetuned_assistant_starts_from_its_searched_weights_and_is_a_teacher(searched):
+    cfg, root, summary, selection, ta, *_ = searched
+    assert ta.status == "ok" and ta.identity.student == selection["name"]
+    assert ta.protocol.epochs == 1  # a third of the protocol's 3 epochs
+    metrics = json.loads((root / "assistant" / "metrics.json").read_text())
+    assert metrics["model"] == selection["name"]
+    from kdbench.distill import _assistant_cost
+
+    seconds, candidates = _assistant_cost(root / "assistant")
+    assert candidates == 3 and seconds == pytest.approx(ta.cost.wall_time_s + summary["wall_time_s"])
+
+
+def test_oracle_runs_distil_live_from_each_candidate_and_the_audit_ranks_them(searched):
+    cfg, root, summary, selection, ta, oracle, result = searched
+    assert all(r.status == "ok" and r.cost.teacher_forward > 0 for r in oracle)  # the candidate ran live
+    st = result["students"]["cnn_xs"]
+    assert st["val_top1"] == [r.final.val_top1 for r in oracle]
+    assert st["regret"] == pytest.approx(max(st["val_top1"]) - st["val_top1"][selection["selected"]])
+    assert 1 <= st["selected_rank"] <= 3
+    from kdbench.tasearch import audit_markdown
+
+    text = audit_markdown(result)
+    assert "npsd-approx" in text and "(selected)" in text and text.count("\n| 0") + text.count("| 0:") >= 1
+
+
+@pytest.mark.slow
+def test_the_workflow_runs_amds_search_rules_and_writes_the_audit(tmp_path):
+    """The tiny workflow config with AMD: search -> select -> fine-tune -> cache -> distill, plus the oracle
+    runs and the audit, through Snakemake itself."""
+    if not (FMNIST / "train-labels-idx1-ubyte.gz").exists():
+        pytest.skip("needs dataset-fashion-mnist")
+    from test_workflow import TINY, job_counts, snakemake
+
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(students=["cnn_xs"], seeds=[0], methods={"baseline": {}, "amd": {"grid_step": 0.3, "bn_batches": 2}})
+    config = tmp_path / "amd.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    plan = snakemake(tmp_path, config, "-n")
+    assert plan.returncode == 0, plan.stderr
+    counts = job_counts(plan.stdout)
+    assert counts["amd_search"] == 1 and counts["amd_select"] == 1 and counts["amd_audit"] == 1
+    assert counts["amd_oracle"] == 3 and counts["train_assistant"] == 1 and counts["distill"] == 2
+    run = snakemake(tmp_path, config, "--cores", "2")
+    assert run.returncode == 0, run.stderr[-3000:]
+    audit_md = next((tmp_path / "results" / "tiny" / "audit").rglob("amd.md"))
+    text = audit_md.read_text()
+    assert "npsd-approx" in text and "(selected)" in text
+    record = json.loads(next((tmp_path / "results" / "tiny" / "runs").rglob("amd/seed0/record.json")).read_text())
+    assert record["status"] == "ok"
+    assert record["cost"]["assistant_candidates"] == 3 and record["cost"]["assistant_time_s"] > 0
+    assert ":w" in json.loads((Path(record["inputs"]["teacher_dir"]) if Path(record["inputs"]["teacher_dir"]).is_absolute()
+                               else tmp_path / record["inputs"]["teacher_dir"]).joinpath("metrics.json").read_text())["model"]
+
+
+def test_the_cifar100_amd_config_plans_the_search_on_files_in_the_real_format(tmp_path):
+    from test_data import make_cifar100
+
+    from kdbench.plan import Plan
+
+    make_cifar100(tmp_path / "cifar100", n_train=600, n_test=200)
+    config = Path(__file__).resolve().parents[1] / "workflow" / "config" / "cifar100-amd.yaml"
+    plan = Plan.resolve([config], {"data": {"root": str(tmp_path / "cifar100"), "val_size": 100}})
+    assert plan.skipped == {} and {j.label for j in plan.jobs} == {"baseline", "kd", "takd", "amd"}
+    (teacher, label), = [a for a in plan.assistants("cifar100-amd") if plan.searched("cifar100-amd", a[1])]
+    akey = plan.assistant_key("cifar100-amd", teacher, label).key
+    grid = plan.search_grid(akey)
+    assert [c.scale for c in grid] == pytest.approx([0.1 * k for k in range(1, 10)])
+    assert all(c.name.startswith("resnet110:w") and abs(c.ratio - c.scale) <= 0.02 for c in grid)
+    assert len(plan.oracle_runs(akey)["resnet8"]) == 9
+    assert plan.audits("cifar100-amd") == [plan.audit_file("cifar100-amd", teacher, label)]
+    # the searched assistant's stores: the method's taps of a resnet110-shaped model
+    job = next(j for j in plan.jobs if j.label == "amd")
+    assert set(plan.job_stores(job)) == {"logits", "feature[-1]"} and plan.job_teacher(job).key == akey
