@@ -2,7 +2,9 @@
 
 Every workflow rule calls one of these; they can be run by hand just the same. This is the only module
 that sets up logging. A user error (:data:`kdbench.errors.USER_ERRORS`) prints one line
-``kdbench: error: ...`` and exits with 2; ``--debug`` shows its traceback instead.
+``kdbench: error: ...`` and exits with 2; ``--debug`` shows its traceback instead. A training command
+(``train-teacher``, ``distill``, ``amd-finetune``, ``amd-oracle``) stopped by SIGUSR1 keeps its epoch checkpoint,
+requeues its SLURM job and exits with 75; run again, it resumes (:mod:`kdbench.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import kdbench
 
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
     from kdbench.config import Config
 
 _logger = logging.getLogger("kdbench")
+_T = TypeVar("_T")
 
 
 # --- small helpers ------------------------------------------------------------------------------------------
@@ -110,6 +114,24 @@ def _is_tap(name: str) -> bool:
     return is_tap(name)
 
 
+def _preemptible(train: Callable[[], _T]) -> _T | None:
+    """Runs a training job that SIGUSR1 (SLURM's ``--signal=USR1@<seconds>``) stops after its current step.
+
+    A stopped job keeps its last epoch checkpoint, asks SLURM to requeue it (inside a SLURM job) and returns
+    ``None``: the command then exits with :data:`kdbench.train.checkpoint.EXIT_PREEMPTED`, and the job's next
+    run resumes from the checkpoint.
+    """
+    from kdbench.train.checkpoint import Preempted, requeue, stop_on_signal
+
+    try:
+        with stop_on_signal():
+            return train()
+    except Preempted as e:
+        _logger.warning("%s", e)
+        requeue()
+        return None
+
+
 # --- commands ----------------------------------------------------------------------------------------------
 
 
@@ -130,10 +152,14 @@ def cmd_prepare_data(args) -> None:
     _done(f"data {data.source}: {counts} images -> {args.out}")
 
 
-def cmd_train_teacher(args) -> None:
+def cmd_train_teacher(args) -> int | None:
     from kdbench.teacher import train_teacher
+    from kdbench.train.checkpoint import EXIT_PREEMPTED
 
-    m = train_teacher(_config(args), args.teacher, Path(args.data), Path(args.out))
+    cfg = _config(args)
+    m = _preemptible(lambda: train_teacher(cfg, args.teacher, Path(args.data), Path(args.out), args.checkpoint_every))
+    if m is None:
+        return EXIT_PREEMPTED
     _done(f"teacher {args.teacher} ({m['model']}): test top-1 {m['test_top1']:.2f}% -> {args.out}")
 
 
@@ -195,16 +221,20 @@ def _check_cell(cfg: Config, teacher: str, label: str | None) -> None:
             )
 
 
-def cmd_distill(args) -> None:
+def cmd_distill(args) -> int | None:
     from kdbench.distill import run_distill
+    from kdbench.train.checkpoint import EXIT_PREEMPTED
 
     cfg = _config(args)
     _check_cell(cfg, args.teacher, args.label)
     teacher_dir = Path(args.teacher_dir) if args.teacher_dir else None
-    record = run_distill(
-        cfg, args.teacher, args.student, args.label, args.seed, Path(args.data), teacher_dir, _stores(args.store),
-        Path(args.out),
-    )
+    stores = _stores(args.store)
+    record = _preemptible(lambda: run_distill(
+        cfg, args.teacher, args.student, args.label, args.seed, Path(args.data), teacher_dir, stores,
+        Path(args.out), checkpoint_every=args.checkpoint_every,
+    ))
+    if record is None:
+        return EXIT_PREEMPTED
     run = f"{cfg.name}: {args.teacher}/{args.student}/{args.label}/seed{args.seed}"
     if record.status == "ok":
         _done(f"{run}: test top-1 {record.final.test_top1:.2f}% in {record.cost.wall_time_s:.0f} s")
@@ -237,22 +267,30 @@ def cmd_amd_select(args) -> None:
           " the teacher)")
 
 
-def cmd_amd_finetune(args) -> None:
+def cmd_amd_finetune(args) -> int | None:
     from kdbench.tasearch import run_finetune
+    from kdbench.train.checkpoint import EXIT_PREEMPTED
 
     cfg = _amd_args(args)
-    record = run_finetune(cfg, args.teacher, args.label, Path(args.data), Path(args.teacher_dir), _stores(args.store),
-                          Path(args.search), Path(args.out))
+    stores = _stores(args.store)
+    record = _preemptible(lambda: run_finetune(cfg, args.teacher, args.label, Path(args.data), Path(args.teacher_dir),
+                                               stores, Path(args.search), Path(args.out)))
+    if record is None:
+        return EXIT_PREEMPTED
     _done(f"{cfg.name}: {args.teacher}/{args.label}: assistant {record.identity.student} fine-tuned, test top-1"
           f" {record.final.test_top1:.2f}% in {record.cost.wall_time_s:.0f} s")
 
 
-def cmd_amd_oracle(args) -> None:
+def cmd_amd_oracle(args) -> int | None:
     from kdbench.tasearch import run_oracle
+    from kdbench.train.checkpoint import EXIT_PREEMPTED
 
     cfg = _amd_args(args)
-    record = run_oracle(cfg, args.teacher, args.label, args.student, Path(args.search) / "candidates" / str(args.candidate),
-                        Path(args.data), Path(args.out))
+    candidate = Path(args.search) / "candidates" / str(args.candidate)
+    record = _preemptible(lambda: run_oracle(cfg, args.teacher, args.label, args.student, candidate, Path(args.data),
+                                             Path(args.out)))
+    if record is None:
+        return EXIT_PREEMPTED
     _done(f"{cfg.name}: oracle candidate {args.candidate} -> {args.student}: val top-1 {record.final.val_top1:.2f}%"
           f" in {record.cost.wall_time_s:.0f} s")
 
@@ -404,6 +442,12 @@ def build_parser() -> argparse.ArgumentParser:
     def store_option(p: argparse.ArgumentParser, help: str, **kw: Any) -> None:
         p.add_argument("--store", metavar="DIR", help=help, **kw)
 
+    def checkpoint_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                       help="write a checkpoint.pt into --out every N epochs (default 1; 0: never); a rerun resumes"
+                            " from it, SIGUSR1 stops the job (exit 75) and requeues it under SLURM; no result"
+                            " depends on N")
+
     named = "; its directory name names the tap (logits, pre_logits, feature_<i>)"
     no_tap = "deprecated: the tap is read from the store's directory name"
 
@@ -422,6 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher name in the config")
     p.add_argument("--data", required=True, help="data directory")
     p.add_argument("--out", required=True, help="teacher directory to write")
+    checkpoint_option(p)
 
     p = add("cache", cmd_cache, "teacher outputs of one tap for every view of one data shard")
     p.add_argument("--teacher-dir", required=True, help="teacher directory")
@@ -465,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-dir", help="teacher (or assistant) directory; not needed by the baseline")
     store_option(p, f"a store of a cached teacher tap the method reads (repeatable){named}", action="append")
     p.add_argument("--out", required=True, help="run directory")
+    checkpoint_option(p)
 
     def amd_common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--teacher", required=True, help="teacher name in the config")

@@ -34,6 +34,7 @@ from kdbench.record import Cost, Final, Identity, RunRecord, Views, write_record
 from kdbench.retrieval import METRICS, retrieval_map
 from kdbench.runtime import provenance, seed_everything
 from kdbench.taps import normalize_tap, tap_dirname
+from kdbench.train.checkpoint import CHECKPOINT_FILE, Checkpointing
 from kdbench.train.loop import FitResult, TeacherSource, fit
 
 _logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def run_distill(
     stores: dict[str, Path],
     out_dir: Path,
     init: Path | None = None,
+    checkpoint_every: int = 1,
 ) -> RunRecord:
     """Trains one student and writes its run directory.
 
@@ -82,6 +84,9 @@ def run_distill(
         out_dir: The run directory.
         init: A state dict the student starts from instead of its seeded initialisation (AMD's fine-tuned
             assistant starts from its searched weights).
+        checkpoint_every: Write ``out_dir/checkpoint.pt`` every this many epochs (0: never); a job that finds
+            its own checkpoint resumes from it (:mod:`kdbench.train.checkpoint`), and deletes it once the
+            record is written.
     """
     wall0 = time.perf_counter()
     entry = cfg.methods[label]
@@ -103,13 +108,26 @@ def run_distill(
         method.bind_teacher_weights(job.teacher)
     train = job.split("train")
     source, store_manifests = _teacher_source(job, method, label, train, stores, t_info)
+    checkpoint = Checkpointing(out_dir / CHECKPOINT_FILE, {
+        "job": "distill", "config_hash": _config_hash(cfg, label), "protocol_hash": cfg.protocol.hash(),
+        "teacher": teacher, "student": student, "method": label, "seed": seed,
+        "teacher_sha256": job.tmeta["sha256"] if job.tmeta else None,
+        "data_manifest_sha256": job.data_manifest_sha256(), "init_sha256": sha256_file(init) if init else None,
+    }, checkpoint_every)
     result = fit(model, method, train, {"val": job.split("val"), "test": job.split("test")}, job.data, cfg.protocol,
-                 seed, job.device, source, out_dir / "epochs.jsonl", label=f"{teacher}/{student}/{label}/seed{seed}")
+                 seed, job.device, source, out_dir / "epochs.jsonl", label=f"{teacher}/{student}/{label}/seed{seed}",
+                 checkpoint=checkpoint)
     record = _record(job, identity, method, model, s_info, result, teacher_dir, store_manifests, stores, out_dir, wall0)
     write_record(out_dir / "record.json", record)
+    checkpoint.discard()
     _logger.info("%s/%s/%s/seed%d: test top-1 %.2f%% (last epoch), %.0fs", teacher, student, label, seed,
                  record.final.test_top1, record.cost.wall_time_s)
     return record
+
+
+def _config_hash(cfg: Config, label: str) -> str:
+    """The hash of everything in the config a run's numbers depend on (the record's ``config_hash``)."""
+    return stable_hash([cfg.protocol, cfg.data, cfg.cache, cfg.methods[label]])
 
 
 def _build_student(job: JobInputs, student: str, seed: int) -> tuple[nn.Module, ModelInfo]:
@@ -253,7 +271,6 @@ def _record(
     t_pred = np.load(teacher_dir / "predictions.npy") if teacher_dir else None
     tmeta = job.tmeta
     assistant_time, candidates = _assistant_cost(teacher_dir)
-    entry = cfg.methods[identity.method]
     return RunRecord(
         status="ok",
         identity=identity,
@@ -272,7 +289,7 @@ def _record(
             **retrieval,
         ),
         cost=Cost(
-            wall_time_s=time.perf_counter() - wall0,
+            wall_time_s=time.perf_counter() - wall0 + result.resumed_train_s,
             train_time_s=result.train_time_s,
             student_params=s_info.num_params,
             extra_params=method.extra_parameters(),
@@ -288,12 +305,13 @@ def _record(
         provenance={
             **provenance(job.device),
             "config_file": cfg.source,
-            "config_hash": stable_hash([protocol, cfg.data, cfg.cache, entry]),
+            "config_hash": _config_hash(cfg, identity.method),
             "teacher_sha256": tmeta["sha256"] if tmeta else None,
             "data_manifest_sha256": job.data_manifest_sha256(),
             "store_manifests": store_manifests,
             "model_sha256": meta["sha256"],
             **({"method_audit": audit} if (audit := method.audit()) else {}),
+            **({"resumed_at_epochs": result.resumed_at} if result.resumed_at else {}),
         },
         inputs={"data": str(job.data_dir), "teacher_dir": str(teacher_dir) if teacher_dir else None,
                 "stores": {tap: str(d) for tap, d in stores.items()}},

@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"data", "data.sources", "data.views"},
     {"plan"},
     {"data.shards", "runtime", "evaluate", "cache", "cache.store"},
-    {"modeldir", "train", "train.optim", "train.loop", "cache.source", "cache.inputs"},
+    {"modeldir", "train", "train.optim", "train.loop", "train.checkpoint", "cache.source", "cache.inputs"},
     {"teacher", "cache.build", "cache.check"},
     {"distill"},
     {"verify", "report", "report.*", "tasearch"},

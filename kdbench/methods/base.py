@@ -248,6 +248,22 @@ class DistillMethod(nn.Module):
         the run record's provenance; empty by default."""
         return {}
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """State that changes during training and is not in the module's ``state_dict``, saved in the epoch
+        checkpoints (:mod:`kdbench.train.checkpoint`) so that a resumed run restores it.
+
+        Parameters and buffers (adapters, CRD's memory banks) are in the ``state_dict`` already. The default
+        returns the method's own public ``int`` and ``float`` attributes (counters such as ScaleKD's
+        ``tail_forward``); a method with other such state (a Python list, a generator) overrides this and
+        :meth:`load_checkpoint_state`. Values must be plain JSON-like data or tensors.
+        """
+        return {k: v for k, v in vars(self).items() if type(v) in (int, float) and not k.startswith("_")}
+
+    def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        """Restores what :meth:`checkpoint_state` returned."""
+        for k, v in state.items():
+            setattr(self, k, v)
+
     def extra_parameters(self) -> int:
         """Trainable parameters the method adds (adapters), counted in the cost columns."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -22,6 +22,7 @@ from kdbench.evaluate import predict, topk_accuracy
 from kdbench.meta import DataInfo
 from kdbench.methods.base import TEACHER_VIEWS, DistillMethod, StepContext, Targets
 from kdbench.taps import TapDict, compute_taps
+from kdbench.train.checkpoint import Checkpointing, Preempted, rng_state, set_rng_state, stop_requested
 from kdbench.train.optim import build_optimizer, lr_factor
 
 _logger = logging.getLogger(__name__)
@@ -75,12 +76,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 class FitResult:
     """What :func:`fit` measured.
 
+    A resumed job's counters and history include the epochs its checkpoint holds, as if it had not stopped.
+
     Attributes:
         history: One dict per epoch (also written as JSONL).
-        train_time_s: Wall time of the training loop, evaluation included.
+        train_time_s: Wall time of the training loop, evaluation included (earlier runs of a resumed job
+            included, up to their last checkpoint).
         student_forward: Training samples the student processed.
         teacher_forward: Samples the teacher processed during training (0 when cached).
         cache_bytes_read: Stored teacher-output bytes read.
+        resumed_at: The epochs done when the job resumed from its checkpoint, one per resumption (empty when
+            it ran in one go).
+        resumed_train_s: The part of ``train_time_s`` spent by earlier runs of a resumed job.
     """
 
     history: list[dict] = field(default_factory=list)
@@ -88,6 +95,8 @@ class FitResult:
     student_forward: int = 0
     teacher_forward: int = 0
     cache_bytes_read: int = 0
+    resumed_at: list[int] = field(default_factory=list)
+    resumed_train_s: float = 0.0
 
 
 def fit(
@@ -102,6 +111,7 @@ def fit(
     teacher: TeacherSource | None = None,
     epochs_log: Path | None = None,
     label: str = "",
+    checkpoint: Checkpointing | None = None,
 ) -> FitResult:
     """Trains ``model`` with ``method``'s loss under ``protocol``.
 
@@ -121,15 +131,38 @@ def fit(
         teacher: Source of teacher taps; ``None`` if the method declares none.
         epochs_log: JSONL file for the per-epoch metrics (written as the run goes).
         label: Name of the run in progress logs.
+        checkpoint: Where to keep the epoch checkpoint (:mod:`kdbench.train.checkpoint`); a matching one that
+            exists already is resumed from. ``None``: no checkpoint.
+
+    Raises:
+        Preempted: :func:`~kdbench.train.checkpoint.request_stop` was called (the CLI's SIGUSR1 handler).
+        CheckpointError: The existing checkpoint belongs to another job.
     """
     run = _Run(model, method, train, data, protocol, device, teacher, label)
     result = FitResult()
+    saved = checkpoint.load() if checkpoint else None
+    first = 0  # the first epoch to train
+    if saved is not None:
+        first = run.restore(saved)
+        result.history = list(saved["history"])
+        result.resumed_at = [*saved["resumed_at"], first]
+        result.resumed_train_s = saved["train_time_s"]
+        _logger.info("%s: resuming after epoch %d/%d from %s", label, first, protocol.epochs, checkpoint.path)
+    base = (saved["teacher_forward"], saved["cache_bytes_read"]) if saved else (0, 0)
+
+    def counters() -> tuple[int, int]:  # teacher forwards and cache bytes read, earlier runs included
+        return (base[0] + teacher.forward_count, base[1] + teacher.bytes_read()) if teacher is not None else base
+
     if epochs_log:
         epochs_log.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(epochs_log, "w") if epochs_log else None
+    kept = first if saved is not None else None  # epochs the checkpoint on disk holds
     start = time.perf_counter()
     try:
-        for epoch in range(protocol.epochs):
+        if log_file:
+            log_file.writelines(json.dumps(row) + "\n" for row in result.history)
+            log_file.flush()
+        for epoch in range(first, protocol.epochs):
             row = run.train_epoch(epoch, seed)
             run.evaluate(row, evals)
             result.history.append(row)
@@ -141,14 +174,28 @@ def fit(
                 label, epoch + 1, protocol.epochs, row["view"], row["train_loss"],
                 " ".join(f"{k}={row[k]:.2f}" for k in row if k.endswith("_top1")), row["samples_per_s"],
             )
+            if checkpoint and checkpoint.due(epoch + 1, protocol.epochs):
+                teacher_forward, cache_bytes = counters()
+                checkpoint.save({
+                    **run.state(), "epochs_done": epoch + 1, "history": result.history,
+                    "teacher_forward": teacher_forward, "cache_bytes_read": cache_bytes,
+                    "train_time_s": result.resumed_train_s + time.perf_counter() - start,
+                    "resumed_at": result.resumed_at,
+                })
+                kept = epoch + 1
+            if stop_requested() and epoch + 1 < protocol.epochs:
+                raise Preempted(epoch + 1)
+    except Preempted as stop:
+        where = (f"{checkpoint.path} holds {kept} epoch(s); run the job again to resume" if kept is not None
+                 else "no checkpoint holds any of it; run the job again to start over")
+        raise Preempted(f"{label}: stopped on request after {stop.args[0]} of {protocol.epochs} epochs"
+                        f" (steps of an unfinished epoch are lost); {where}") from None
     finally:
         if log_file:
             log_file.close()
-    result.train_time_s = time.perf_counter() - start
+    result.train_time_s = result.resumed_train_s + time.perf_counter() - start
     result.student_forward = run.student_forward
-    if teacher is not None:
-        result.teacher_forward = teacher.forward_count
-        result.cache_bytes_read = teacher.bytes_read()
+    result.teacher_forward, result.cache_bytes_read = counters()
     return result
 
 
@@ -175,6 +222,28 @@ class _Run:
         self.step = 0
         self.student_forward = 0
 
+    def state(self) -> dict:
+        """What the rest of the run depends on, at an epoch boundary (for the checkpoint)."""
+        return {
+            "step": self.step,
+            "student_forward": self.student_forward,
+            "model": self.model.state_dict(),
+            "method": self.method.state_dict(),
+            "method_extra": self.method.checkpoint_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def restore(self, saved: dict) -> int:
+        """Loads a checkpoint's :meth:`state`; returns the epochs it holds (the first epoch to train)."""
+        self.model.load_state_dict(saved["model"])
+        self.method.load_state_dict(saved["method"])
+        self.method.load_checkpoint_state(saved["method_extra"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.step, self.student_forward = saved["step"], saved["student_forward"]
+        set_rng_state(saved["rng"])
+        return saved["epochs_done"]
+
     def train_epoch(self, epoch: int, seed: int) -> dict:
         """One epoch over view ``epoch mod V`` in a seeded order; returns the epoch's log row (no eval yet)."""
         p, spe = self.protocol, self.steps_per_epoch
@@ -190,6 +259,8 @@ class _Run:
             loss_sum += out.loss.item()
             for k, v in out.terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.item()
+            if stop_requested() and b + 1 < spe:  # at the epoch's end, fit checkpoints first
+                raise Preempted(epoch)
             if (b + 1) % max(1, spe // 4) == 0 and b + 1 < spe:
                 _logger.info("%s epoch %d/%d step %d/%d loss %.4f | %.0f samples/s", self.label, epoch + 1,
                              p.epochs, b + 1, spe, loss_sum / (b + 1), (b + 1) * p.batch_size / (time.perf_counter() - t0))

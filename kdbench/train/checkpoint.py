@@ -1,0 +1,179 @@
+"""Epoch checkpoints and preemption: a killed or preempted training job starts where it left off.
+
+:func:`~kdbench.train.loop.fit` writes ``checkpoint.pt`` into the run (or teacher) directory at the end of every
+``every``-th epoch, atomically (temporary file + rename: a kill at any moment leaves the previous checkpoint or
+the new one, never half of one). It holds everything the rest of the run depends on: the epochs done, the
+student's and the method's state (``state_dict``: adapters and buffers such as CRD's memory banks, plus
+:meth:`~kdbench.methods.base.DistillMethod.checkpoint_state`), the optimiser (its step counts and moments), the
+global step (the learning-rate schedule is a function of it), the RNG states (torch CPU and CUDA, numpy,
+Python), the epoch log so far and the cost counters. The batch order is a function of ``(seed, epoch)`` and
+the views are counter-based, so a job resumed at an epoch boundary computes what the uninterrupted job would
+have: on CPU its record is identical apart from timings.
+
+A checkpoint carries the fingerprint of its job (protocol and config hashes, teacher, student, method, seed,
+input digests); a job refuses one written by another job (:class:`~kdbench.errors.CheckpointError` names
+the file and the fix, delete it). The job deletes its checkpoint once its record (or teacher directory) is
+written.
+
+Preemption (SLURM ``--signal=USR1@<seconds>``): the CLI installs :func:`stop_on_signal`; the loop then stops
+after the current step (writing the epoch's checkpoint if the signal came between the last step and the
+end of the epoch) and raises :class:`Preempted`; the CLI asks SLURM to requeue the job
+(:func:`requeue`) and exits with :data:`EXIT_PREEMPTED`. The requeued job resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdbench._util import atomic_path
+from kdbench.errors import CheckpointError
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+"""Name of the checkpoint in a run (or teacher) directory."""
+
+FORMAT_VERSION = 1
+
+EXIT_PREEMPTED = 75
+"""Exit status of a job stopped by :data:`STOP_SIGNAL` (``EX_TEMPFAIL``: run it again and it resumes; a
+cluster may list it in slurm.conf's ``RequeueExit``)."""
+
+STOP_SIGNAL = signal.SIGUSR1
+"""The signal that asks a training job to stop and be requeued (SLURM's ``--signal``)."""
+
+
+class Preempted(Exception):
+    """Training stopped because :data:`STOP_SIGNAL` arrived; the last checkpoint (if any) holds the progress."""
+
+
+_stop = False
+
+
+def request_stop(*_: Any) -> None:
+    """Asks the running :func:`~kdbench.train.loop.fit` to stop after its current step (a signal handler)."""
+    global _stop
+    _stop = True
+
+
+def stop_requested() -> bool:
+    return _stop
+
+
+@contextlib.contextmanager
+def stop_on_signal(sig: int = STOP_SIGNAL) -> Iterator[None]:
+    """While active, ``sig`` makes the training loop stop after its current step and raise :class:`Preempted`
+    (the previous handler is restored afterwards)."""
+    global _stop
+    _stop = False
+    previous = signal.signal(sig, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous)
+        _stop = False
+
+
+def requeue() -> bool:
+    """Requeues the SLURM job this process runs in (``scontrol requeue $SLURM_JOB_ID``); ``False`` outside SLURM
+    or when ``scontrol`` fails (the job's next run resumes from the checkpoint all the same)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    scontrol = shutil.which("scontrol")
+    if not job or not scontrol:
+        return False
+    done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        _logger.warning("scontrol requeue %s failed: %s", job, done.stderr.strip())
+        return False
+    _logger.info("SLURM job %s requeued", job)
+    return True
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states (torch CPU, CUDA when initialised, numpy, Python), as plain tensors and tuples."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restores what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """Where a training job keeps its epoch checkpoint, and which job it is.
+
+    Attributes:
+        path: The checkpoint file (``<run dir>/checkpoint.pt``).
+        fingerprint: What identifies the job (JSON values); a checkpoint with another fingerprint is refused.
+        every: Write one every ``every`` epochs (and at a requested stop); 0 writes none. An existing
+            checkpoint is resumed from whatever ``every`` is. Not part of any hash: it changes no result.
+    """
+
+    path: Path
+    fingerprint: Mapping[str, Any]
+    every: int = 1
+
+    def due(self, epochs_done: int, epochs: int) -> bool:
+        """Whether to write a checkpoint after ``epochs_done`` of ``epochs`` epochs (also after the last one:
+        a job killed while it evaluates and saves the trained model does not train again)."""
+        return self.every > 0 and (epochs_done % self.every == 0 or epochs_done == epochs or stop_requested())
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved state, ``None`` if there is no checkpoint.
+
+        Raises:
+            CheckpointError: The file is unreadable, of another format, or of another job.
+        """
+        if not self.path.exists():
+            return None
+        fix = f"delete it (rm {self.path}) to start this job over"
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as e:  # any unreadable file gets the same advice
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"{self.path}: the training checkpoint cannot be read ({why}); {fix}") from e
+        if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{self.path}: not a training checkpoint of format {FORMAT_VERSION}; {fix}")
+        saved, expected = state["fingerprint"], dict(self.fingerprint)
+        if saved != expected:
+            diff = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this job {expected.get(k)!r}"
+                             for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k))
+            raise CheckpointError(f"{self.path}: the training checkpoint belongs to another job ({diff}); {fix}")
+        return state
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Writes ``state`` (plus the format and the fingerprint) atomically."""
+        with atomic_path(self.path) as tmp:
+            torch.save({"format": FORMAT_VERSION, "fingerprint": dict(self.fingerprint), **state}, tmp)
+
+    def discard(self) -> None:
+        """Deletes the checkpoint and any temporary file a killed write left beside it."""
+        for path in [self.path, *self.path.parent.glob(f"{self.path.name}.tmp-*")]:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,298 @@
+"""Preemption-safe training: epoch checkpoints, resuming a killed job to the uninterrupted record, SIGUSR1.
+
+A tiny Fashion-MNIST slice (256 training images, 4 steps per epoch, 3 epochs), a 1-epoch ``cnn_xs`` teacher and
+stores of its logits and pre_logits: ``kd`` from the logits store and ``crd`` (memory banks, adapters) from
+both stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kdbench.cache.build import build_shard, finalize_store
+from kdbench.cli import main
+from kdbench.config import load_config, parse_config
+from kdbench.data.shards import prepare
+from kdbench.data.sources import shard_counts
+from kdbench.distill import run_distill
+from kdbench.errors import CheckpointError
+from kdbench.methods.base import DistillMethod
+from kdbench.teacher import train_teacher
+from kdbench.train import checkpoint as ckpt
+from kdbench.train.checkpoint import CHECKPOINT_FILE, EXIT_PREEMPTED, Preempted
+from kdbench.train.loop import _Run
+from kdbench.verify import compare_runs
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+STEPS = 4  # steps per epoch: 256 images in batches of 64
+
+
+def tiny_raw(**over) -> dict:
+    raw = {
+        "name": "resume",
+        "data": {"val_size": 128, "shard_size": 128, "train_limit": 256, "test_limit": 128},
+        "protocol": {"epochs": 3, "batch_size": 64, "eval_batch_size": 128, "views": {"count": 2, "mixup": 0.5}},
+        "teachers": {"t": {"model": "cnn_xs", "train": {"epochs": 2, "batch_size": 64}}},
+        "students": ["cnn_xs"],
+        "methods": {"baseline": {}, "kd": {}, "crd": {"nce_k": 32, "feat_dim": 16}},
+        "seeds": [0, 1],
+        "runtime": {"device": "cpu", "threads": 1},
+    }
+    raw.update(over)
+    return raw
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not (FMNIST / "train-labels-idx1-ubyte.gz").exists():
+        pytest.skip("needs dataset-fashion-mnist")
+    root = tmp_path_factory.mktemp("resume")
+    cfg_path = root / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_raw()))
+    cfg = load_config(cfg_path)
+    data = root / "data"
+    prepare(cfg.data, data)
+    teacher = root / "teacher"
+    train_teacher(cfg, "t", data, teacher)
+    stores = {}
+    for tap in ("logits", "pre_logits"):
+        store = root / "cache" / tap
+        for i in range(shard_counts(cfg.data)["train"]):
+            build_shard(cfg, teacher, data, tap, i, store / f"shard-{i:05d}.h5")
+        finalize_store(cfg, teacher, data, tap, store)
+        stores[tap] = store
+    return cfg, data, teacher, stores, root
+
+
+def _inputs(setup, label):
+    _cfg, _data, teacher, stores, _root = setup
+    if label == "baseline":
+        return None, {}
+    return teacher, {tap: stores[tap] for tap in (("logits",) if label == "kd" else ("logits", "pre_logits"))}
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """The uninterrupted run of a label (seed 0), run once."""
+    cfg, data, _teacher, _stores, root = setup
+    done = {}
+
+    def get(label: str) -> Path:
+        if label not in done:
+            out = root / f"ref_{label}"
+            run_distill(cfg, "t", "cnn_xs", label, 0, data, *_inputs(setup, label), out)
+            assert not (out / CHECKPOINT_FILE).exists()  # removed once the record is written
+            done[label] = out
+        return done[label]
+
+    return get
+
+
+def _stop_in_epoch_1(monkeypatch, action) -> None:
+    """Calls ``action()`` once, after the second step of the second epoch."""
+    orig = _Run.train_step
+    fired = []
+
+    def step(self, epoch, view, rows):
+        out = orig(self, epoch, view, rows)
+        if self.step == STEPS + 2 and not fired:
+            fired.append(True)
+            action()
+        return out
+
+    monkeypatch.setattr(_Run, "train_step", step)
+
+
+def _epochs_done(run_dir: Path) -> int:
+    return torch.load(run_dir / CHECKPOINT_FILE, weights_only=True)["epochs_done"]
+
+
+KILLED_CHILD = """
+import sys, time
+from pathlib import Path
+from kdbench.train.loop import _Run
+orig = _Run.train_step
+def step(self, epoch, view, rows):
+    out = orig(self, epoch, view, rows)
+    if self.step == {steps} + 2:  # mid-epoch 1: the checkpoint of epoch 0 is on disk; wait to be killed
+        Path(sys.argv[1]).write_text("mid-epoch")
+        time.sleep(600)
+    return out
+_Run.train_step = step
+from kdbench.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("label", ["kd", "crd"])
+def test_a_job_killed_mid_epoch_resumes_to_the_uninterrupted_record(setup, reference, label):
+    cfg, data, _teacher, _stores, root = setup
+    out = root / f"killed_{label}"
+    marker = root / f"killed_{label}.mid"
+    teacher_dir, used = _inputs(setup, label)
+    args = ["distill", "--config", cfg.source, "--teacher", "t", "--student", "cnn_xs", "--method-label", label,
+            "--seed", "0", "--data", str(data), "--teacher-dir", str(teacher_dir), "--out", str(out)]
+    for store in used.values():
+        args += ["--store", str(store)]
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD.format(steps=STEPS), str(marker), *args],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, "the child never reached epoch 1"
+            time.sleep(0.05)
+        assert _epochs_done(out) == 1
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL and not (out / "record.json").exists()
+    (out / f"{CHECKPOINT_FILE}.tmp-99999").write_bytes(b"half a checkpoint")  # what a kill during a save leaves
+
+    record = run_distill(cfg, "t", "cnn_xs", label, 0, data, teacher_dir, used, out)
+    ref = reference(label)
+    assert compare_runs(ref, out) == []  # final metrics, cost counters, every epoch, the weights' sha256
+    full = json.loads((ref / "record.json").read_text())
+    assert record.cost.teacher_forward == full["cost"]["teacher_forward"] == 0
+    assert record.cost.cache_bytes_read == full["cost"]["cache_bytes_read"] > 0
+    assert record.cost.student_forward == full["cost"]["student_forward"] == 3 * 256
+    assert record.provenance["resumed_at_epochs"] == [1] and "resumed_at_epochs" not in full["provenance"]
+    assert len((out / "epochs.jsonl").read_text().splitlines()) == 3
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(CHECKPOINT_FILE)) == []
+
+
+def test_sigusr1_checkpoints_exits_75_and_requeues_then_the_rerun_completes(setup, reference, monkeypatch, tmp_path):
+    cfg, data, teacher, stores, _root = setup
+    out = tmp_path / "run"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    args = ["distill", "--config", cfg.source, "--teacher", "t", "--student", "cnn_xs", "--method-label", "kd",
+            "--seed", "0", "--data", str(data), "--teacher-dir", str(teacher), "--store", str(stores["logits"]),
+            "--out", str(out)]
+    handler = signal.getsignal(signal.SIGUSR1)
+    _stop_in_epoch_1(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    assert main(args) == EXIT_PREEMPTED
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert _epochs_done(out) == 1 and not (out / "record.json").exists()
+    assert len((out / "epochs.jsonl").read_text().splitlines()) == 1
+    assert signal.getsignal(signal.SIGUSR1) is handler and not ckpt.stop_requested()
+
+    assert main(args) == 0  # the requeued job (the patch fires only once)
+    assert compare_runs(reference("kd"), out) == []
+    assert not (out / CHECKPOINT_FILE).exists() and calls.read_text().split() == ["requeue", "4242"]
+
+
+def test_a_stop_at_the_end_of_an_epoch_checkpoints_that_epoch(setup, monkeypatch, tmp_path):
+    cfg, data, _teacher, _stores, _root = setup
+    orig = _Run.evaluate
+
+    def evaluate(self, row, evals):  # the signal arrives while epoch 0 is evaluated
+        orig(self, row, evals)
+        if row["epoch"] == 0:
+            ckpt.request_stop()
+
+    monkeypatch.setattr(_Run, "evaluate", evaluate)
+    with ckpt.stop_on_signal(), pytest.raises(Preempted, match=r"after 1 of 3 epochs.*checkpoint\.pt holds 1 epoch"):
+        run_distill(cfg, "t", "cnn_xs", "baseline", 0, data, None, {}, tmp_path / "run", checkpoint_every=2)
+    assert _epochs_done(tmp_path / "run") == 1
+
+
+def test_without_checkpoints_a_stopped_job_says_it_starts_over(setup, monkeypatch, tmp_path):
+    cfg, data, _teacher, _stores, _root = setup
+    _stop_in_epoch_1(monkeypatch, ckpt.request_stop)
+    with ckpt.stop_on_signal(), pytest.raises(Preempted, match="after 1 of 3 epochs.*no checkpoint holds any of it"):
+        run_distill(cfg, "t", "cnn_xs", "baseline", 0, data, None, {}, tmp_path / "run", checkpoint_every=0)
+    assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
+
+
+def test_a_checkpoint_of_another_job_is_refused_naming_the_file_and_the_fix(setup, monkeypatch, tmp_path):
+    cfg, data, _teacher, _stores, _root = setup
+    out = tmp_path / "run"
+    _stop_in_epoch_1(monkeypatch, ckpt.request_stop)
+    with ckpt.stop_on_signal(), pytest.raises(Preempted):
+        run_distill(cfg, "t", "cnn_xs", "baseline", 0, data, None, {}, out)
+    with pytest.raises(CheckpointError, match=r"run/checkpoint\.pt: .*another job \(seed: checkpoint 0, this job 1\)"
+                                              r"; delete it \(rm .*checkpoint\.pt\)"):
+        run_distill(cfg, "t", "cnn_xs", "baseline", 1, data, None, {}, out)
+    other = parse_config(tiny_raw(protocol={"epochs": 4, "batch_size": 64, "views": {"count": 2, "mixup": 0.5}}),
+                         source="other.yaml")
+    with pytest.raises(CheckpointError, match=r"another job \(config_hash: .*protocol_hash: "):
+        run_distill(other, "t", "cnn_xs", "baseline", 0, data, None, {}, out)
+    (out / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: the training checkpoint cannot be read.*delete it"):
+        run_distill(cfg, "t", "cnn_xs", "baseline", 0, data, None, {}, out)
+    assert not (out / "record.json").exists()
+
+
+def test_teacher_training_resumes_to_the_same_teacher(setup, monkeypatch, tmp_path):
+    cfg, data, teacher, _stores, _root = setup
+    _stop_in_epoch_1(monkeypatch, ckpt.request_stop)
+    with ckpt.stop_on_signal(), pytest.raises(Preempted, match="teacher t: stopped on request after 1 of 2 epochs"):
+        train_teacher(cfg, "t", data, tmp_path / "t")
+    assert _epochs_done(tmp_path / "t") == 1 and not (tmp_path / "t" / "metrics.json").exists()
+    resumed = train_teacher(cfg, "t", data, tmp_path / "t")
+    assert resumed["sha256"] == json.loads((teacher / "metrics.json").read_text())["sha256"]
+    assert not (tmp_path / "t" / CHECKPOINT_FILE).exists()
+
+
+def test_method_counters_are_checkpoint_state_by_default():
+    class Counting(DistillMethod):
+        name, Config, reference = "counting", object, ""
+
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)
+            self.samples, self.scale, self._private, self.flag = 0, 1.0, 5, True
+            self.bank = torch.nn.Parameter(torch.zeros(2))
+
+    m = Counting()
+    m.samples, m.scale = 7, 0.5
+    state = m.checkpoint_state()
+    assert state == {"samples": 7, "scale": 0.5}  # not private names, bools (``training``) or tensors
+    fresh = Counting()
+    fresh.load_checkpoint_state(state)
+    assert (fresh.samples, fresh.scale) == (7, 0.5)
+
+
+def test_scalekd_tail_counter_is_restored():
+    from kdbench.meta import DataInfo
+    from kdbench.methods.base import create_method
+    from kdbench.models import create_model, model_info
+
+    data = DataInfo(num_classes=10, in_chans=1, image_size=28, num_train=64, mean=(0.5,), std=(0.5,))
+    infos = [model_info(create_model(n, 10, 1, 28), n, 1, 28) for n in ("cnn_m", "cnn_xs")]
+    method, fresh = (create_method("scalekd", {}, teacher=infos[0], student=infos[1], data=data) for _ in range(2))
+    method.tail_forward = 96
+    fresh.load_checkpoint_state(method.checkpoint_state())
+    assert fresh.tail_forward == 96
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(3), np.random.seed(3), random.seed(3)
+    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5), random.random()
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
