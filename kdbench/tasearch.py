@@ -194,6 +194,10 @@ def _joint_train(shared, models, feature_order, train, renderer, source, protoco
             optimizer.step()
             total += loss.item()
             step += 1
+            if (b + 1) % max(1, spe // 4) == 0 and b + 1 < spe:
+                _logger.info("%s epoch %d/%d step %d/%d joint loss %.4f | %.0f samples/s", label, epoch + 1,
+                             protocol.epochs, b + 1, spe, total / (b + 1),
+                             (b + 1) * protocol.batch_size / (time.perf_counter() - t0))
         _logger.info("%s epoch %d/%d view %d joint loss %.4f | %.0f samples/s", label, epoch + 1, protocol.epochs,
                      view, total / spe, n / (time.perf_counter() - t0))
     return step
