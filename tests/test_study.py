@@ -470,6 +470,7 @@ def test_a_tiny_study_runs_end_to_end_and_the_live_teacher_reproduces_the_cache(
         methods={"kd": {}, "kd_live": {"method": "kd", "teacher_source": "live"}},
     )
     base["protocol"].update(epochs=2, views={"count": 2, "mixup": 0.5})
+    base["data"].update(shard_size=512)  # one shard: one cache job per store
     write_config(tmp_path / "tiny-budget.yaml", base)
     suite = write_config(
         tmp_path / "study.yaml",

@@ -255,7 +255,7 @@ def _link_live(rows: list[StudyRow]) -> None:
         same = [x for x in lives if x.family == r.family and x.variant_key == r.variant_key]
         if same:
             r.live = next((x for x in same if x.table == r.table), same[0])
-            r.gap = paired_delta(r.cell.top1_by_seed, r.live.cell.top1_by_seed)
+            r.gap = paired_delta(r.cell.top1_by_seed, r.live.cell.top1_by_seed, min_pairs=1)
 
 
 def _family_labels(rows: Sequence[StudyRow]) -> dict[tuple[str, str], str]:
@@ -318,12 +318,26 @@ def study_rows(study: Study) -> list[dict[str, Any]]:
     return out
 
 
+def _gap(gap: PairedDelta | None) -> str:
+    """``Δ vs live``: the paired mean and interval, or the mean and the paired seeds when there is no interval."""
+    if gap is None:
+        return ""
+    if gap.diff.ci95 is None:
+        return (
+            f"{fmt.num(gap.diff.mean, 2, sign=True)} (n={gap.diff.n}, no interval)"
+            if gap.diff.n
+            else "no paired seed"
+        )
+    return fmt.delta(gap)
+
+
 def gap_closes(study: Study) -> list[str]:
     """Per line of the plot over V with a live reference: the smallest V from which on every cached run's
-    paired 95% interval of ``cached - live`` contains 0 (or that it never does)."""
+    paired 95% interval of ``cached - live`` contains 0 (or that it never does). Lines whose points have
+    fewer than two paired seeds (no interval) are left out."""
     lines = []
     for key, members in _series(study.rows).items():
-        members = [r for r in members if r.gap is not None and r.views]
+        members = [r for r in members if r.gap is not None and r.gap.diff.ci95 is not None and r.views]
         if len(members) < 2:
             continue
         closed = None
@@ -364,7 +378,7 @@ def render_study_markdown(study: Study, plot: Path | None, out_dir: Path) -> str
         [r.table, r.method, r.source, r.policy or fmt.DASH, r.variant, str(r.views or ""), str(r.epochs or ""),
          fmt.si(r.store_bytes, "B"), str(r.payload_per_view or ""), fmt.mean_std(r.cell.top1),
          f"± {fmt.num(r.cell.top1.ci95)}" if r.cell.top1.ci95 is not None else "", str(r.cell.top1.n),
-         fmt.delta(r.gap) if r.gap else "", fmt.si(r.cell.mean_of("teacher_forward")), fmt.si(r.build_forwards),
+         _gap(r.gap), fmt.si(r.cell.mean_of("teacher_forward")), fmt.si(r.build_forwards),
          fmt.num(r.train_loss.mean, 4)]
         for r in study.rows
     ]  # fmt: skip
@@ -467,7 +481,9 @@ def plot_study(study: Study, path: Path) -> Path:
     if series:  # ticks at the stores' sizes
         ax.set_xscale("log")
         ticks = sorted({r.store_bytes for members in series.values() for r in members})
-        ax.set_xticks(ticks, [fmt.si(b, "B") for b in ticks], rotation=45 if len(ticks) > 4 else 0, fontsize=8)
+        ax.set_xticks(
+            ticks, [fmt.si(b, "B") for b in ticks], rotation=45 if len(ticks) > 4 else 0, fontsize=8
+        )
         ax.minorticks_off()
         ax.margins(x=0.08)
     ax.set_xlabel("teacher-output store (bytes of its shard files, log scale)")
