@@ -1,0 +1,267 @@
+"""The tiny workflow on a live SLURM cluster through the user's profile (`workflow/profiles/slurm`).
+
+Needs a running cluster whose nodes see this machine's temporary directory: in CI the single-node cluster of
+`.ci/slurm/start.sh` (`.ci/run` starts it and stops it). Without one the test skips, saying so; with
+KDBENCH_REQUIRE_SLURM=1 (set by `.ci/run`) it fails instead, so that CI cannot pass without running it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_workflow import ENV, FMNIST, REPO, TINY
+
+PROFILE = REPO / "workflow" / "profiles" / "slurm"
+# CI-only: the first status check 2 s after a submission (the plugin's default is 40 s); the profile stays as
+# users get it.
+CI_ARGS = ("--slurm-init-seconds-before-status-checks", "2")
+ALT_PARTITION, ALT_ACCOUNT = "alt", "ci"  # .ci/slurm/start.sh's non-default partition and its account
+TIMING_COLUMNS = {"wall_time_s", "train_time_s", "assistant_time_s"}
+SQUEUE_FORMAT = {"id": "%i", "state": "%T", "partition": "%P", "account": "%a", "cpus": "%C", "mem": "%m",
+                 "timelimit": "%l", "nice": "%y", "workdir": "%Z", "comment": "%500k"}
+
+
+def _slurm_problem() -> str | None:
+    """Why no SLURM cluster can run the test, or None."""
+    if not shutil.which("sbatch") or not shutil.which("squeue"):
+        return "no SLURM client (sbatch, squeue) on PATH"
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20, check=False)
+        if ping.returncode != 0 or "UP" not in ping.stdout:
+            said = (ping.stdout + ping.stderr).strip().splitlines()
+            return f"no SLURM controller answers `scontrol ping` ({said[0] if said else ping.returncode})"
+        nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20,
+                               check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"SLURM does not answer ({err})"
+    if not any(s.strip("*~#") in {"idle", "mixed", "allocated", "completing"} for s in nodes.stdout.split()):
+        return f"no usable SLURM node (sinfo states: {nodes.stdout.split()})"
+    return None
+
+
+def _needs_slurm():
+    problem = _slurm_problem()
+    if problem is None:
+        return
+    if os.environ.get("KDBENCH_REQUIRE_SLURM") == "1":
+        pytest.fail(f"KDBENCH_REQUIRE_SLURM=1 but {problem}")
+    pytest.skip(f"{problem}; start a local single-node cluster with `.ci/slurm/start.sh` (as root)")
+
+
+def _squeue(workdir: Path, *states: str) -> dict[str, dict[str, str]]:
+    """Our jobs (SLURM's working directory is `workdir`), by job id. No states: pending, running, completing;
+    `--states=all` also shows jobs that ended less than MinJobAge ago."""
+    cmd = ["squeue", "-h", "-o", "|".join(SQUEUE_FORMAT.values())]
+    if states:
+        cmd.append(f"--states={','.join(states)}")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout
+    jobs = {}
+    for line in out.splitlines():
+        job = dict(zip(SQUEUE_FORMAT, (f.strip() for f in line.split("|"))))
+        if job.get("workdir") == str(workdir):
+            jobs[job["id"]] = job
+    return jobs
+
+
+def _has_account(account: str) -> bool:
+    """Whether the accounting database (if any) knows `account`."""
+    try:
+        out = subprocess.run(["sacctmgr", "-n", "-P", "list", "account", account, "format=account"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and out.stdout.split() == [account]
+
+
+def _partitions() -> list[str]:
+    """The cluster's partitions, the default one marked with a `*`."""
+    return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30,
+                          check=True).stdout.split()
+
+
+def _rule(job: dict[str, str]) -> str:
+    return job["comment"].removeprefix("rule_").split("_wildcards_")[0]
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+def _start(workdir: Path, *args: str, env=None, profile: bool = True) -> subprocess.Popen:
+    """Snakemake on the tiny config in `workdir`, in the background (its output in a log file there)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    profile_args = ["--workflow-profile", str(PROFILE), *CI_ARGS] if profile else []
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(workdir), "--configfile", str(TINY), *profile_args, *args]
+    log = workdir / f"snakemake-{time.monotonic_ns()}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env or ENV, stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
+    STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture
+def _interrupt_leftovers():
+    """A failed test leaves no Snakemake running: SIGINT cancels its jobs (SIGTERM would wait for them)."""
+    yield
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    STARTED.clear()
+
+
+def _output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text(errors="replace")
+
+
+def _wait(proc: subprocess.Popen, timeout: float, on_poll=None) -> int:
+    """Wait for Snakemake; past the timeout, SIGINT it (SIGTERM would wait for every submitted job)."""
+    end = time.monotonic() + timeout
+    while proc.poll() is None:
+        if on_poll:
+            on_poll()
+        if time.monotonic() > end:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            pytest.fail(f"snakemake did not finish in {timeout:.0f} s:\n{_output(proc)[-4000:]}")
+        time.sleep(1)
+    return proc.returncode
+
+
+def _board(workdir: Path, name: str) -> list[dict[str, str]]:
+    """The leaderboard's rows without timings, and without the note on runs whose provenance (git commit,
+    dirty files) differs: a developer's checkout may change while the test runs."""
+    with open(workdir / "results" / name / "leaderboard" / "leaderboard.csv") as f:
+        rows = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in csv.DictReader(f)]
+    for row in rows:
+        notes = row["notes"].split("; ")
+        row["notes"] = "; ".join(n for n in notes if not n.startswith("provenance differs"))
+    return rows
+
+
+def _records(workdir: Path, name: str) -> dict[str, dict]:
+    """Per run: what must be bit-identical across executors (no timings, no provenance)."""
+    runs = workdir / "results" / name / "runs"
+    out = {}
+    for path in sorted(runs.rglob("record.json")):
+        rec = json.loads(path.read_text())
+        cost = {k: v for k, v in rec["cost"].items() if k not in TIMING_COLUMNS}
+        out[str(path.relative_to(runs))] = {"final": rec["final"], "identity": rec["identity"], "cost": cost,
+                                           "protocol_hash": rec["protocol_hash"], "status": rec["status"]}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (FMNIST / "train-labels-idx1-ubyte.gz").exists(),
+                    reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+def test_tiny_workflow_on_slurm_matches_local_and_survives_an_interrupt(tmp_path, _interrupt_leftovers):
+    _needs_slurm()
+    name = yaml.safe_load(TINY.read_text())["name"]
+    local_dir, slurm_dir = tmp_path / "local", tmp_path / "slurm"
+    t0 = time.monotonic()
+
+    # 1. The same table twice, at the same time: locally (`--cores 2`, the reference) and through the profile.
+    #    Every job the cluster saw is collected while it runs (squeue keeps ended jobs for MinJobAge only).
+    seen: dict[str, dict[str, str]] = {}
+    earlier = set(_squeue(slurm_dir, "all"))  # an earlier test's, with the same --basetemp
+
+    def collect():
+        seen.update({i: j for i, j in _squeue(slurm_dir, "all").items() if i not in earlier})
+
+    local = _start(local_dir, "--cores", "2", profile=False)
+    slurm = _start(slurm_dir)
+    assert _wait(slurm, 1200, on_poll=collect) == 0, _output(slurm)[-4000:]
+    collect()
+    assert _wait(local, 1200) == 0, _output(local)[-4000:]
+    t1 = time.monotonic()
+
+    # Record for record and row for row the same numbers: CPU runs are bit-identical whatever executes them.
+    assert _records(slurm_dir, name) == _records(local_dir, name)
+    assert len(_records(slurm_dir, name)) == 8
+    assert _board(slurm_dir, name) == _board(local_dir, name)
+
+    # Only the compute rules were queued (gathers are localrules), each with its profile resources, in the
+    # cluster's default partition (the profile names none): the teacher with its 2 threads as 2 CPUs, the
+    # distill fan-out niced below the critical path.
+    by_rule: dict[str, list[dict[str, str]]] = {}
+    for job in seen.values():
+        by_rule.setdefault(_rule(job), []).append(job)
+    counts = {r: len(j) for r, j in by_rule.items()}
+    assert counts == {"prepare_data": 1, "train_teacher": 1, "cache_shard": 2, "distill": 8}, seen
+    partitions = _partitions()
+    default_partition = next(p.rstrip("*") for p in partitions if p.endswith("*"))
+    assert {j["partition"] for j in seen.values()} == {default_partition}
+    assert {j["state"] for j in seen.values()} == {"COMPLETED"}
+    want = {"prepare_data": ("1", "3000M", "30:00", "0"), "train_teacher": ("2", "4000M", "2:00:00", "0"),
+            "cache_shard": ("1", "3000M", "1:00:00", "0"), "distill": ("1", "3000M", "2:00:00", "100")}
+    for rule, jobs in by_rule.items():
+        assert {(j["cpus"], j["mem"], j["timelimit"], j["nice"]) for j in jobs} == {want[rule]}, rule
+    logs = slurm_dir / ".snakemake" / "slurm_logs"
+    assert {p.name for p in logs.iterdir()} == {f"rule_{r}" for r in want}
+
+    # 2. Two runs lost (their folders deleted, and the leaderboard): their 2 distill jobs are submitted again,
+    #    this time to the partition and account named by SBATCH_PARTITION / SBATCH_ACCOUNT where the cluster
+    #    has them (.ci/slurm/start.sh's has). SIGINT once both run: Snakemake cancels them and exits; none
+    #    stays queued.
+    env = dict(ENV)
+    if ALT_PARTITION in partitions:
+        env["SBATCH_PARTITION"] = ALT_PARTITION
+    if _has_account(ALT_ACCOUNT):
+        env["SBATCH_ACCOUNT"] = ALT_ACCOUNT
+    runs = slurm_dir / "results" / name / "runs"
+    lost = sorted(runs.glob("*/*/kd/seed1"))
+    assert len(lost) == 2
+    for run_dir in [*lost, slurm_dir / "results" / name / "leaderboard"]:
+        shutil.rmtree(run_dir)
+    kept = {str(p): p.stat().st_mtime_ns for p in runs.rglob("record.json")}
+    run = _start(slurm_dir, env=env)
+    queued: dict[str, dict[str, str]] = {}
+    end = time.monotonic() + 300
+    while len(queued) < 2 or {j["state"] for j in queued.values()} != {"RUNNING"}:
+        assert run.poll() is None and time.monotonic() < end, _output(run)[-4000:]
+        queued = {i: j for i, j in _squeue(slurm_dir).items() if i not in seen and i not in earlier}
+        time.sleep(0.5)
+    assert [_rule(j) for j in queued.values()] == ["distill", "distill"]
+    assert {j["partition"] for j in queued.values()} == {env.get("SBATCH_PARTITION", default_partition)}
+    if "SBATCH_ACCOUNT" in env:
+        assert {j["account"] for j in queued.values()} == {ALT_ACCOUNT}
+    run.send_signal(signal.SIGINT)
+    assert run.wait(120) != 0
+    t2 = time.monotonic()
+    for _ in range(60):  # a cancelled job may stay COMPLETING for a moment
+        if not _squeue(slurm_dir):
+            break
+        time.sleep(0.5)
+    assert _squeue(slurm_dir) == {}, "jobs left in the queue after SIGINT"
+    ended = _squeue(slurm_dir, "all")
+    assert {ended[i]["state"] for i in queued if i in ended} == {"CANCELLED"}, ended
+
+    # 3. The same command again: exactly the two lost runs (the cancelled, incomplete ones) and the
+    #    leaderboard, bit-identical to the local run again; the queue is empty afterwards.
+    rerun = _start(slurm_dir, env=env)
+    assert _wait(rerun, 900) == 0, _output(rerun)[-4000:]
+    t3 = time.monotonic()
+    assert {str(p): p.stat().st_mtime_ns for p in runs.rglob("record.json") if p.parent not in lost} == kept
+    assert all((d / "record.json").exists() for d in lost)
+    assert _records(slurm_dir, name) == _records(local_dir, name)
+    assert _board(slurm_dir, name) == _board(local_dir, name)
+    assert _squeue(slurm_dir) == {}
+    print(f"\nSLURM test: local + SLURM runs {t1 - t0:.0f} s, interrupted run {t2 - t1:.0f} s,"
+          f" rerun {t3 - t2:.0f} s")
