@@ -8,6 +8,7 @@ both stores.
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -223,23 +224,26 @@ def test_without_checkpoints_a_stopped_job_says_it_starts_over(setup, monkeypatc
     assert not (tmp_path / "run" / CHECKPOINT_FILE).exists()
 
 
-def test_a_checkpoint_of_another_job_is_refused_naming_the_file_and_the_fix(setup, monkeypatch, tmp_path):
+def test_a_checkpoint_of_another_job_is_deleted_with_a_warning_and_the_job_starts_over(setup, monkeypatch, tmp_path,
+                                                                                       caplog):
     cfg, data, _teacher, _stores, _root = setup
     out = tmp_path / "run"
     _stop_in_epoch_1(monkeypatch, ckpt.request_stop)
     with ckpt.stop_on_signal(), pytest.raises(Preempted):
         run_distill(cfg, "t", "cnn_xs", "baseline", 0, data, None, {}, out)
-    with pytest.raises(CheckpointError, match=r"run/checkpoint\.pt: .*another job \(seed: checkpoint 0, this job 1\)"
-                                              r"; delete it \(rm .*checkpoint\.pt\)"):
-        run_distill(cfg, "t", "cnn_xs", "baseline", 1, data, None, {}, out)
-    other = parse_config(tiny_raw(protocol={"epochs": 4, "batch_size": 64, "views": {"count": 2, "mixup": 0.5}}),
-                         source="other.yaml")
-    with pytest.raises(CheckpointError, match=r"another job \(config_hash: .*protocol_hash: "):
-        run_distill(other, "t", "cnn_xs", "baseline", 0, data, None, {}, out)
+    monkeypatch.undo()
+    assert (out / CHECKPOINT_FILE).exists()
+    fresh = run_distill(cfg, "t", "cnn_xs", "baseline", 1, data, None, {}, tmp_path / "fresh")
+    with caplog.at_level("WARNING"):
+        record = run_distill(cfg, "t", "cnn_xs", "baseline", 1, data, None, {}, out)  # seed 1 in seed 0's folder
+    assert re.search(r"run/checkpoint\.pt: another job wrote it \(seed: checkpoint 0, this job 1\); deleted, the job"
+                     r" starts over", caplog.text)
+    assert record.final == fresh.final and not (out / CHECKPOINT_FILE).exists()  # a whole run, not a resumed one
+    caplog.clear()
     (out / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: the training checkpoint cannot be read.*delete it"):
-        run_distill(cfg, "t", "cnn_xs", "baseline", 0, data, None, {}, out)
-    assert not (out / "record.json").exists()
+    with caplog.at_level("WARNING"):
+        assert run_distill(cfg, "t", "cnn_xs", "baseline", 1, data, None, {}, out).final == fresh.final
+    assert "checkpoint.pt: it cannot be read" in caplog.text
 
 
 def test_teacher_training_resumes_to_the_same_teacher(setup, monkeypatch, tmp_path):

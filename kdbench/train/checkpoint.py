@@ -11,9 +11,9 @@ the views are counter-based, so a job resumed at an epoch boundary computes what
 have: on CPU its record is identical apart from timings.
 
 A checkpoint carries the fingerprint of its job (protocol and config hashes, teacher, student, method, seed,
-input digests); a job refuses one written by another job (:class:`~kdbench.errors.CheckpointError` names
-the file and the fix, delete it). The job deletes its checkpoint once its record (or teacher directory) is
-written.
+input digests); a job never resumes one written by another job (the workflow reruns a job in the same directory
+when its config changed): it deletes it with a warning naming the file and the difference, and starts over. The
+job deletes its checkpoint once its record (or teacher directory) is written.
 
 Preemption (SLURM ``--signal=USR1@<seconds>``): the CLI installs :func:`stop_on_signal`; the loop then stops
 after the current step (writing the epoch's checkpoint if the signal came between the last step and the
@@ -146,27 +146,31 @@ class Checkpointing:
         return self.every > 0 and (epochs_done % self.every == 0 or epochs_done == epochs or stop_requested())
 
     def load(self) -> dict[str, Any] | None:
-        """The saved state, ``None`` if there is no checkpoint.
+        """The saved state, ``None`` if there is no checkpoint of this job.
 
-        Raises:
-            CheckpointError: The file is unreadable, of another format, or of another job.
+        A checkpoint that cannot be read, or that another job wrote (the workflow reruns a job in the same
+        directory when its config changed), is not this job's progress: it is deleted with a warning that
+        names the file and why, and the job starts over.
         """
         if not self.path.exists():
             return None
-        fix = f"delete it (rm {self.path}) to start this job over"
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # any unreadable file gets the same advice
-            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            raise CheckpointError(f"{self.path}: the training checkpoint cannot be read ({why}); {fix}") from e
+        except Exception as e:  # any unreadable file is treated the same
+            return self._stale(f"it cannot be read ({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{self.path}: not a training checkpoint of format {FORMAT_VERSION}; {fix}")
+            return self._stale(f"it is not a training checkpoint of format {FORMAT_VERSION}")
         saved, expected = state["fingerprint"], dict(self.fingerprint)
         if saved != expected:
             diff = "; ".join(f"{k}: checkpoint {saved.get(k)!r}, this job {expected.get(k)!r}"
                              for k in sorted(set(saved) | set(expected)) if saved.get(k) != expected.get(k))
-            raise CheckpointError(f"{self.path}: the training checkpoint belongs to another job ({diff}); {fix}")
+            return self._stale(f"another job wrote it ({diff})")
         return state
+
+    def _stale(self, why: str) -> None:
+        _logger.warning("%s: %s; deleted, the job starts over", self.path, why)
+        self.discard()
+        return None
 
     def save(self, state: dict[str, Any]) -> None:
         """Writes ``state`` (plus the format and the fingerprint) atomically."""
