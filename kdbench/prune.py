@@ -23,11 +23,11 @@ distilled from like any teacher.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from kdbench.models import create_model, pruned_name, split_pruned_name, staged_widths
 
@@ -57,8 +57,14 @@ class Candidate:
     ratio: float
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "scale": self.scale, "name": self.name, "widths": list(self.widths),
-                "params": self.params, "ratio": self.ratio}
+        return {
+            "index": self.index,
+            "scale": self.scale,
+            "name": self.name,
+            "widths": list(self.widths),
+            "params": self.params,
+            "ratio": self.ratio,
+        }
 
 
 def _permute(module: nn.Module, handler: str, order: torch.Tensor) -> None:
@@ -109,7 +115,9 @@ def sort_channels(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Te
         order = torch.argsort(scores.detach().cpu(), descending=True, stable=True)
         for module, handler, idxs in items:
             if len(idxs) != len(order):
-                raise ValueError(f"channel group of {names[root]} is not one-to-one ({len(idxs)} vs {len(order)})")
+                raise ValueError(
+                    f"channel group of {names[root]} is not one-to-one ({len(idxs)} vs {len(order)})"
+                )
             _permute(module, handler, order)
             if module is head and handler == "prune_in_channels":
                 orders[CLASSIFIER_INPUT] = order
@@ -167,18 +175,24 @@ def candidate_grid(
         # where rounding small widths is coarse; nesting needs every width >= the previous candidate's.
         prev = out[-1].widths if out else (0,) * len(widths)
         options = [scaled_widths(widths, k) for k in (lo, hi)]
-        options += [(*w[:-1], w[-1] + d) for w in options[:2] for d in range(-4, 5) if 1 <= w[-1] + d <= widths[-1]]
+        options += [
+            (*w[:-1], w[-1] + d) for w in options[:2] for d in range(-4, 5) if 1 <= w[-1] + d <= widths[-1]
+        ]
         options = [w for w in options if all(a >= b for a, b in zip(w, prev)) and w != prev]
         if not options:
-            raise ValueError(f"grid step {step} is too fine for {teacher}: scale {scale} has no widths above"
-                             f" the previous candidate's {prev}")
+            raise ValueError(
+                f"grid step {step} is too fine for {teacher}: scale {scale} has no widths above"
+                f" the previous candidate's {prev}"
+            )
         w = min(options, key=lambda w: (abs(params(w) - target), w))
         n = params(w)
         out.append(Candidate(i, scale, pruned_name(base, w), w, n, n / total))
     return out
 
 
-def slice_state(shared: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def slice_state(
+    shared: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """A candidate's tensors: the leading slice of every shared tensor, of the candidate's own shape.
 
     Args:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import logging
 import math
 import random
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.func import functional_call
 
 from kdbench._util import read_json, write_json_atomic
@@ -62,10 +63,18 @@ def with_epochs(cfg: Config, epochs: int) -> Config:
     return dataclasses.replace(cfg, protocol=dataclasses.replace(cfg.protocol, epochs=epochs))
 
 
-def grid(cfg: Config, teacher: str, label: str, num_classes: int, in_chans: int, image_size: int) -> list[Candidate]:
+def grid(
+    cfg: Config, teacher: str, label: str, num_classes: int, in_chans: int, image_size: int
+) -> list[Candidate]:
     """The table's candidate grid (:func:`kdbench.prune.assistant_grid`)."""
-    return assistant_grid(cfg.teachers[teacher].model, list(cfg.students), num_classes, in_chans, image_size,
-                          amd_config(cfg, label).grid_step)
+    return assistant_grid(
+        cfg.teachers[teacher].model,
+        list(cfg.students),
+        num_classes,
+        in_chans,
+        image_size,
+        amd_config(cfg, label).grid_step,
+    )
 
 
 class _Tapped(nn.Module):
@@ -83,7 +92,13 @@ class _Tapped(nn.Module):
 
 
 def run_search(
-    cfg: Config, teacher: str, label: str, data_dir: Path, teacher_dir: Path, stores: dict[str, Path], out_dir: Path
+    cfg: Config,
+    teacher: str,
+    label: str,
+    data_dir: Path,
+    teacher_dir: Path,
+    stores: dict[str, Path],
+    out_dir: Path,
 ) -> dict:
     """Prunes the teacher into the grid's candidates, trains them jointly and writes ``out_dir``.
 
@@ -108,33 +123,75 @@ def run_search(
         models.append(m)
     train = job.split("train")
     n_stages = len(job.teacher.feature_info)
-    source, manifests = cached_teacher(job, {"logits", FEATURE}, stores, n_stages, f"AMD's search ({label!r})")
+    source, manifests = cached_teacher(
+        job, {"logits", FEATURE}, stores, n_stages, f"AMD's search ({label!r})"
+    )
     epochs = mcfg.epochs("joint", p.epochs)
-    steps = _joint_train(shared, models, feature_order, train, job.renderer(train), source, with_epochs(cfg, epochs).protocol,
-                         mcfg, image_size, device, f"{teacher}/{label}/search")
+    steps = _joint_train(
+        shared,
+        models,
+        feature_order,
+        train,
+        job.renderer(train),
+        source,
+        with_epochs(cfg, epochs).protocol,
+        mcfg,
+        image_size,
+        device,
+        f"{teacher}/{label}/search",
+    )
     val, test = job.split("val"), job.split("test")
     rows = []
     for c, m in zip(cands, models):
         model = m.model
         with torch.no_grad():
-            for name, v in slice_state(dict(shared.named_parameters()), dict(model.named_parameters())).items():
+            for name, v in slice_state(
+                dict(shared.named_parameters()), dict(model.named_parameters())
+            ).items():
                 model.get_parameter(name).copy_(v)
         _recalibrate_bn(model, train, job.renderer(train), mcfg.bn_batches, p.batch_size, image_size, device)
         cdir = out_dir / "candidates" / str(c.index)
-        metrics, _ = save_model_dir(cdir, model, c.name, test, val, data, image_size, p.eval_batch_size, device,
-                                    {"candidate": c.to_dict()})
-        rows.append({**c.to_dict(), "val_top1": metrics["val_top1"], "test_top1": metrics["test_top1"],
-                     "dir": f"candidates/{c.index}"})
-        _logger.info("candidate %d (%s, %.1f%% of the teacher): val top-1 %.2f%%", c.index, c.name, 100 * c.ratio,
-                     metrics["val_top1"])
+        metrics, _ = save_model_dir(
+            cdir,
+            model,
+            c.name,
+            test,
+            val,
+            data,
+            image_size,
+            p.eval_batch_size,
+            device,
+            {"candidate": c.to_dict()},
+        )
+        rows.append(
+            {
+                **c.to_dict(),
+                "val_top1": metrics["val_top1"],
+                "test_top1": metrics["test_top1"],
+                "dir": f"candidates/{c.index}",
+            }
+        )
+        _logger.info(
+            "candidate %d (%s, %.1f%% of the teacher): val top-1 %.2f%%",
+            c.index,
+            c.name,
+            100 * c.ratio,
+            metrics["val_top1"],
+        )
     summary = {
         "teacher": job.tmeta["model"],
         "teacher_params": param_count(job.tmeta["model"], data.num_classes, data.in_chans, image_size),
         "teacher_val_top1": job.tmeta["val_top1"],
         "teacher_sha256": job.tmeta["sha256"],
         "grid_step": mcfg.grid_step,
-        "joint": {"epochs": epochs, "steps": steps, "sandwich": mcfg.sandwich, "teacher_forward": source.forward_count,
-                  "cache_bytes_read": source.bytes_read(), "store_manifests": manifests},
+        "joint": {
+            "epochs": epochs,
+            "steps": steps,
+            "sandwich": mcfg.sandwich,
+            "teacher_forward": source.forward_count,
+            "cache_bytes_read": source.bytes_read(),
+            "store_manifests": manifests,
+        },
         "candidates": rows,
         "wall_time_s": time.perf_counter() - wall0,
     }
@@ -145,14 +202,27 @@ def run_search(
 def _init_candidate(name: str, shared: nn.Module, data, image_size: int) -> nn.Module:
     """A candidate module holding the shared model's leading slices (its own copies of the BN buffers)."""
     model = create_model(name, data.num_classes, data.in_chans, image_size)
-    model.load_state_dict({k: v.detach().clone() for k, v in slice_state(shared.state_dict(), model.state_dict()).items()})
+    model.load_state_dict(
+        {k: v.detach().clone() for k, v in slice_state(shared.state_dict(), model.state_dict()).items()}
+    )
     for q in model.parameters():
         q.requires_grad_(False)  # the trained weights are the shared ones, passed in by functional_call
     return model
 
 
-def _joint_train(shared, models, feature_order, train, renderer, source, protocol, mcfg: AMDConfig, image_size,
-                 device, label) -> int:
+def _joint_train(
+    shared,
+    models,
+    feature_order,
+    train,
+    renderer,
+    source,
+    protocol,
+    mcfg: AMDConfig,
+    image_size,
+    device,
+    label,
+) -> int:
     """The sandwich rule over shared weights; returns the number of steps."""
     params = dict(shared.named_parameters())
     optimizer = build_optimizer(params.values(), protocol)
@@ -176,15 +246,21 @@ def _joint_train(shared, models, feature_order, train, renderer, source, protoco
             loss = torch.zeros((), device=device)
             for k in picks:
                 m = models[k]
-                sliced = {f"model.{name}": v for name, v in
-                          slice_state(params, dict(m.model.named_parameters())).items()}
+                sliced = {
+                    f"model.{name}": v
+                    for name, v in slice_state(params, dict(m.model.named_parameters())).items()
+                }
                 out = functional_call(m, sliced, (x,))
                 c = out[FEATURE].shape[1]
                 t_feat = t[FEATURE][:, feature_order[:c].to(device)]
-                loss = loss + sum(amd_terms(out["logits"], out[FEATURE], t["logits"], t_feat, targets, mcfg).values())
+                loss = loss + sum(
+                    amd_terms(out["logits"], out[FEATURE], t["logits"], t_feat, targets, mcfg).values()
+                )
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"{label}: joint loss is {loss.item()} at epoch {epoch} step {step}; lower"
-                                         " the learning rate or check the method's parameters")
+                raise NonFiniteLossError(
+                    f"{label}: joint loss is {loss.item()} at epoch {epoch} step {step}; lower"
+                    " the learning rate or check the method's parameters"
+                )
             for group in optimizer.param_groups:
                 group["lr"] = protocol.lr * lr_factor(protocol, step, spe)
             optimizer.zero_grad(set_to_none=True)
@@ -195,11 +271,25 @@ def _joint_train(shared, models, feature_order, train, renderer, source, protoco
             total += loss.item()
             step += 1
             if (b + 1) % max(1, spe // 4) == 0 and b + 1 < spe:
-                _logger.info("%s epoch %d/%d step %d/%d joint loss %.4f | %.0f samples/s", label, epoch + 1,
-                             protocol.epochs, b + 1, spe, total / (b + 1),
-                             (b + 1) * protocol.batch_size / (time.perf_counter() - t0))
-        _logger.info("%s epoch %d/%d view %d joint loss %.4f | %.0f samples/s", label, epoch + 1, protocol.epochs,
-                     view, total / spe, n / (time.perf_counter() - t0))
+                _logger.info(
+                    "%s epoch %d/%d step %d/%d joint loss %.4f | %.0f samples/s",
+                    label,
+                    epoch + 1,
+                    protocol.epochs,
+                    b + 1,
+                    spe,
+                    total / (b + 1),
+                    (b + 1) * protocol.batch_size / (time.perf_counter() - t0),
+                )
+        _logger.info(
+            "%s epoch %d/%d view %d joint loss %.4f | %.0f samples/s",
+            label,
+            epoch + 1,
+            protocol.epochs,
+            view,
+            total / spe,
+            n / (time.perf_counter() - t0),
+        )
     return step
 
 
@@ -239,7 +329,7 @@ def npsd_approx(scales: list[float], accuracies: list[float], teacher_accuracy: 
     """
     if len(scales) != len(accuracies) or not scales:
         raise ValueError("npsd_approx needs one accuracy per scale")
-    if any(b <= a for a, b in zip(scales, scales[1:])) or scales[-1] >= 1:
+    if any(b <= a for a, b in itertools.pairwise(scales)) or scales[-1] >= 1:
         raise ValueError(f"scales must increase strictly and stay below 1, got {scales}")
     s = [*scales, 1.0]
     acc = [*accuracies, teacher_accuracy]
@@ -255,30 +345,56 @@ def run_select(search_dir: Path) -> dict:
     """Applies :func:`npsd_approx` to ``candidates.json`` and writes ``selection.json``."""
     summary = read_json(search_dir / CANDIDATES_FILE, "AMD search summary (the search step did not finish)")
     cands = summary["candidates"]
-    result = npsd_approx([c["scale"] for c in cands], [c["val_top1"] for c in cands], summary["teacher_val_top1"])
+    result = npsd_approx(
+        [c["scale"] for c in cands], [c["val_top1"] for c in cands], summary["teacher_val_top1"]
+    )
     chosen = cands[result["selected"]]
-    selection = {**result, "name": chosen["name"], "dir": chosen["dir"], "params": chosen["params"],
-                 "ratio": chosen["ratio"]}
+    selection = {
+        **result,
+        "name": chosen["name"],
+        "dir": chosen["dir"],
+        "params": chosen["params"],
+        "ratio": chosen["ratio"],
+    }
     write_json_atomic(search_dir / SELECTION_FILE, selection)
     return selection
 
 
 def run_finetune(
-    cfg: Config, teacher: str, label: str, data_dir: Path, teacher_dir: Path, stores: dict[str, Path],
-    search_dir: Path, out_dir: Path,
+    cfg: Config,
+    teacher: str,
+    label: str,
+    data_dir: Path,
+    teacher_dir: Path,
+    stores: dict[str, Path],
+    search_dir: Path,
+    out_dir: Path,
 ):
     """Fine-tunes the selected candidate from its searched weights with AMD's loss against the teacher."""
     sel = read_json(search_dir / SELECTION_FILE, "AMD selection (the select step did not finish)")
     epochs = amd_config(cfg, label).epochs("finetune", cfg.protocol.epochs)
-    return run_distill(with_epochs(cfg, epochs), teacher, sel["name"], label, 0, data_dir, teacher_dir, stores,
-                       out_dir, init=search_dir / sel["dir"] / "model.pt")
+    return run_distill(
+        with_epochs(cfg, epochs),
+        teacher,
+        sel["name"],
+        label,
+        0,
+        data_dir,
+        teacher_dir,
+        stores,
+        out_dir,
+        init=search_dir / sel["dir"] / "model.pt",
+    )
 
 
-def run_oracle(cfg: Config, teacher: str, label: str, student: str, candidate_dir: Path, data_dir: Path,
-               out_dir: Path):
+def run_oracle(
+    cfg: Config, teacher: str, label: str, student: str, candidate_dir: Path, data_dir: Path, out_dir: Path
+):
     """A short run of AMD's loss from one candidate (live) to a student: what the oracle prefers."""
     epochs = amd_config(cfg, label).epochs("oracle", cfg.protocol.epochs)
-    return run_distill(with_epochs(cfg, epochs), teacher, student, label, 0, data_dir, candidate_dir, {}, out_dir)
+    return run_distill(
+        with_epochs(cfg, epochs), teacher, student, label, 0, data_dir, candidate_dir, {}, out_dir
+    )
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -341,31 +457,55 @@ def audit(search_dir: Path, oracle: dict[str, list[Path]]) -> dict:
             "regret": val[best] - val[sel["selected"]],
             "selected_rank": oracle_rank.index(sel["selected"]) + 1,
         }
-    return {"criterion": CRITERION, "selected": sel["selected"], "candidates": summary["candidates"],
-            "slopes": sel["slopes"], "mean_slope": sel["mean_slope"], "teacher": summary["teacher"],
-            "teacher_params": summary["teacher_params"], "teacher_val_top1": summary["teacher_val_top1"],
-            "search_time_s": summary["wall_time_s"], "students": students}
+    return {
+        "criterion": CRITERION,
+        "selected": sel["selected"],
+        "candidates": summary["candidates"],
+        "slopes": sel["slopes"],
+        "mean_slope": sel["mean_slope"],
+        "teacher": summary["teacher"],
+        "teacher_params": summary["teacher_params"],
+        "teacher_val_top1": summary["teacher_val_top1"],
+        "search_time_s": summary["wall_time_s"],
+        "students": students,
+    }
 
 
 def audit_markdown(result: dict) -> str:
     """The audit as a Markdown table: one row per candidate, one oracle column per student."""
     students = list(result["students"])
-    head = ["candidate", "scale", "params (ratio)", "joint val top-1", f"{CRITERION} slope", *(f"oracle {s} val top-1" for s in students)]
+    head = [
+        "candidate",
+        "scale",
+        "params (ratio)",
+        "joint val top-1",
+        f"{CRITERION} slope",
+        *(f"oracle {s} val top-1" for s in students),
+    ]
     lines = [
-        f"# AMD search audit: {result['teacher']} ({result['teacher_params']:,} params, val top-1"
-        f" {result['teacher_val_top1']:.2f}%)",
+        (
+            f"# AMD search audit: {result['teacher']} ({result['teacher_params']:,} params, val top-1"
+            f" {result['teacher_val_top1']:.2f}%)"
+        ),
         "",
-        f"Selection: `{CRITERION}` (methods.md §1.3; the paper's exact NPSD was not found). Grid average slope"
-        f" {result['mean_slope']:.2f} points per unit of scale; the rule picks the smallest candidate whose slope"
-        f" from the next larger one is at most that. Search wall time {result['search_time_s']:.0f} s.",
+        (
+            f"Selection: `{CRITERION}` (methods.md §1.3; the paper's exact NPSD was not found). Grid average slope"
+            f" {result['mean_slope']:.2f} points per unit of scale; the rule picks the smallest candidate whose"
+            f" slope from the next larger one is at most that. Search wall time {result['search_time_s']:.0f} s."
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
     for k, c in enumerate(result["candidates"]):
         mark = " **(selected)**" if k == result["selected"] else ""
-        cells = [f"{k}: `{c['name']}`{mark}", f"{c['scale']:.2f}", f"{c['params']:,} ({c['ratio']:.3f})",
-                 f"{c['val_top1']:.2f}", f"{result['slopes'][k]:.2f}"]
+        cells = [
+            f"{k}: `{c['name']}`{mark}",
+            f"{c['scale']:.2f}",
+            f"{c['params']:,} ({c['ratio']:.3f})",
+            f"{c['val_top1']:.2f}",
+            f"{result['slopes'][k]:.2f}",
+        ]
         for s in students:
             st = result["students"][s]
             cells.append(f"{st['val_top1'][k]:.2f}" + (" (best)" if k == st["best"] else ""))
@@ -373,7 +513,9 @@ def audit_markdown(result: dict) -> str:
     lines.append("")
     for s, st in result["students"].items():
         rho = "n/a" if st["spearman"] is None else f"{st['spearman']:+.2f}"
-        lines.append(f"- {s}: the oracle prefers candidate {st['best']}; `{CRITERION}`'s pick ranks"
-                     f" {st['selected_rank']} of {len(result['candidates'])} (regret {st['regret']:.2f} points,"
-                     f" Spearman {rho} between the rule's and the oracle's order).")
+        lines.append(
+            f"- {s}: the oracle prefers candidate {st['best']}; `{CRITERION}`'s pick ranks"
+            f" {st['selected_rank']} of {len(result['candidates'])} (regret {st['regret']:.2f} points,"
+            f" Spearman {rho} between the rule's and the oracle's order)."
+        )
     return "\n".join(lines) + "\n"

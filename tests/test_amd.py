@@ -4,8 +4,10 @@ data."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -54,11 +56,11 @@ def test_candidates_have_the_requested_ratios_and_are_nested(name):
     sort_channels(teacher, torch.zeros(1, 1, 28, 28))
     shared = teacher.state_dict()
     states = [slice_state(shared, create_model(c.name, 10, 1, 28).state_dict()) for c in grid]
-    for small, big in zip(states, states[1:]):
+    for small, big in itertools.pairwise(states):
         for key, t in small.items():
             assert all(a <= b for a, b in zip(t.shape, big[key].shape))
             assert torch.equal(t, big[key][tuple(slice(0, n) for n in t.shape)])
-    assert all(a.params < b.params for a, b in zip(grid, grid[1:]))
+    assert all(a.params < b.params for a, b in itertools.pairwise(grid))
 
 
 def test_a_grid_too_fine_for_the_widths_is_refused():
@@ -106,14 +108,19 @@ def searched(tmp_path_factory):
     from kdbench.config import load_config
     from kdbench.data.shards import prepare
     from kdbench.data.sources import shard_counts
-    from kdbench.teacher import train_teacher
     from kdbench.tasearch import audit, run_finetune, run_oracle, run_search, run_select
+    from kdbench.teacher import train_teacher
 
     root = tmp_path_factory.mktemp("amd")
     raw = {
         "name": "amd-unit",
         "data": {"val_size": 128, "shard_size": 128, "train_limit": 256, "test_limit": 128},
-        "protocol": {"epochs": 3, "batch_size": 64, "eval_batch_size": 128, "views": {"count": 2, "mixup": 0.0}},
+        "protocol": {
+            "epochs": 3,
+            "batch_size": 64,
+            "eval_batch_size": 128,
+            "views": {"count": 2, "mixup": 0.0},
+        },
         "teachers": {"t": {"model": "cnn_s", "train": {"epochs": 1}}},
         "students": ["cnn_xs"],
         "methods": {"amd": {"grid_step": 0.3, "bn_batches": 2}},
@@ -137,53 +144,67 @@ def searched(tmp_path_factory):
     summary = run_search(cfg, "t", "amd", data, teacher, stores, search)
     selection = run_select(search)
     ta = run_finetune(cfg, "t", "amd", data, teacher, stores, search, assistant)
-    oracle = [run_oracle(cfg, "t", "amd", "cnn_xs", search / c["dir"], data, root / "oracle" / str(c["index"]))
-              for c in summary["candidates"]]
-    result = audit(search, {"cnn_xs": [root / "oracle" / str(c["index"]) / "record.json" for c in summary["candidates"]]})
-    return cfg, root, summary, selection, ta, oracle, result
+    oracle = [
+        run_oracle(cfg, "t", "amd", "cnn_xs", search / c["dir"], data, root / "oracle" / str(c["index"]))
+        for c in summary["candidates"]
+    ]
+    result = audit(
+        search, {"cnn_xs": [root / "oracle" / str(c["index"]) / "record.json" for c in summary["candidates"]]}
+    )
+    return SimpleNamespace(
+        cfg=cfg, root=root, summary=summary, selection=selection, ta=ta, oracle=oracle, result=result
+    )
 
 
 def test_search_trains_every_candidate_and_logs_its_accuracy(searched):
-    cfg, root, summary, selection, ta, oracle, result = searched
-    cands = summary["candidates"]
+    s = searched
+    cands = s.summary["candidates"]
     assert [c["scale"] for c in cands] == pytest.approx([0.3, 0.6, 0.9])
-    assert summary["joint"]["teacher_forward"] == 0 and summary["joint"]["cache_bytes_read"] > 0  # from the stores
+    assert (
+        s.summary["joint"]["teacher_forward"] == 0 and s.summary["joint"]["cache_bytes_read"] > 0
+    )  # from the stores
     for c in cands:
-        metrics = json.loads((root / "assistant" / "search" / c["dir"] / "metrics.json").read_text())
+        metrics = json.loads((s.root / "assistant" / "search" / c["dir"] / "metrics.json").read_text())
         assert metrics["model"] == c["name"] and metrics["val_top1"] == c["val_top1"]
-    saved = json.loads((root / "assistant" / "search" / "candidates.json").read_text())
+    saved = json.loads((s.root / "assistant" / "search" / "candidates.json").read_text())
     assert saved["candidates"] == cands
 
 
 def test_selection_recomputes_from_the_logged_accuracies(searched):
-    cfg, root, summary, selection, *_ = searched
-    again = npsd_approx([c["scale"] for c in summary["candidates"]], [c["val_top1"] for c in summary["candidates"]],
-                        summary["teacher_val_top1"])
-    assert selection["selected"] == again["selected"] and selection["name"] == summary["candidates"][again["selected"]]["name"]
+    s = searched
+    again = npsd_approx(
+        [c["scale"] for c in s.summary["candidates"]],
+        [c["val_top1"] for c in s.summary["candidates"]],
+        s.summary["teacher_val_top1"],
+    )
+    assert (
+        s.selection["selected"] == again["selected"]
+        and s.selection["name"] == s.summary["candidates"][again["selected"]]["name"]
+    )
 
 
 def test_finetuned_assistant_starts_from_its_searched_weights_and_is_a_teacher(searched):
-    cfg, root, summary, selection, ta, *_ = searched
-    assert ta.status == "ok" and ta.identity.student == selection["name"]
-    assert ta.protocol.epochs == 1  # a third of the protocol's 3 epochs
-    metrics = json.loads((root / "assistant" / "metrics.json").read_text())
-    assert metrics["model"] == selection["name"]
+    s = searched
+    assert s.ta.status == "ok" and s.ta.identity.student == s.selection["name"]
+    assert s.ta.protocol.epochs == 1  # a third of the protocol's 3 epochs
+    metrics = json.loads((s.root / "assistant" / "metrics.json").read_text())
+    assert metrics["model"] == s.selection["name"]
     from kdbench.distill import _assistant_cost
 
-    seconds, candidates = _assistant_cost(root / "assistant")
-    assert candidates == 3 and seconds == pytest.approx(ta.cost.wall_time_s + summary["wall_time_s"])
+    seconds, candidates = _assistant_cost(s.root / "assistant")
+    assert candidates == 3 and seconds == pytest.approx(s.ta.cost.wall_time_s + s.summary["wall_time_s"])
 
 
 def test_oracle_runs_distil_live_from_each_candidate_and_the_audit_ranks_them(searched):
-    cfg, root, summary, selection, ta, oracle, result = searched
-    assert all(r.status == "ok" and r.cost.teacher_forward > 0 for r in oracle)  # the candidate ran live
-    st = result["students"]["cnn_xs"]
-    assert st["val_top1"] == [r.final.val_top1 for r in oracle]
-    assert st["regret"] == pytest.approx(max(st["val_top1"]) - st["val_top1"][selection["selected"]])
+    s = searched
+    assert all(r.status == "ok" and r.cost.teacher_forward > 0 for r in s.oracle)  # the candidate ran live
+    st = s.result["students"]["cnn_xs"]
+    assert st["val_top1"] == [r.final.val_top1 for r in s.oracle]
+    assert st["regret"] == pytest.approx(max(st["val_top1"]) - st["val_top1"][s.selection["selected"]])
     assert 1 <= st["selected_rank"] <= 3
     from kdbench.tasearch import audit_markdown
 
-    text = audit_markdown(result)
+    text = audit_markdown(s.result)
     assert "npsd-approx" in text and "(selected)" in text and text.count("\n| 0") + text.count("| 0:") >= 1
 
 
@@ -196,7 +217,9 @@ def test_the_workflow_runs_amds_search_rules_and_writes_the_audit(tmp_path):
     from test_workflow import TINY, job_counts, snakemake
 
     raw = yaml.safe_load(TINY.read_text())
-    raw.update(students=["cnn_xs"], seeds=[0], methods={"baseline": {}, "amd": {"grid_step": 0.3, "bn_batches": 2}})
+    raw.update(
+        students=["cnn_xs"], seeds=[0], methods={"baseline": {}, "amd": {"grid_step": 0.3, "bn_batches": 2}}
+    )
     config = tmp_path / "amd.yaml"
     config.write_text(yaml.safe_dump(raw))
     plan = snakemake(tmp_path, config, "-n")
@@ -209,11 +232,23 @@ def test_the_workflow_runs_amds_search_rules_and_writes_the_audit(tmp_path):
     audit_md = next((tmp_path / "results" / "tiny" / "audit").rglob("amd.md"))
     text = audit_md.read_text()
     assert "npsd-approx" in text and "(selected)" in text
-    record = json.loads(next((tmp_path / "results" / "tiny" / "runs").rglob("amd/seed0/record.json")).read_text())
+    record = json.loads(
+        next((tmp_path / "results" / "tiny" / "runs").rglob("amd/seed0/record.json")).read_text()
+    )
     assert record["status"] == "ok"
     assert record["cost"]["assistant_candidates"] == 3 and record["cost"]["assistant_time_s"] > 0
-    assert ":w" in json.loads((Path(record["inputs"]["teacher_dir"]) if Path(record["inputs"]["teacher_dir"]).is_absolute()
-                               else tmp_path / record["inputs"]["teacher_dir"]).joinpath("metrics.json").read_text())["model"]
+    assert (
+        ":w"
+        in json.loads(
+            (
+                Path(record["inputs"]["teacher_dir"])
+                if Path(record["inputs"]["teacher_dir"]).is_absolute()
+                else tmp_path / record["inputs"]["teacher_dir"]
+            )
+            .joinpath("metrics.json")
+            .read_text()
+        )["model"]
+    )
 
 
 def test_the_cifar100_amd_config_plans_the_search_on_files_in_the_real_format(tmp_path):
@@ -225,7 +260,7 @@ def test_the_cifar100_amd_config_plans_the_search_on_files_in_the_real_format(tm
     config = Path(__file__).resolve().parents[1] / "workflow" / "config" / "cifar100-amd.yaml"
     plan = Plan.resolve([config], {"data": {"root": str(tmp_path / "cifar100"), "val_size": 100}})
     assert plan.skipped == {} and {j.label for j in plan.jobs} == {"baseline", "kd", "takd", "amd"}
-    (teacher, label), = [a for a in plan.assistants("cifar100-amd") if plan.searched("cifar100-amd", a[1])]
+    ((teacher, label),) = [a for a in plan.assistants("cifar100-amd") if plan.searched("cifar100-amd", a[1])]
     akey = plan.assistant_key("cifar100-amd", teacher, label).key
     grid = plan.search_grid(akey)
     assert [c.scale for c in grid] == pytest.approx([0.1 * k for k in range(1, 10)])

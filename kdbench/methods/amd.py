@@ -35,8 +35,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from kdbench.methods.base import SEARCHED_ASSISTANT, DistillMethod, LossOutput, cross_entropy, register_method
 from kdbench.methods.fitnet import resize_to
@@ -48,8 +48,12 @@ FEATURE = feature_tap(-1)
 
 
 def amd_terms(
-    logits: torch.Tensor, feature: torch.Tensor, t_logits: torch.Tensor, t_feature: torch.Tensor, targets,
-    cfg: "AMDConfig",
+    logits: torch.Tensor,
+    feature: torch.Tensor,
+    t_logits: torch.Tensor,
+    t_feature: torch.Tensor,
+    targets,
+    cfg: AMDConfig,
 ) -> dict[str, torch.Tensor]:
     """AMD's three weighted terms for one network, its feature already mapped to the teacher's channels.
 
@@ -91,7 +95,9 @@ class AMDConfig:
         if not 0 < self.grid_step < 1:
             raise ValueError(f"method 'amd': parameter 'grid_step' must be in (0, 1), got {self.grid_step}")
         if self.sandwich < 0 or self.bn_batches < 1 or self.tau <= 0:
-            raise ValueError("method 'amd': parameters 'sandwich' >= 0, 'bn_batches' >= 1 and 'tau' > 0 are required")
+            raise ValueError(
+                "method 'amd': parameters 'sandwich' >= 0, 'bn_batches' >= 1 and 'tau' > 0 are required"
+            )
         for name in ("joint_epochs", "finetune_epochs", "oracle_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -124,8 +130,10 @@ class AMD(DistillMethod):
     @classmethod
     def compatibility(cls, cfg: AMDConfig, teacher: ModelInfo | None, student: ModelInfo) -> str | None:
         if teacher is not None and split_pruned_name(teacher.name)[0] not in STAGED_CNNS:
-            return (f"AMD prunes the teacher's conv channels; {teacher.name} is not one of kdbench's staged CNNs"
-                    f" ({', '.join(sorted(STAGED_CNNS))})")
+            return (
+                f"AMD prunes the teacher's conv channels; {teacher.name} is not one of kdbench's staged CNNs"
+                f" ({', '.join(sorted(STAGED_CNNS))})"
+            )
         if teacher is not None and student.num_params >= teacher.num_params:
             return f"AMD needs a student smaller than the teacher ({student.num_params} >= {teacher.num_params} params)"
         return None

@@ -39,7 +39,6 @@ import numpy as np
 import torch
 
 from kdbench._util import atomic_path
-from kdbench.errors import CheckpointError
 
 _logger = logging.getLogger(__name__)
 
@@ -156,7 +155,7 @@ class Checkpointing:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as e:  # any unreadable file is treated the same
+        except Exception as e:  # noqa: BLE001  (any unreadable file is treated the same)
             return self._stale(f"it cannot be read ({(str(e).splitlines() or [type(e).__name__])[0][:200]})")
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
             return self._stale(f"it is not a training checkpoint of format {FORMAT_VERSION}")
@@ -170,7 +169,6 @@ class Checkpointing:
     def _stale(self, why: str) -> None:
         _logger.warning("%s: %s; deleted, the job starts over", self.path, why)
         self.discard()
-        return None
 
     def save(self, state: dict[str, Any]) -> None:
         """Writes ``state`` (plus the format and the fingerprint) atomically."""
