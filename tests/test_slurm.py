@@ -104,7 +104,11 @@ def _start(workdir: Path, *args: str, env=None, profile: bool = True) -> subproc
            "--directory", str(workdir), "--configfile", str(TINY), *profile_args, *args]
     log = workdir / f"snakemake-{time.monotonic_ns()}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=env or ENV, stdout=out, stderr=subprocess.STDOUT)
+        # SIGINT back to its default in the child: a test run from a background job (CI scripts often are)
+        # inherits SIGINT ignored, and Python then never turns it into KeyboardInterrupt, so Snakemake would
+        # not see the interrupt this test sends.
+        proc = subprocess.Popen(cmd, cwd=workdir, env=env or ENV, stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.log = log
     STARTED.append(proc)
     return proc
