@@ -23,7 +23,8 @@ distilled from like any teacher.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -211,11 +212,19 @@ def slice_state(
     return out
 
 
-def assistant_grid(
-    teacher: str, students: list[str], num_classes: int, in_chans: int, img_size: int, step: float
-) -> list[Candidate]:
-    """AMD's grid for a table: from its largest student's parameter ratio to the teacher (one search per
-    (table, teacher), shared by every student)."""
+@functools.cache
+def _assistant_grid(
+    teacher: str, students: tuple[str, ...], num_classes: int, in_chans: int, img_size: int, step: float
+) -> tuple[Candidate, ...]:
     t_params = param_count(teacher, num_classes, in_chans, img_size)
     s_params = max(param_count(s, num_classes, in_chans, img_size) for s in students)
-    return candidate_grid(teacher, num_classes, in_chans, img_size, s_params / t_params, step)
+    return tuple(candidate_grid(teacher, num_classes, in_chans, img_size, s_params / t_params, step))
+
+
+def assistant_grid(
+    teacher: str, students: Sequence[str], num_classes: int, in_chans: int, img_size: int, step: float
+) -> list[Candidate]:
+    """AMD's grid for a table: from its largest student's parameter ratio to the teacher (one search per
+    (table, teacher), shared by every student). Computed once per process: the workflow's plan asks for it
+    from several rules."""
+    return list(_assistant_grid(teacher, tuple(students), num_classes, in_chans, img_size, step))
