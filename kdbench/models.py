@@ -6,7 +6,7 @@ once :mod:`kdbench.models` is imported:
 * ``cnn_xs`` … ``cnn_l``: VGG-style conv nets sized for 28-32 px inputs (the Fashion-MNIST default);
 * ``resnet8`` … ``resnet110``, ``resnet8x4``, ``resnet32x4``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: the
   CIFAR models of the CRD / RepDistiller protocol (He et al. 2016 CIFAR variants, Zagoruyko & Komodakis 2016);
-* ``vit_femto_patch7``, ``vit_pico_patch4``, ``vit_pico_patch7``, ``vit_nano_patch4``: tiny timm Vision Transformers for small images.
+* ``vit_femto_patch7``, ``vit_pico_patch4``, ``vit_pico_patch7``, ``vit_nano_patch4``, ``vit_nano_patch7``: tiny timm Vision Transformers for small images.
 
 Every kdbench model implements timm's feature API (``feature_info``, ``forward_features``,
 ``forward_head(pre_logits=...)``, ``forward_intermediates``), which is what the taps of
@@ -303,7 +303,8 @@ def _register_all() -> None:
     fns += [resnet(n, *a) for n, a in _RESNETS.items()]
     fns += [wrn(n, *a) for n, a in _WRNS.items()]
     fns += [vit("vit_pico_patch4", 64, 4, 4), vit("vit_pico_patch7", 64, 4, 4, patch=7),
-            vit("vit_femto_patch7", 48, 3, 3, patch=7), vit("vit_nano_patch4", 96, 6, 4)]
+            vit("vit_femto_patch7", 48, 3, 3, patch=7), vit("vit_nano_patch4", 96, 6, 4),
+            vit("vit_nano_patch7", 96, 6, 4, patch=7)]
     for fn in fns:
         if not timm.is_model(fn.__name__):
             fn.__module__ = __name__

@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"kdbench", "errors", "_util", "_typed", "registry", "taps", "models", "meta", "retrieval", "record", "prune"},
     {"methods", "methods.*"},
     {"config"},
-    {"data", "data.sources", "data.views"},
+    {"data", "data.codec", "data.sources", "data.views"},
     {"plan"},
     {"data.shards", "runtime", "evaluate", "cache", "cache.store"},
     {"modeldir", "train", "train.optim", "train.loop", "train.checkpoint", "cache.source", "cache.inputs"},

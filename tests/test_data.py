@@ -15,7 +15,8 @@ import torch
 import webdataset as wds
 
 from kdbench.config import DataConfig
-from kdbench.data.shards import decode_pnm, encode_pnm, load_split, prepare
+from kdbench.data.codec import decode_pnm, encode_pnm
+from kdbench.data.shards import load_split, prepare
 from kdbench.data.sources import SOURCES, shard_counts, split_sizes
 from kdbench.errors import DatasetError, DataShardError
 

@@ -26,6 +26,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from kdbench._util import atomic_path, read_json, sha256_file, write_json_atomic
 from kdbench.config import DataConfig
+from kdbench.data.codec import IMAGE_EXTS, ImageDecodeError, decode_image, encode_pnm
 from kdbench.data.sources import SOURCES
 from kdbench.errors import DatasetError, DataShardError
 
@@ -48,24 +49,6 @@ def _split_indices(cfg: DataConfig, n_train_all: int, n_test: int) -> dict[str, 
         train = np.sort(np.random.default_rng(cfg.split_seed + 1).permutation(train)[: cfg.train_limit])
     test = np.arange(n_test if cfg.test_limit is None else min(n_test, cfg.test_limit))
     return {"train": train, "val": val, "test": test}
-
-
-def encode_pnm(img: np.ndarray) -> tuple[str, bytes]:
-    """Encodes ``uint8 [H, W, C]`` as binary PGM (C = 1) or PPM (C = 3): standard, lossless, and decoded with
-    no codec (webdataset's image decoder and PIL read both)."""
-    h, w, c = img.shape
-    ext, magic = ("pgm", b"P5") if c == 1 else ("ppm", b"P6")
-    return ext, magic + f"\n{w} {h}\n255\n".encode() + np.ascontiguousarray(img).tobytes()
-
-
-def decode_pnm(payload: bytes) -> np.ndarray:
-    """Decodes what :func:`encode_pnm` wrote into ``uint8 [C, H, W]``."""
-    magic, size, maxval, data = payload.split(b"\n", 3)
-    if magic not in (b"P5", b"P6") or maxval != b"255":
-        raise ValueError(f"not a binary 8-bit PGM/PPM image (header {payload[:16]!r})")
-    w, h = (int(v) for v in size.split())
-    c = 1 if magic == b"P5" else 3
-    return np.frombuffer(data, dtype=np.uint8, count=h * w * c).reshape(h, w, c).transpose(2, 0, 1)
 
 
 def _write_shard(path: Path, images: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> None:
@@ -141,14 +124,17 @@ def _read_shard(path: Path, fix: str) -> tuple[list[np.ndarray], list[int], list
         try:
             for sample in samples:
                 key = sample["__key__"]
-                exts = sorted(k for k in sample if k in ("pgm", "ppm"))
+                exts = sorted(k for k in sample if k in IMAGE_EXTS)
                 if len(exts) != 1 or "cls" not in sample:
                     members = sorted(k for k in sample if not k.startswith("__"))
                     raise DataShardError(
                         f"data shard {path} is truncated or malformed: sample {key!r} has members {members}, expected"
-                        f" one .pgm or .ppm image and a .cls label; {fix}"
+                        f" one image ({', '.join(IMAGE_EXTS)}) and a .cls label; {fix}"
                     )
-                images.append(decode_pnm(sample[exts[0]]))
+                try:
+                    images.append(decode_image(sample[exts[0]], exts[0]))
+                except ImageDecodeError as e:
+                    raise DataShardError(f"data shard {path}: sample {key!r}: {e}; {fix}") from e
                 labels.append(int(sample["cls"]))
                 ids.append(int(key))
         except DataShardError:
