@@ -64,7 +64,10 @@ def decode_image(payload: bytes, ext: str, channels: int | None = None) -> np.nd
         return img.repeat(3, axis=0) if channels == 3 else _grey(img)
     if ext not in ENCODED_EXTS:
         raise ImageDecodeError(f"unknown image extension {ext!r}; known: {', '.join(IMAGE_EXTS)}")
-    from PIL import Image, UnidentifiedImageError  # torchvision's dependency; imported only for encoded images
+    from PIL import (  # torchvision's dependency; imported only for encoded images
+        Image,
+        UnidentifiedImageError,
+    )
 
     try:
         with Image.open(io.BytesIO(payload)) as im:

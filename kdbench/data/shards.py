@@ -90,7 +90,7 @@ def prepare(cfg: DataConfig, out_dir: str | Path) -> dict:
             _write_shard(path, images[part], labels[part], part)
             shards.append({"file": path.name, "count": len(part), "sha256": sha256_file(path)})
             _logger.info("wrote %s (%d samples)", path, len(part))
-        splits[split] = {"count": int(len(ids)), "shards": shards}
+        splits[split] = {"count": len(ids), "shards": shards}
     train_px = raw.train_images[idx["train"]].astype(np.float64) / 255.0
     h, w, c = raw.train_images.shape[1:]
     manifest = {
