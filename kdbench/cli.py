@@ -141,12 +141,24 @@ def _done(line: str) -> None:
 
 
 def cmd_prepare_data(args) -> None:
-    from kdbench.data.shards import prepare
+    from kdbench.data.prepare import prepare, write_group
+    from kdbench.data.sources import check_data_config
+    from kdbench.errors import ConfigError
 
     cfg = _config(args)
     if args.teacher:
         _check_cell(cfg, args.teacher, None)
-    data = (cfg.teachers[args.teacher].data if args.teacher else None) or cfg.data
+    own = cfg.teachers[args.teacher].data if args.teacher else None
+    data, where = (own, f"teachers.{args.teacher}.data") if own else (cfg.data, "data")
+    try:
+        check_data_config(data, where)
+    except ConfigError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    if args.group is not None:
+        part = write_group(data, Path(args.out), args.group)
+        _done(f"data {data.source}: group {args.group}: {len(part['shards'])} shards,"
+              f" {sum(s['count'] for s in part['shards'])} images -> {args.out}")
+        return
     manifest = prepare(data, Path(args.out))
     counts = ", ".join(f"{split} {info['count']}" for split, info in manifest["splits"].items())
     _done(f"data {data.source}: {counts} images -> {args.out}")
@@ -454,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("prepare-data", cmd_prepare_data, "raw dataset -> webdataset shards + manifest")
     p.add_argument("--teacher", help="prepare this teacher's own training data (teachers.<name>.data)")
     p.add_argument("--out", required=True, help="data directory to write")
+    p.add_argument("--group", type=int, metavar="K",
+                   help="write only shard group K (data.shards_per_job shards) and its part file parts/group-K.json;"
+                        " without it: write every group that has no part file, then merge all parts into"
+                        " manifest.json")
 
     p = add("plan", cmd_plan, "resolve config files + overrides as the workflow does and print the tables,"
             " jobs and paths", config=False)

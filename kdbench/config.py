@@ -27,7 +27,10 @@ class DataConfig:
     """Where the raw data is and how it is split and sharded.
 
     Attributes:
-        source: Registered data source (``fashion-mnist``, ``cifar100``, ``cifar10``, ``image-folder``).
+        source: Registered data source: ``fashion-mnist``, ``cifar100``, ``cifar10`` (fixed-size images held in
+            memory), ``imagefolder`` (``root/train/<class>/<file>``, ``root/val/<class>/<file>``) or
+            ``webdataset`` (existing tar shards, ``train_shards`` / ``test_shards``); the last two hold
+            images of any size (:mod:`kdbench.data.sources`).
         root: Directory holding the raw files in the source's standard format.
         val_size: Training images held out (seeded) as the validation split, the only split used for any
             selection; the test split is never used for selection.
@@ -35,6 +38,27 @@ class DataConfig:
         split_seed: Seed of the train/val split.
         train_limit: Keep only this many training images (after the split); ``None`` keeps all.
         test_limit: Keep only the first this many test images; ``None`` keeps all.
+        image_size: Model input resolution S (images are rendered S x S) of a variable-size source
+            (``imagefolder``, ``webdataset``; required there); must be unset for the fixed-size sources.
+        channels: 1 (grey) or 3 (RGB) of a variable-size source; ``None`` = 3 (grey images become RGB).
+        train_shards: ``webdataset`` source: the training shards, a brace pattern
+            (``/data/in1k/train-{000000..000146}.tar``), a directory of ``.tar`` files or a ``wids`` shard
+            index (``.json``, which lists every shard's sample count).
+        test_shards: ``webdataset`` source: the test shards (same forms).
+        num_classes: ``webdataset`` source: the number of classes (``cls`` is in ``[0, num_classes)``).
+        shards_per_job: Data shards written per workflow job (``data_shards``); ``None`` writes every shard in
+            the one ``prepare_data`` job. How the work is split, not what is written: not part of the data's
+            identity (:func:`kdbench.data.layout.data_identity`).
+            These six are left out of every hash while unset, so existing configs keep their hashes.
+        stream: How jobs read the shards (:mod:`kdbench.data.stream`): ``auto`` streams them exactly when the
+            images differ in size (the data manifest's ``native_size`` is null), ``true`` streams fixed-size
+            data too, ``false`` loads every split into memory (refused on variable-size data).
+        workers: Streaming only: ``DataLoader`` worker processes that read, decode and render the shards (0:
+            the main process). The order of the training samples depends on it (each worker reads its own
+            shards; see :mod:`kdbench.data.stream`).
+        shuffle_buffer: Streaming only: samples in the seeded in-shard shuffle buffer (the shards' order is
+            shuffled too); a buffer at least as large as a shard is a full in-shard permutation.
+            These three are left out of every hash while they have their defaults.
     """
 
     source: str = "fashion-mnist"
@@ -44,6 +68,19 @@ class DataConfig:
     split_seed: int = 0
     train_limit: int | None = None
     test_limit: int | None = None
+    image_size: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    channels: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    train_shards: str | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    test_shards: str | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    num_classes: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    shards_per_job: int | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    stream: str | bool = field(default="auto", metadata=OMIT_WHEN_DEFAULT)
+    workers: int = field(default=2, metadata=OMIT_WHEN_DEFAULT)
+    shuffle_buffer: int = field(default=1000, metadata=OMIT_WHEN_DEFAULT)
+
+
+DATA_READ_KEYS = ("stream", "workers", "shuffle_buffer")
+"""The :class:`DataConfig` keys of how jobs read the shards, not of what the shards hold."""
 
 
 @dataclass(frozen=True)
@@ -230,6 +267,18 @@ class Config:
         return self.protocol.hash()
 
 
+def _check_reading(d: DataConfig, where: str, source: str) -> None:
+    """Checks the keys of how a data directory is read (``stream``, ``workers``, ``shuffle_buffer``)."""
+    checks = [
+        (d.stream in ("auto", True, False), "stream", "must be auto, true or false"),
+        (d.workers >= 0, "workers", "must be >= 0 (0: read in the main process)"),
+        (d.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{source}: key '{where}.{key}' {msg}")
+
+
 def _check_protocol(p: Protocol, where: str, source: str) -> None:
     checks = [
         (p.epochs >= 1, "epochs", "must be >= 1"),
@@ -279,6 +328,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     if not isinstance(name, str) or not name or "/" in name:
         raise ConfigError(f"{source}: key 'name' must be a non-empty string without '/'")
     data = build_dataclass(DataConfig, raw.get("data"), "data", source)
+    _check_reading(data, "data", source)
     protocol = build_dataclass(Protocol, raw.get("protocol"), "protocol", source)
     _check_protocol(protocol, "protocol", source)
     cache = build_dataclass(CachePolicy, raw.get("cache"), "cache", source)
@@ -302,6 +352,8 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
         _check_protocol(train, f"{where}.train", source)
         _check_model(check_model_name, traw["model"], f"{where}.model", source)
         tdata = build_dataclass(DataConfig, traw["data"], f"{where}.data", source) if traw.get("data") else None
+        if tdata is not None:
+            _check_reading(tdata, f"{where}.data", source)
         if tdata is not None and tdata.source != data.source:
             raise ConfigError(f"{source}: key '{where}.data.source' is {tdata.source!r} but the table's data is"
                               f" {data.source!r}; a teacher must know the table's classes")

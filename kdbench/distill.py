@@ -23,7 +23,7 @@ import torch.nn as nn
 from kdbench._util import read_json, sha256_file, stable_hash
 from kdbench.cache.inputs import JobInputs, open_inputs
 from kdbench.cache.source import CachedTeacher, LiveTeacher
-from kdbench.cache.store import StoreError, TeacherStore
+from kdbench.cache.store import ShardedTeacherStore, StoreError, TeacherStore
 from kdbench.config import Config
 from kdbench.errors import ConfigError
 from kdbench.evaluate import agreement, embed
@@ -170,7 +170,8 @@ def _teacher_source(
     if reqs.live_teacher or reqs.live_teacher_tail:  # the tail alone still reads its taps from the stores
         method.live_teacher_module(job.teacher)
     if reqs.live_teacher or not stores:
-        return LiveTeacher(job.teacher, frozenset(taps), job.renderer(train), job.tmeta["image_size"]), {}
+        renderer = None if job.streaming else job.renderer(train)  # streaming: the stream renders its inputs
+        return LiveTeacher(job.teacher, frozenset(taps), renderer, job.tmeta["image_size"]), {}
     return cached_teacher(job, taps, stores, len(t_info.feature_shapes), f"method {label!r}")
 
 
@@ -196,7 +197,11 @@ def cached_teacher(
         if store_dir is None:
             raise StoreError(f"{reader} reads teacher tap {tap!r} but no store of it was given;"
                              f" pass --store DIR with a store directory named {tap_dirname(norm)!r}")
-        opened[tap] = TeacherStore.open(store_dir, job.store_identity(norm), verify=job.cfg.cache.verify)
+        expect, verify = job.store_identity(norm), job.cfg.cache.verify
+        if job.streaming:  # read shard by shard, in step with the streamed data shards
+            opened[tap] = ShardedTeacherStore.open(store_dir, expect, verify, cache_shards=2 * job.cfg.data.workers + 2)
+        else:
+            opened[tap] = TeacherStore.open(store_dir, expect, verify=verify)
         manifests[tap] = sha256_file(Path(store_dir) / "manifest.json")
     return CachedTeacher(opened), manifests
 

@@ -5,23 +5,37 @@ Retrieval mAP over the embeddings of :func:`embed` is :func:`kdbench.retrieval.r
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from kdbench.data.shards import Split
+from kdbench.data.stream import StreamedSplit
 from kdbench.data.views import render
 from kdbench.meta import DataInfo
 from kdbench.taps import compute_taps, normalize_tap, parse_tap
 
 
+def _inputs(split: Split | StreamedSplit, data: DataInfo, image_size: int, batch_size: int,
+            device: torch.device) -> Iterator[torch.Tensor]:
+    """The evaluation inputs of ``split`` in order, in batches: a split in memory rendered here on the device
+    (whole images), a streamed one rendered by its stream (:meth:`StreamedSplit.eval_inputs`)."""
+    if isinstance(split, StreamedSplit):
+        for x in split.eval_inputs(data.mean, data.std, image_size, batch_size):
+            yield x.to(device)
+        return
+    for start in range(0, len(split), batch_size):
+        yield render(split.images[start : start + batch_size].to(device), None, None, image_size, data.mean, data.std)
+
+
 def _batched(
-    forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, split: Split, data: DataInfo,
-    image_size: int, batch_size: int, device: torch.device,
+    forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, split: Split | StreamedSplit,
+    data: DataInfo, image_size: int, batch_size: int, device: torch.device,
 ) -> torch.Tensor:
     """``forward`` (a function of ``model``) on every image of ``split``, as evaluation renders them: whole
-    images, no augmentation, resized to ``image_size`` and normalised; ``model`` in eval mode meanwhile.
+    images (fixed-size data) or the centre crop of :func:`~kdbench.data.views.eval_box` (variable-size data),
+    no augmentation, resized to ``image_size`` and normalised; ``model`` in eval mode meanwhile.
 
     Returns:
         The outputs of the batches concatenated, ``float32`` on CPU.
@@ -30,8 +44,7 @@ def _batched(
     model.eval()
     out = []
     try:
-        for start in range(0, len(split), batch_size):
-            x = render(split.images[start : start + batch_size].to(device), None, None, image_size, data.mean, data.std)
+        for x in _inputs(split, data, image_size, batch_size, device):
             out.append(forward(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     finally:
         model.train(was_training)
@@ -40,7 +53,7 @@ def _batched(
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, split: Split, data: DataInfo, image_size: int, batch_size: int, device: torch.device
+    model: nn.Module, split: Split | StreamedSplit, data: DataInfo, image_size: int, batch_size: int, device: torch.device
 ) -> torch.Tensor:
     """Logits of ``model`` on every image of ``split`` (whole images, no augmentation), ``float32 [N, C]`` on CPU."""
     return _batched(model, model, split, data, image_size, batch_size, device)
@@ -48,7 +61,7 @@ def predict(
 
 @torch.inference_mode()
 def embed(
-    model: nn.Module, split: Split, data: DataInfo, image_size: int, batch_size: int, device: torch.device, tap: str
+    model: nn.Module, split: Split | StreamedSplit, data: DataInfo, image_size: int, batch_size: int, device: torch.device, tap: str
 ) -> torch.Tensor:
     """The embedding of every image of ``split`` at ``tap``, rendered exactly as :func:`predict` renders them.
 

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from kdbench._util import atomic_path, read_json, sha256_file, write_json_atomic
 from kdbench.data.shards import Split
+from kdbench.data.stream import StreamedSplit
 from kdbench.errors import CheckpointError
 from kdbench.evaluate import predict, topk_accuracy
 from kdbench.meta import DataInfo
@@ -27,8 +28,8 @@ CANDIDATES_FILE = "candidates.json"
 
 
 def save_model_dir(
-    out_dir: Path, model: nn.Module, model_name: str, test: Split, val: Split, data: DataInfo, image_size: int,
-    batch_size: int, device: torch.device, extra: dict,
+    out_dir: Path, model: nn.Module, model_name: str, test: Split | StreamedSplit, val: Split | StreamedSplit,
+    data: DataInfo, image_size: int, batch_size: int, device: torch.device, extra: dict,
 ) -> tuple[dict, torch.Tensor]:
     """Evaluates ``model`` and writes ``model.pt``, ``predictions.npy`` and (last) ``metrics.json``.
 

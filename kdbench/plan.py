@@ -12,7 +12,9 @@ file never changes under it) and every job of that table reads that file.
 :class:`Plan` turns the tables into jobs and is the only place that knows an output path. Upstream work is
 content-addressed, so two tables that need the same data, teacher or store share one job:
 
-* data shards:     ``results/data/<source>-<hash of the data config>/``
+* data shards:     ``results/data/<source>-<hash of the data config>/`` (``data.shards_per_job`` left out of the
+  hash); with ``shards_per_job`` set, one ``data_shards`` job per shard group writes ``parts/group-<g>.json``
+  and the ``prepare_data`` job merges the parts into the manifest
 * teachers:        ``results/teachers/<name>-<hash of model, checkpoint, training protocol, training data>/``
 * assistants:      ``results/assistants/<teacher key>.<label>-<hash of table data, protocol, cache, method>/``
 * stores:          ``results/cache/<teacher or assistant key>/<hash of data, views, cache policy>/<tap>/``
@@ -35,15 +37,18 @@ import yaml
 
 from kdbench._util import atomic_path, stable_hash, to_jsonable
 from kdbench.config import (
+    DATA_READ_KEYS,
     Config,
     ConfigError,
+    DataConfig,
     TeacherConfig,
     config_hash,
     parse_config,
     read_config_file,
     to_raw,
 )
-from kdbench.data.sources import SOURCES, shard_counts
+from kdbench.data.layout import PART_NAME, data_identity, group_count
+from kdbench.data.sources import check_data_config, shard_counts, source_info
 from kdbench.methods import METHODS
 from kdbench.methods.base import SEARCHED_ASSISTANT
 from kdbench.models import ModelInfo, create_model, model_info
@@ -68,6 +73,7 @@ class Layout:
     """Every output path pattern, with the workflow's wildcards; the ``.smk`` files use these and no others."""
 
     DATA = f"{RESULTS}/data/{{dkey}}"
+    DATA_PART = f"{DATA}/{PART_NAME}"  # one shard group's part file (data.shards_per_job set); {group}: 5 digits
     TEACHER = f"{RESULTS}/teachers/{{tkey}}"
     ASSISTANT = f"{RESULTS}/assistants/{{akey}}"
     SEARCH = f"{ASSISTANT}/search"  # AMD's search: candidates.json, selection.json, candidates/<k>/
@@ -413,15 +419,38 @@ def _assistant_model(declared: str | None, teacher_model: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _model_info(model: str, source: str, image_size: int | None) -> ModelInfo:
-    """A model's metadata on a data source (built on the CPU, never trained), for compatibility checks."""
-    src = SOURCES.get(source)
-    size = image_size or src.image_size
-    return model_info(create_model(model, src.num_classes, src.in_chans, size), model, src.in_chans, size)
+def _built_info(model: str, num_classes: int, in_chans: int, image_size: int) -> ModelInfo:
+    return model_info(create_model(model, num_classes, in_chans, image_size), model, in_chans, image_size)
+
+
+def _model_info(model: str, data: DataConfig, image_size: int | None) -> ModelInfo:
+    """A model's metadata on a dataset (built on the CPU, never trained), for compatibility checks."""
+    src = source_info(data)
+    return _built_info(model, src.num_classes, src.in_chans, image_size or src.image_size)
 
 
 def _h(*parts: Any) -> str:
     return stable_hash(list(parts), length=_HASH)
+
+
+def _reading(data: DataConfig) -> list[dict]:
+    """How jobs read the data (``data.stream``, ``workers``, ``shuffle_buffer``) where it differs from the
+    defaults: not part of the data's identity (:func:`~kdbench.data.layout.data_identity`), but a model trained
+    on streamed data depends on it (the stream's order). Empty while default, so existing keys stay."""
+    default = DataConfig()
+    changed = {k: getattr(data, k) for k in DATA_READ_KEYS if getattr(data, k) != getattr(default, k)}
+    return [changed] if changed else []
+
+
+def _check_data(table: Table) -> None:
+    """The data configs of a table (its own and its teachers') have the keys their sources need."""
+    cfg = table.cfg
+    datas = [("data", cfg.data)] + [(f"teachers.{n}.data", t.data) for n, t in cfg.teachers.items() if t.data]
+    for where, data in datas:
+        try:
+            check_data_config(data, where)
+        except ConfigError as e:
+            raise ConfigError(f"{table.origin}: {e}") from None
 
 
 class Plan:
@@ -432,6 +461,8 @@ class Plan:
     """
 
     def __init__(self, tables: Sequence[Table]) -> None:
+        for t in tables:
+            _check_data(t)
         self.tables: dict[str, Table] = {t.name: t for t in tables}
         self.skipped: dict[tuple[str, str, str, str], str] = {}  # (table, teacher, student, label) -> reason
         self.jobs = []
@@ -483,8 +514,9 @@ class Plan:
         mcfg = cls.make_config(entry.params)
         size = cfg.protocol.image_size
         t_model = _assistant_model(cls.assistant(mcfg), cfg.teachers[teacher].model) or cfg.teachers[teacher].model
-        t_info = _model_info(t_model, cfg.data.source, cfg.teachers[teacher].train.image_size) if cls.teacher_taps(mcfg) else None
-        return cls.compatibility(mcfg, t_info, _model_info(student, cfg.data.source, size))
+        t_size = cfg.teachers[teacher].train.image_size
+        t_info = _model_info(t_model, cfg.data, t_size) if cls.teacher_taps(mcfg) else None
+        return cls.compatibility(mcfg, t_info, _model_info(student, cfg.data, size))
 
     def method(self, table: str, label: str):
         """``(method class, built method config)`` of a table's method label."""
@@ -511,7 +543,7 @@ class Plan:
         """A searched assistant's candidates (:func:`kdbench.prune.assistant_grid`), known before anything runs."""
         ak = self.teachers[akey]
         cfg = self.tables[ak.table].cfg
-        src = SOURCES.get(cfg.data.source)
+        src = source_info(cfg.data)
         _, mcfg = self.method(ak.table, ak.label)
         return assistant_grid(cfg.teachers[ak.teacher].model, list(cfg.students), src.num_classes, src.in_chans,
                               cfg.protocol.image_size or src.image_size, mcfg.grid_step)
@@ -537,20 +569,35 @@ class Plan:
 
     def data_key(self, table: str) -> str:
         data = self.tables[table].cfg.data
-        return f"{data.source}-{_h(data)}"
+        return f"{data.source}-{_h(data_identity(data))}"
 
     def _teacher_data_key(self, table: str, teacher: str) -> str:
         cfg = self.tables[table].cfg
         data = cfg.teachers[teacher].data or cfg.data
-        return f"{data.source}-{_h(data)}"
+        return f"{data.source}-{_h(data_identity(data))}"
 
     def data_dir(self, key: str) -> str:
         return Layout.DATA.format(dkey=key)
 
+    def data_config(self, key: str) -> DataConfig:
+        """The data config of a data directory (of the table or teacher that defines it)."""
+        table, teacher = self.data[key]
+        cfg = self.tables[table].cfg
+        return (cfg.teachers[teacher].data if teacher else None) or cfg.data
+
+    def data_parts(self, key: str) -> list[str]:
+        """The part file of every shard group of a data directory (one ``data_shards`` job each); empty when
+        ``data.shards_per_job`` is unset (``prepare_data`` then writes every shard itself)."""
+        data = self.data_config(key)
+        if data.shards_per_job is None:
+            return []
+        return [Layout.DATA_PART.format(dkey=key, group=f"{g:05d}") for g in range(group_count(data))]
+
     def teacher_key(self, table: str, teacher: str) -> TeacherKey:
         cfg = self.tables[table].cfg
         t: TeacherConfig = cfg.teachers[teacher]
-        key = f"{teacher}-{_h(t.model, t.checkpoint, t.train, self._teacher_data_key(table, teacher))}"
+        reading = [] if t.checkpoint else _reading(t.data or cfg.data)  # a loaded teacher reads no training data
+        key = f"{teacher}-{_h(t.model, t.checkpoint, t.train, self._teacher_data_key(table, teacher), *reading)}"
         return self.teachers.get(key) or TeacherKey(key, table, teacher)
 
     def teacher_data_dir(self, key: str) -> str:
@@ -562,7 +609,7 @@ class Plan:
     def assistant_key(self, table: str, teacher: str, label: str) -> TeacherKey:
         cfg = self.tables[table].cfg
         tk = self.teacher_key(table, teacher)
-        spec = _h(self.data_key(table), cfg.protocol, cfg.cache, cfg.methods[label])
+        spec = _h(self.data_key(table), cfg.protocol, cfg.cache, cfg.methods[label], *_reading(cfg.data))
         key = f"{tk.key}.{label}-{spec}"
         return self.teachers.get(key) or TeacherKey(key, table, teacher, label)
 
@@ -578,7 +625,7 @@ class Plan:
     def _stores_of(self, table: str, tk: TeacherKey, taps: set[str]) -> dict[str, StoreKey]:
         cfg = self.tables[table].cfg
         model = self.assistant_model(tk.table, tk.teacher, tk.label) if tk.label else self.tables[tk.table].cfg.teachers[tk.teacher].model
-        n = len(_model_info(model, cfg.data.source, None).feature_shapes)
+        n = len(_model_info(model, cfg.data, None).feature_shapes)
         spec = _h(self.data_key(table), cfg.protocol.views, cfg.cache, cfg.protocol.eval_batch_size)
         return {tap: StoreKey(tk, spec, normalize_tap(tap, n), table) for tap in sorted(taps)}
 
@@ -634,7 +681,8 @@ class Plan:
         """
         cfg = self.tables[job.table].cfg
         tk = self.job_teacher(job)
-        return _h(cfg.protocol, cfg.cache, cfg.data, cfg.methods[job.label], tk.key if tk else None)
+        data = dataclasses.replace(cfg.data, shards_per_job=None)  # how the data jobs are split changes no run
+        return _h(cfg.protocol, cfg.cache, data, cfg.methods[job.label], tk.key if tk else None)
 
     def render(self) -> str:
         """A plain-text summary: per table its resolved file and jobs; the shared data, teachers and stores."""

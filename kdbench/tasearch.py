@@ -108,6 +108,12 @@ def run_search(
     wall0 = time.perf_counter()
     mcfg = amd_config(cfg, label)
     job = open_inputs(cfg, data_dir, teacher_dir)
+    if job.streaming:
+        raise ConfigError(
+            f"{cfg.source}: method '{label}' searches its assistant with a joint-training loop that needs the training"
+            f" split in memory, but key 'data.stream' makes the jobs on {data_dir} stream it (variable-size images,"
+            " or stream: true). Fix: set 'data.stream' to false on fixed-size data, or remove the method"
+        )
     device, data, p = job.device, job.data, cfg.protocol
     image_size = p.image_size or data.image_size
     cands = grid(cfg, teacher, label, data.num_classes, data.in_chans, image_size)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from kdbench._util import sha256_file
 from kdbench.config import Config
-from kdbench.data.shards import load_split, read_manifest
+from kdbench.data.shards import read_manifest
+from kdbench.data.stream import open_split
 from kdbench.meta import data_info
 from kdbench.methods.base import create_method
 from kdbench.modeldir import load_checkpoint, save_model_dir
@@ -40,7 +41,8 @@ def train_teacher(cfg: Config, name: str, data_dir: Path, out_dir: Path, checkpo
     data = data_info(manifest)
     protocol = tcfg.train
     image_size = protocol.image_size or data.image_size
-    val, test = load_split(data_dir, "val"), load_split(data_dir, "test")
+    read = tcfg.data or cfg.data  # how this data is read (streamed or in memory)
+    val, test = open_split(data_dir, "val", read), open_split(data_dir, "test", read)
     seed_everything(0)
     model = create_model(tcfg.model, data.num_classes, data.in_chans, image_size).to(device)
     extra: dict = {"teacher": name}
@@ -50,7 +52,7 @@ def train_teacher(cfg: Config, name: str, data_dir: Path, out_dir: Path, checkpo
         extra.update(source="checkpoint", checkpoint=str(tcfg.checkpoint), checkpoint_sha256=sha256_file(tcfg.checkpoint))
     else:
         protocol = dataclasses.replace(protocol, views=dataclasses.replace(protocol.views, count=protocol.epochs))
-        train = load_split(data_dir, "train")
+        train = open_split(data_dir, "train", read)
         info = model_info(model, tcfg.model, data.in_chans, image_size)
         ce = create_method("baseline", {}, teacher=None, student=info, data=data)
         checkpoint = Checkpointing(out_dir / CHECKPOINT_FILE, {

@@ -200,7 +200,7 @@ def test_distill_hands_the_teacher_over_and_still_reads_the_stores(monkeypatch, 
     method = ScaleKD(ScaleKD.Config(), teacher=t_info, student=s_info, data=DATA)
     job = SimpleNamespace(
         teacher=teacher, tmeta={"model": "vit_nano_patch4", "image_size": 28}, data=DATA,
-        cfg=SimpleNamespace(cache=SimpleNamespace(verify=False)), store_identity=lambda tap: tap,
+        cfg=SimpleNamespace(cache=SimpleNamespace(verify=False)), store_identity=lambda tap: tap, streaming=False,
     )
     stores = {"logits": tmp_path / "logits", "feature[-1]": tmp_path / "feature_5"}
     source, manifests = distill._teacher_source(job, method, "scalekd", None, stores, t_info)

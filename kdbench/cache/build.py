@@ -68,7 +68,9 @@ def build_shard(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, shard:
 
     The shard is rendered on its own (rows and mixup partners are shard-local, which gives the same views as
     the whole split because partners never leave their shard); the audit copy of the view parameters stores
-    the partners as rows of the whole split.
+    the partners as rows of the whole split. On streamed data (:mod:`kdbench.data.stream`) only this shard's
+    encoded images are read, decoded one at a time and rendered on the CPU by the
+    :class:`~kdbench.data.views.ShardRenderer` the student's stream uses: the same tensors, bit for bit.
 
     Returns:
         Timing and size figures of the job.
@@ -96,7 +98,7 @@ def build_shard(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, shard:
     stacked = {k: np.stack(v) for k, v in fields.items()}
     identity = job.store_identity(tap)
     attrs = {"first_position": first, "shard": shard, **identity_attrs(identity)}
-    write_shard(out, stacked, params, split.ids.numpy(), attrs)
+    write_shard(out, stacked, params, np.asarray(renderer.ids), attrs)
     _logger.info("cached %s of %d samples x %d views in %.1fs (%.0f views/s) -> %s",
                  tap, n, recipe.count, seconds, n * recipe.count / seconds, out)
     return {"seconds": seconds, "views_per_s": n * recipe.count / seconds}

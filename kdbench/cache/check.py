@@ -6,7 +6,9 @@
 3. The live teacher re-run on a random sample of stored (view, row) pairs, re-rendered by
    :class:`~kdbench.data.views.ViewRenderer` on rows of the *whole* training split (the student's path, while
    the builder rendered each shard on its own), compared with what the store serves; the stored view
-   parameters are compared with :meth:`ViewRenderer.params` exactly.
+   parameters are compared with :meth:`ViewRenderer.params` exactly. On streamed data (variable-size images)
+   each sampled row's data shard is read alone and rendered by the student's
+   :class:`~kdbench.data.views.ShardRenderer`, and the store is read shard by shard.
 
 Tolerance: a stored value ``s`` of a live value ``x`` passes when
 
@@ -34,7 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from kdbench.cache.inputs import open_inputs
-from kdbench.cache.store import TeacherStore, pool_tap, read_store_manifest, read_view_params, shard_problems
+from kdbench.cache.store import (
+    ShardedTeacherStore,
+    TeacherStore,
+    pool_tap,
+    read_store_manifest,
+    read_view_params,
+    shard_problems,
+)
 from kdbench.config import CachePolicy, Config
 from kdbench.data.views import ViewParams
 from kdbench.taps import compute_taps
@@ -140,9 +149,10 @@ def _ratio(stored: torch.Tensor, live: torch.Tensor, rtol: float) -> tuple[float
     return float(diff.max()), float((diff / allowed).max())
 
 
-def _compare(live: torch.Tensor, store: TeacherStore, view: int, rows: torch.Tensor, rtol: float) -> tuple[float, float]:
+def _compare(live: torch.Tensor, store: TeacherStore | ShardedTeacherStore, view: int, rows: torch.Tensor,
+             rtol: float) -> tuple[float, float]:
     """Compares what the store holds for (view, rows) with the live outputs ``[n, ...]`` (already pooled)."""
-    if "topk_values" not in store.fields:
+    if "topk_values" not in store.manifest["fields"]:
         return _ratio(store.fetch(view, rows), live, rtol)
     raw = store.fetch_raw(view, rows)
     at = live.gather(1, raw["topk_indices"].long())
@@ -162,6 +172,27 @@ def _param_mismatches(params: ViewParams, stored: dict[str, np.ndarray], view: i
     bad |= stored["partner"][view, rows] != params.partner
     bad |= stored["lam"][view, rows] != params.lam
     return int(bad.sum())
+
+
+def _streamed_renderer(job, manifest: dict):
+    """``render(view, rows, out_size, device) -> (x, params)`` over rows of the whole training split of streamed
+    data: each data shard the rows fall in is read alone and rendered by its bound
+    :class:`~kdbench.data.views.ShardRenderer` (partners shifted to rows of the split, as the builder stores them)."""
+    firsts = np.array([s["first_position"] for s in manifest["shards"]], dtype=np.int64)
+
+    def render(view: int, rows: np.ndarray, out_size: int, device) -> tuple[torch.Tensor, ViewParams]:
+        owner = np.searchsorted(firsts, rows, side="right") - 1
+        xs, parts = [], []
+        for s in np.unique(owner):  # rows are sorted, so the shards' parts come in row order
+            renderer = job.renderer(job.split("train", shards=[int(s)]))
+            x, p = renderer.render(view, rows[owner == s] - firsts[s], out_size, device)
+            xs.append(x)
+            parts.append(ViewParams(p.box, p.flip, np.where(p.partner >= 0, p.partner + firsts[s], -1), p.lam))
+        fields = ("box", "flip", "partner", "lam")
+        params = ViewParams(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
+        return torch.cat(xs), params
+
+    return render
 
 
 def check_store(
@@ -195,9 +226,14 @@ def check_store(
     job = open_inputs(cfg, data_dir, teacher_dir)
     model, tmeta, device = job.teacher, job.tmeta, job.device
     expect = {**job.store_identity(tap), "data_manifest_sha256": job.data_manifest_sha256()}
-    store = TeacherStore.open(store_dir, expect, verify=False)
+    if job.streaming:  # rendered shard by shard, as the builder and the student's stream do
+        store = ShardedTeacherStore.open(store_dir, expect, verify=False)
+        render_rows = _streamed_renderer(job, manifest)
+    else:
+        store = TeacherStore.open(store_dir, expect, verify=False)
+        renderer = job.renderer(job.split("train"))
+        render_rows = renderer.render
     stored_params = read_view_params(store_dir, manifest)
-    renderer = job.renderer(job.split("train"))
 
     rng = np.random.default_rng(seed)
     n = len(store)
@@ -206,7 +242,7 @@ def check_store(
     kl_sum, agree = 0.0, 0
     for v in np.unique(views):
         r = np.sort(rows[views == v])
-        x, params = renderer.render(int(v), r, tmeta["image_size"], device)
+        x, params = render_rows(int(v), r, tmeta["image_size"], device)
         report.param_mismatches += _param_mismatches(params, stored_params, int(v), r)
         with torch.inference_mode():
             live = compute_taps(model, x.contiguous(memory_format=torch.channels_last), {tap})[tap]

@@ -15,7 +15,8 @@ from kdbench._util import sha256_file
 from kdbench.cache.store import store_identity
 from kdbench.config import Config
 from kdbench.data.shards import Split, load_split, read_manifest
-from kdbench.data.views import ViewRenderer
+from kdbench.data.stream import StreamedSplit, streams
+from kdbench.data.views import BoundShardRenderer, ViewRenderer
 from kdbench.meta import DataInfo, data_info
 from kdbench.modeldir import load_teacher, read_teacher_metrics
 from kdbench.runtime import setup
@@ -32,6 +33,7 @@ class JobInputs:
         data: The dataset's metadata.
         teacher: The frozen teacher in eval mode, or ``None`` (no teacher, or only its metrics were read).
         tmeta: The teacher directory's ``metrics.json``, or ``None`` without a teacher.
+        streaming: The job streams the data (``data.stream``, :func:`kdbench.data.stream.streams`).
     """
 
     cfg: Config
@@ -40,12 +42,18 @@ class JobInputs:
     data: DataInfo
     teacher: nn.Module | None
     tmeta: dict | None
+    streaming: bool = False
 
-    def split(self, name: str, shards: list[int] | None = None) -> Split:
+    def split(self, name: str, shards: list[int] | None = None) -> Split | StreamedSplit:
+        """Split ``name`` (``shards``: only those), loaded into memory or streamed as the job reads data."""
+        if self.streaming:
+            return StreamedSplit.open(self.data_dir, name, self.cfg.data, shards)
         return load_split(self.data_dir, name, shards=shards)
 
-    def renderer(self, split: Split) -> ViewRenderer:
-        """The renderer of the protocol's view recipe over ``split``."""
+    def renderer(self, split: Split | StreamedSplit) -> ViewRenderer | BoundShardRenderer:
+        """The renderer of the protocol's view recipe over ``split`` (a streamed split: one shard of it)."""
+        if isinstance(split, StreamedSplit):
+            return split.bound_renderer(self.cfg.protocol.views, self.data.mean, self.data.std)
         return ViewRenderer.for_split(self.cfg.protocol.views, split, self.data)
 
     def store_identity(self, tap: str) -> dict:
@@ -65,11 +73,12 @@ def open_inputs(cfg: Config, data_dir: Path, teacher_dir: Path | None = None, lo
     """
     data_dir = Path(data_dir)
     device = setup(cfg.runtime)
-    data = data_info(read_manifest(data_dir))
+    manifest = read_manifest(data_dir)
+    data = data_info(manifest)
     teacher, tmeta = None, None
     if teacher_dir is not None:
         if load_model:
             teacher, tmeta = load_teacher(Path(teacher_dir), data, device)
         else:
             tmeta = read_teacher_metrics(Path(teacher_dir))
-    return JobInputs(cfg, data_dir, device, data, teacher, tmeta)
+    return JobInputs(cfg, data_dir, device, data, teacher, tmeta, streams(cfg.data, manifest, data_dir))

@@ -11,18 +11,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kdbench.cache.store import TeacherStore
+from kdbench.cache.store import ShardedTeacherStore, TeacherStore
 from kdbench.data.views import CLEAN_VIEW, ViewRenderer
 from kdbench.errors import StoreError
 from kdbench.taps import compute_taps
 
 
 class CachedTeacher:
-    """Teacher outputs read from stores (one per tap); the teacher never runs."""
+    """Teacher outputs read from stores (one per tap; in memory, or read shard by shard on the streaming
+    path); the teacher never runs."""
 
     forward_count = 0
 
-    def __init__(self, stores: dict[str, TeacherStore]) -> None:
+    def __init__(self, stores: dict[str, TeacherStore | ShardedTeacherStore]) -> None:
         self.stores = stores
 
     def outputs(self, view: int, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
@@ -44,19 +45,34 @@ class LiveTeacher:
     Args:
         model: The teacher.
         taps: Taps to compute.
-        renderer: The split's view renderer.
-        image_size: The teacher's input resolution.
+        renderer: The split's view renderer; ``None`` on the streaming path, where the stream renders the
+            teacher's inputs with the batch and ``fit`` passes them as ``inputs``.
+        image_size: The teacher's input resolution (:attr:`input_size`).
     """
 
-    def __init__(self, model: nn.Module, taps: frozenset[str], renderer: ViewRenderer, image_size: int) -> None:
+    def __init__(self, model: nn.Module, taps: frozenset[str], renderer: ViewRenderer | None, image_size: int) -> None:
         self.model, self.taps, self.renderer, self.image_size = model.eval(), taps, renderer, image_size
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.forward_count = 0
 
+    @property
+    def input_size(self) -> int:
+        """The resolution of the inputs this source runs the teacher on (a stream renders them at it)."""
+        return self.image_size
+
     @torch.no_grad()
-    def outputs(self, view: int, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
-        x, _ = self.renderer.render(view, rows, self.image_size, device)
+    def outputs(
+        self, view: int, rows: np.ndarray, device: torch.device, inputs: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The taps on view ``view`` of ``rows``: on ``inputs`` when given (the streamed batch's rendering of
+        that view at :attr:`input_size`), else rendered here."""
+        if inputs is not None:
+            x = inputs.to(device)
+        elif self.renderer is None:
+            raise ValueError("this live teacher has no renderer (streaming path): pass the batch's inputs")
+        else:
+            x, _ = self.renderer.render(view, rows, self.image_size, device)
         self.forward_count += len(rows)
         return compute_taps(self.model, x.contiguous(memory_format=torch.channels_last), self.taps)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -295,8 +296,49 @@ def read_view_params(store_dir: str | Path, manifest: Mapping[str, Any]) -> dict
     return _read_fields(Path(store_dir), manifest, list(VIEW_PARAM_FIELDS))
 
 
+def _open_checked(store_dir: Path, expect: Mapping[str, Any], verify: bool) -> dict:
+    """A store's manifest, once the store is known to be built for ``expect`` and (``verify``) intact."""
+    manifest = read_store_manifest(store_dir)
+    check_identity(store_dir, manifest, expect)
+    problems = shard_problems(store_dir, manifest, verify)
+    if problems:
+        raise StoreError(problems[0] + (f" (and {len(problems) - 1} more shards)" if len(problems) > 1 else ""))
+    return manifest
+
+
+class _Served:
+    """What both store readers serve, from their ``fetch_raw``: decoded outputs, the view count, the size."""
+
+    manifest: dict
+    num_classes: int | None
+
+    @property
+    def views(self) -> int:
+        return int(self.manifest["views"])
+
+    def __len__(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    def fetch_raw(self, view: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def fetch(self, view: int, rows: torch.Tensor) -> torch.Tensor:
+        """Teacher outputs of view ``view`` for rows ``rows`` (``int64 [n]``), as float32 ``[n, ...]`` (full
+        logits rebuilt by :func:`reconstruct_topk` for a top-k store)."""
+        got = self.fetch_raw(view, rows)
+        if "topk_values" in got:
+            return reconstruct_topk(got["topk_values"], got["topk_indices"], got["lse"], self.num_classes)
+        if "values_bf16" in got:
+            return got["values_bf16"].view(torch.bfloat16).float()
+        return got["values"].float()
+
+    def _check_view(self, view: int) -> None:
+        if not 0 <= view < self.views:
+            raise IndexError(f"view {view} out of range: the store holds {self.views} views")
+
+
 @dataclass
-class TeacherStore:
+class TeacherStore(_Served):
     """A store loaded into memory, serving ``[n, ...]`` float32 outputs for (view, rows).
 
     Use :meth:`open`. ``bytes_read`` counts the stored bytes served so far.
@@ -322,43 +364,116 @@ class TeacherStore:
             StoreError: naming the file, the field and the fix.
         """
         store_dir = Path(store_dir)
-        manifest = read_store_manifest(store_dir)
-        check_identity(store_dir, manifest, expect)
-        problems = shard_problems(store_dir, manifest, verify)
-        if problems:
-            raise StoreError(problems[0] + (f" (and {len(problems) - 1} more shards)" if len(problems) > 1 else ""))
+        manifest = _open_checked(store_dir, expect, verify)
         arrays = _read_fields(store_dir, manifest, list(manifest["fields"]))
         fields = {k: torch.from_numpy(v) for k, v in arrays.items()}
         return cls(tap=manifest["tap"], manifest=manifest, fields=fields, num_classes=manifest.get("num_classes"))
 
-    @property
-    def views(self) -> int:
-        return int(self.manifest["views"])
-
-    def __len__(self) -> int:
-        return int(self.manifest["num_samples"])
-
     def fetch_raw(self, view: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored fields of view ``view`` for rows ``rows`` (``int64 [n]``), as stored (field -> ``[n, ...]``)."""
-        if not 0 <= view < self.views:
-            raise IndexError(f"view {view} out of range: the store holds {self.views} views")
+        self._check_view(view)
         got = {k: v[view].index_select(0, rows) for k, v in self.fields.items()}
         self.bytes_read += sum(t.numel() * t.element_size() for t in got.values())
         return got
 
-    def fetch(self, view: int, rows: torch.Tensor) -> torch.Tensor:
-        """Teacher outputs of view ``view`` for rows ``rows`` (``int64 [n]``), as float32 ``[n, ...]`` (full
-        logits rebuilt by :func:`reconstruct_topk` for a top-k store)."""
-        got = self.fetch_raw(view, rows)
-        if "topk_values" in got:
-            return reconstruct_topk(got["topk_values"], got["topk_indices"], got["lse"], self.num_classes)
-        if "values_bf16" in got:
-            return got["values_bf16"].view(torch.bfloat16).float()
-        return got["values"].float()
-
     def bytes_per_record(self) -> int:
         """Stored bytes per (sample, view), payload only."""
         return sum(v[0, 0].numel() * v.element_size() for v in self.fields.values())
+
+
+class ShardedTeacherStore(_Served):
+    """A store read one (shard, view) at a time, for the streaming path: it keeps the fields of the last
+    ``cache_shards`` (data shard, view) pairs in memory, never the whole store. A streamed batch's rows come
+    from one or two data shards (the ones the loader's workers are reading), so each (shard, view) is read
+    from disk about once per epoch: one contiguous slice per field (the layout is ``[V, n, ...]``).
+
+    Use :meth:`open`. Files are opened only while a slice is read, in the process that reads (never in a
+    ``DataLoader`` worker). ``bytes_read`` counts the stored bytes served so far.
+    """
+
+    def __init__(self, store_dir: Path, manifest: dict, cache_shards: int) -> None:
+        self.store_dir, self.manifest, self.tap = store_dir, manifest, manifest["tap"]
+        self.num_classes = manifest.get("num_classes")
+        self.cache_shards = max(1, cache_shards)
+        self.bytes_read = 0
+        self.shard_reads = 0
+        self._fields = list(manifest["fields"])
+        self._starts = np.array([s["first_position"] for s in manifest["shards"]], dtype=np.int64)
+        counts = np.array([s["count"] for s in manifest["shards"]], dtype=np.int64)
+        expected = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else counts
+        bad = np.flatnonzero(self._starts != expected)
+        if len(bad):
+            shard = manifest["shards"][bad[0]]
+            raise StoreError(
+                f"{store_dir / 'manifest.json'}: shard {shard['file']} starts at row {shard['first_position']}, "
+                f"expected {expected[bad[0]]}; delete {store_dir} and rerun the workflow"
+            )
+        self._cache: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
+
+    @classmethod
+    def open(cls, store_dir: str | Path, expect: Mapping[str, Any], verify: bool = True,
+             cache_shards: int = 4) -> "ShardedTeacherStore":
+        """Opens a store like :meth:`TeacherStore.open` (same checks, same errors) without reading its fields.
+
+        Args:
+            store_dir: The store directory.
+            expect: Manifest fields the run requires.
+            verify: Re-hash every shard against the manifest first (reads each file once, keeps nothing).
+            cache_shards: (data shard, view) pairs kept in memory.
+        """
+        store_dir = Path(store_dir)
+        return cls(store_dir, _open_checked(store_dir, expect, verify), cache_shards)
+
+    def _slice(self, shard: int, view: int) -> dict[str, torch.Tensor]:
+        """The fields of view ``view`` of shard ``shard`` (``[n, ...]`` each), from the cache or the file."""
+        key = (shard, view)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        entry = self.manifest["shards"][shard]
+        path = self.store_dir / entry["file"]
+        try:
+            with h5py.File(path, "r", locking=False) as f:
+                got = {k: torch.from_numpy(f[k][view]) for k in self._fields}
+        except (OSError, KeyError) as e:
+            raise StoreError(
+                f"store shard {path} cannot be read ({e}): it is truncated or corrupt. "
+                f"Fix: delete it and {self.store_dir / 'manifest.json'} and rerun the workflow"
+            ) from e
+        for k, v in got.items():
+            if v.shape[0] != entry["count"]:
+                raise StoreError(f"{path}: field '{k}' has {v.shape[0]} rows, manifest says {entry['count']}")
+        self.shard_reads += 1
+        self._cache[key] = got
+        while len(self._cache) > self.cache_shards:
+            self._cache.popitem(last=False)
+        return got
+
+    def fetch_raw(self, view: int, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored fields of view ``view`` for rows ``rows`` (``int64 [n]``, rows of the whole split), as
+        stored (field -> ``[n, ...]``)."""
+        self._check_view(view)
+        r = rows.numpy()
+        if len(r) and (r.min() < 0 or r.max() >= len(self)):
+            raise IndexError(f"rows out of range: the store holds {len(self)} samples")
+        owner = np.searchsorted(self._starts, r, side="right") - 1
+        shards = np.unique(owner)
+        if len(shards) == 1:  # the common case: the batch comes from one data shard
+            s = int(shards[0])
+            local = rows - int(self._starts[s])
+            got = {k: v.index_select(0, local) for k, v in self._slice(s, view).items()}
+        else:
+            got = {}
+            for s in shards:
+                mask = torch.from_numpy(owner == s)
+                part = self._slice(int(s), view)
+                local = rows[mask] - int(self._starts[s])
+                for k, v in part.items():
+                    if k not in got:
+                        got[k] = v.new_empty((len(r), *v.shape[1:]))
+                    got[k][mask] = v.index_select(0, local)
+        self.bytes_read += sum(t.numel() * t.element_size() for t in got.values())
+        return got
 
 
 def record_bytes(tap_shape: tuple[int, ...], policy: CachePolicy, tap: str) -> int:

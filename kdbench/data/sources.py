@@ -1,9 +1,20 @@
-"""Raw dataset sources, each reading one standard on-disk format into memory.
+"""Raw dataset sources, each reading one standard on-disk format.
+
+Fixed-size sources, read whole into memory (:class:`Source`), written as PNM shards:
 
 * ``fashion-mnist``: the IDX files (``train-images-idx3-ubyte[.gz]`` …) of Zalando's Fashion-MNIST, as
   installed by Debian's ``dataset-fashion-mnist`` under ``/usr/share/datasets/fashion-mnist``;
 * ``cifar10`` / ``cifar100``: the "python version" pickles (``cifar-10-batches-py/`` or
   ``cifar-100-python/``), as distributed by the dataset's authors.
+
+Sources of encoded images of any size, listed cheaply and read one sample at a time
+(:class:`kdbench.data.encoded.EncodedSource`), whose shards hold the original bytes:
+
+* ``imagefolder``: ``root/train/<class>/<file>`` and ``root/val/<class>/<file>`` (:mod:`.imagefolder`);
+* ``webdataset``: existing webdataset tar shards (:mod:`.wds_source`).
+
+:func:`check_data_config` checks the keys each kind needs; :func:`source_info` gives what a model needs before
+any data exists.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from typing import Callable
 import numpy as np
 
 from kdbench.config import DataConfig
+from kdbench.data import imagefolder, wds_source
+from kdbench.data.encoded import EncodedSource
 from kdbench.errors import ConfigError, DatasetError
 from kdbench.registry import Registry
 
@@ -54,9 +67,7 @@ class Source:
     image_size: int
 
 
-SOURCES: Registry[Source] = Registry("data source")
-
-
+SOURCES: Registry[Source | EncodedSource] = Registry("data source")
 
 def _need(path: Path, fix: str) -> Path:
     if not path.exists():
@@ -159,11 +170,88 @@ def _cifar_source(variant: str) -> Source:
 
 SOURCES.register("cifar10")(_cifar_source("cifar10"))
 SOURCES.register("cifar100")(_cifar_source("cifar100"))
+SOURCES.register("imagefolder")(imagefolder.SOURCE)
+SOURCES.register("webdataset")(wds_source.SOURCE)
+
+#: Keys only the sources of encoded images take (and which of them each needs).
+_ENCODED_KEYS = {
+    "imagefolder": {"required": ("image_size",), "allowed": ("image_size", "channels")},
+    "webdataset": {"required": ("image_size", "train_shards", "test_shards", "num_classes"),
+                   "allowed": ("image_size", "channels", "train_shards", "test_shards", "num_classes")},
+}
+
+
+def check_data_config(cfg: DataConfig, where: str = "data") -> None:
+    """Checks the keys a data config's source needs and those it must not have.
+
+    Args:
+        cfg: The data config.
+        where: Its dotted key in the config (``data`` or ``teachers.<name>.data``), for messages.
+
+    Raises:
+        ConfigError: naming the key and the fix (callers prefix the config file).
+    """
+    if cfg.source not in SOURCES:
+        raise ConfigError(f"key '{where}.source': unknown data source {cfg.source!r}; valid choices:"
+                          f" {', '.join(SOURCES.names())}")
+    keys = _ENCODED_KEYS.get(cfg.source, {"required": (), "allowed": ()})
+    for key in _ENCODED_KEYS["webdataset"]["allowed"]:
+        value = getattr(cfg, key)
+        if value is None and key in keys["required"]:
+            hint = " (the model input resolution S: images of any size are rendered S x S, e.g. 224)"
+            raise ConfigError(f"key '{where}.{key}' is required for data source {cfg.source!r}"
+                              + (hint if key == "image_size" else ""))
+        if value is not None and key not in keys["allowed"]:
+            why = ("it is the model input resolution of a variable-size source, and this source's images all have one"
+                   " size (set 'protocol.image_size' to train at another resolution)" if key == "image_size"
+                   else "this source does not use it")
+            raise ConfigError(f"key '{where}.{key}' must be unset for data source {cfg.source!r}: {why}")
+    checks = [
+        (cfg.image_size is None or cfg.image_size >= 8, "image_size", "must be >= 8"),
+        (cfg.channels in (None, 1, 3), "channels", "must be 1 (grey) or 3 (RGB)"),
+        (cfg.num_classes is None or cfg.num_classes >= 1, "num_classes", "must be >= 1"),
+        (cfg.shards_per_job is None or cfg.shards_per_job >= 1, "shards_per_job", "must be >= 1 (or null: one job)"),
+        (cfg.shard_size >= 1, "shard_size", "must be >= 1"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"key '{where}.{key}' {msg}")
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What a model needs to know of a dataset before any data exists.
+
+    Attributes:
+        num_classes: Classes.
+        in_chans: Channels of the model input.
+        image_size: The model input resolution (the fixed size, or ``data.image_size``).
+    """
+
+    num_classes: int
+    in_chans: int
+    image_size: int
+
+
+def source_info(cfg: DataConfig) -> SourceInfo:
+    """The :class:`SourceInfo` of a data config (cheap: an image folder's class folders are listed, no file)."""
+    check_data_config(cfg)
+    src = SOURCES.get(cfg.source)
+    if isinstance(src, EncodedSource):
+        return SourceInfo(len(src.classes(cfg)), cfg.channels or 3, cfg.image_size)
+    return SourceInfo(src.num_classes, src.in_chans, src.image_size)
+
+
+def source_sizes(cfg: DataConfig) -> tuple[int, int]:
+    """Sample counts of the source's own train and test splits, without reading the images."""
+    src = SOURCES.get(cfg.source)
+    return src.sizes(cfg) if isinstance(src, EncodedSource) else src.sizes(Path(cfg.root))
 
 
 def split_sizes(cfg: DataConfig) -> dict[str, int]:
     """Sample counts of train / val / test implied by the config, without reading the images."""
-    n_train_all, n_test = SOURCES.get(cfg.source).sizes(Path(cfg.root))
+    check_data_config(cfg)
+    n_train_all, n_test = source_sizes(cfg)
     if not 0 < cfg.val_size < n_train_all:
         raise ConfigError(f"data.val_size={cfg.val_size} must be between 1 and {n_train_all - 1} for {cfg.source}")
     n_train = n_train_all - cfg.val_size

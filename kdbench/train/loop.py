@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 from typing import Protocol as TypingProtocol
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch.nn as nn
 
 from kdbench.config import Protocol
 from kdbench.data.shards import Split
+from kdbench.data.stream import StreamedSplit
 from kdbench.data.views import CLEAN_VIEW, ViewRenderer
 from kdbench.errors import NonFiniteLossError
 from kdbench.evaluate import predict, topk_accuracy
@@ -29,7 +31,12 @@ _logger = logging.getLogger(__name__)
 
 
 class TeacherSource(TypingProtocol):
-    """Serves the declared teacher taps for a view (a stored view index, or ``CLEAN_VIEW``) of a batch's rows."""
+    """Serves the declared teacher taps for a view (a stored view index, or ``CLEAN_VIEW``) of a batch's rows.
+
+    A source that runs a teacher on rendered inputs (:class:`~kdbench.cache.source.LiveTeacher`) also has an
+    ``input_size``: on the streaming path the stream renders the teacher's view at that size with the batch
+    (the main process holds no image) and ``outputs`` gets it as ``inputs``.
+    """
 
     forward_count: int
 
@@ -73,6 +80,60 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 @dataclass
+class Batch:
+    """One training step's batch, whatever its source.
+
+    Attributes:
+        rows: ``int64 [n]`` rows of the training split.
+        x: ``float32 [n, C, S, S]`` the student's inputs (view ``epoch mod V``), on the device.
+        targets: Labels, mixup partners' labels and weights, on the device.
+        teacher_x: The live teacher's inputs rendered by the stream (streaming path only), else ``None``.
+    """
+
+    rows: np.ndarray
+    x: torch.Tensor
+    targets: Targets
+    teacher_x: torch.Tensor | None = None
+
+
+class _SplitBatches:
+    """Batches of a split held in memory: a seeded permutation of the rows per epoch, sorted within each batch,
+    rendered by the split's :class:`~kdbench.data.views.ViewRenderer` on the device."""
+
+    def __init__(self, train: Split, protocol: Protocol, data: DataInfo, image_size: int, device: torch.device) -> None:
+        self.train, self.batch_size, self.image_size, self.device = train, protocol.batch_size, image_size, device
+        self.renderer = ViewRenderer.for_split(protocol.views, train, data)
+
+    def epoch(self, epoch: int, view: int, seed: int) -> Iterator[Batch]:
+        order = epoch_order(len(self.train), seed, epoch)
+        for b in range(math.ceil(len(self.train) / self.batch_size)):
+            rows = np.sort(order[b * self.batch_size : (b + 1) * self.batch_size])
+            x, params = self.renderer.render(view, rows, self.image_size, self.device)
+            yield Batch(rows, x, view_targets(self.train, rows, params, self.device))
+
+
+class _StreamBatches:
+    """Batches of a streamed split (:meth:`~kdbench.data.stream.StreamedSplit.train_batches`), moved to the
+    device; with ``teacher`` = ``(teacher_view kind, input size)`` also the live teacher's inputs."""
+
+    def __init__(self, train: StreamedSplit, protocol: Protocol, data: DataInfo, image_size: int,
+                 device: torch.device, teacher: tuple[str, int] | None) -> None:
+        self.train, self.protocol, self.data, self.image_size = train, protocol, data, image_size
+        self.device, self.teacher = device, teacher
+
+    def epoch(self, epoch: int, view: int, seed: int) -> Iterator[Batch]:
+        p, device = self.protocol, self.device
+        t_view, t_size = None, None
+        if self.teacher is not None:
+            t_view, t_size = teacher_view_index(self.teacher[0], view, p.views.count), self.teacher[1]
+        for b in self.train.train_batches(p.views, self.data.mean, self.data.std, seed, epoch, view, self.image_size,
+                                          p.batch_size, t_view, t_size):
+            targets = Targets(b["labels"].to(device), b["partner_labels"].to(device), b["lam"].to(device))
+            teacher_x = b["teacher_x"].to(device) if "teacher_x" in b else None
+            yield Batch(b["rows"].numpy(), b["x"].to(device), targets, teacher_x)
+
+
+@dataclass
 class FitResult:
     """What :func:`fit` measured.
 
@@ -102,8 +163,8 @@ class FitResult:
 def fit(
     model: nn.Module,
     method: DistillMethod,
-    train: Split,
-    evals: dict[str, Split],
+    train: Split | StreamedSplit,
+    evals: dict[str, Split | StreamedSplit],
     data: DataInfo,
     protocol: Protocol,
     seed: int,
@@ -119,10 +180,14 @@ def fit(
     outputs come from ``teacher``, for exactly that view unless the method declares another
     :meth:`~kdbench.methods.base.DistillMethod.teacher_view` (see :func:`teacher_view_index`).
 
+    The batches come from the split: one held in memory (:class:`~kdbench.data.shards.Split`) is permuted
+    and rendered here; a streamed one (:class:`~kdbench.data.stream.StreamedSplit`) delivers its batches
+    rendered, in its seeded stream order. Everything else (steps, schedule, loss, evaluation) is the same.
+
     Args:
         model: The student (trained in place).
         method: The KD method (its adapters are trained with the student).
-        train: The training split.
+        train: The training split (in memory or streamed).
         evals: Splits evaluated after every epoch (``val``, ``test``).
         data: Dataset metadata.
         protocol: The protocol.
@@ -206,7 +271,6 @@ class _Run:
         self.model, self.method, self.train, self.data = model, method, train, data
         self.protocol, self.device, self.teacher, self.label = protocol, device, teacher, label
         self.image_size = protocol.image_size or data.image_size
-        self.renderer = ViewRenderer.for_split(protocol.views, train, data)
         model.to(device).to(memory_format=torch.channels_last)
         method.to(device)
         self.params = [q for q in list(model.parameters()) + list(method.parameters()) if q.requires_grad]
@@ -218,6 +282,12 @@ class _Run:
         self.needs_index = method.requirements(method.cfg).sample_index
         self.teacher_view = method.teacher_view(method.cfg)
         teacher_view_index(self.teacher_view, 0, protocol.views.count)  # an impossible declaration fails here
+        if isinstance(train, StreamedSplit):
+            t_size = getattr(teacher, "input_size", None) if self.teacher_taps else None
+            live = (self.teacher_view, t_size) if t_size is not None else None
+            self.batches = _StreamBatches(train, protocol, data, self.image_size, device, live)
+        else:
+            self.batches = _SplitBatches(train, protocol, data, self.image_size, device)
         self.owner = f"method {method.name!r}"
         self.step = 0
         self.student_forward = 0
@@ -251,11 +321,10 @@ class _Run:
         self.method.on_epoch_start(StepContext(epoch, p.epochs, self.step, spe, view))
         self.model.train()
         self.method.train()
-        order = epoch_order(self.n, seed, epoch)
         t0, loss_sum, term_sums = time.perf_counter(), 0.0, {}
-        for b in range(spe):
-            rows = np.sort(order[b * p.batch_size : (b + 1) * p.batch_size])
-            out = self.train_step(epoch, view, rows)
+        b = -1
+        for b, batch in enumerate(self.batches.epoch(epoch, view, seed)):
+            out = self.train_step(epoch, view, batch)
             loss_sum += out.loss.item()
             for k, v in out.terms.items():
                 term_sums[k] = term_sums.get(k, 0.0) + v.item()
@@ -264,6 +333,8 @@ class _Run:
             if (b + 1) % max(1, spe // 4) == 0 and b + 1 < spe:
                 _logger.info("%s epoch %d/%d step %d/%d loss %.4f | %.0f samples/s", self.label, epoch + 1,
                              p.epochs, b + 1, spe, loss_sum / (b + 1), (b + 1) * p.batch_size / (time.perf_counter() - t0))
+        if b + 1 != spe:
+            raise RuntimeError(f"{self.label}: epoch {epoch} had {b + 1} batches, expected {spe}")
         return {
             "epoch": epoch,
             "view": view,
@@ -274,15 +345,15 @@ class _Run:
             "_train_s": time.perf_counter() - t0,
         }
 
-    def train_step(self, epoch: int, view: int, rows: np.ndarray):
-        """Renders the batch's view, serves the teacher's outputs for it, and takes one optimiser step."""
+    def train_step(self, epoch: int, view: int, batch: Batch):
+        """Serves the teacher's outputs for the batch's view and takes one optimiser step."""
         p, device = self.protocol, self.device
-        x, params = self.renderer.render(view, rows, self.image_size, device)
-        targets = view_targets(self.train, rows, params, device)
+        x, rows, targets = batch.x, batch.rows, batch.targets
         ctx = StepContext(epoch, p.epochs, self.step, self.steps_per_epoch, view,
                           torch.from_numpy(rows).to(device) if self.needs_index else None)
         t_view = teacher_view_index(self.teacher_view, view, p.views.count)
-        t_out = self.teacher.outputs(t_view, rows, device) if self.teacher_taps else {}
+        live_inputs = {} if batch.teacher_x is None else {"inputs": batch.teacher_x}
+        t_out = self.teacher.outputs(t_view, rows, device, **live_inputs) if self.teacher_taps else {}
         s_out = compute_taps(self.model, x.contiguous(memory_format=torch.channels_last), self.student_taps)
         out = self.method.loss(TapDict(s_out, self.owner + " (student)"), TapDict(t_out, self.owner + " (teacher)"),
                                targets, ctx)
@@ -303,7 +374,7 @@ class _Run:
         self.step += 1
         return out
 
-    def evaluate(self, row: dict, evals: dict[str, Split]) -> None:
+    def evaluate(self, row: dict, evals: dict[str, Split | StreamedSplit]) -> None:
         """Adds each split's top-1 and the epoch's timings to ``row``."""
         t0, train_s = row.pop("_t0"), row.pop("_train_s")
         for name, split in evals.items():

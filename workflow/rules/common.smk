@@ -32,6 +32,7 @@ wildcard_constraints:
     label=r"[^/]+",
     seed=r"\d+",
     shard=r"\d{5}",
+    group=r"\d{5}",
     study=r"[^/]+",
     cand=r"\d+",
 
@@ -49,6 +50,15 @@ def data_owner_args(wildcards, output):
     """`--config` (and `--teacher` for a teacher's own data) of the table that defines a data directory."""
     table, teacher = PLAN.data[wildcards.dkey]
     return f"--config {config_of(table)}" + (f" --teacher {q(teacher)}" if teacher else "")
+
+
+def data_dir(wildcards):
+    return PLAN.data_dir(wildcards.dkey)
+
+
+def data_parts(wildcards):
+    """The part files of a data directory's shard groups (none when one job writes every shard)."""
+    return PLAN.data_parts(wildcards.dkey)
 
 
 def teacher_inputs(wildcards):
