@@ -325,3 +325,29 @@ def test_the_imagenet_config_dry_runs_on_a_synthetic_folder(tmp_path):
     assert counts["data_shards"] == 4 and counts["prepare_data"] == 1 and counts["train_teacher"] == 2
     assert counts["cache_shard"] == 2 * 5 and counts["cache_manifest"] == 2 and counts["distill"] == 16
     assert str(ckpt["resnet50"]) in out.stdout
+
+
+@pytest.mark.slow
+def test_the_tiny_image_folder_table_runs_end_to_end_through_snakemake_and_reruns_nothing(tmp_path):
+    """The ImageNet path in small: variable-size grey and RGB JPEG/PNG files -> fanned-out data shards of the
+    original bytes -> a teacher trained on the stream -> its per-view store -> streamed distill jobs -> the
+    leaderboard; the same command again plans nothing, and a second workdir gives identical records."""
+    root = make_folder(tmp_path / "folder", n_train=12, n_test=2)
+    records = {}
+    for run in ("a", "b"):
+        work = tmp_path / run
+        cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+               "--cores", "2", "--configfile", str(TINY), "--config", f"data={{root: {root}}}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env=ENV)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        board = work / "results" / "tiny-imagefolder" / "leaderboard" / "leaderboard.csv"
+        rows = board.read_text().splitlines()
+        assert len(rows) == 1 + 2  # header + baseline and kd
+        runs = sorted((work / "results" / "tiny-imagefolder" / "runs").rglob("record.json"))
+        assert len(runs) == 2
+        records[run] = {p.relative_to(work).as_posix(): json.loads(p.read_text())["final"] for p in runs}
+        manifest = json.loads(next((work / "results" / "data").glob("*/manifest.json")).read_text())
+        assert manifest["encoding"] == "original" and manifest["native_size"] is None
+    assert records["a"] == records["b"]
+    again = subprocess.run(cmd + ["-n"], capture_output=True, text=True, timeout=600, env=ENV)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
