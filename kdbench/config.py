@@ -170,13 +170,22 @@ class Protocol:
         return stable_hash(self)
 
 
+DEFAULT_TOPK = 10
+"""The top-k of the logits store when ``cache.topk`` is unset and the dataset has many classes."""
+
+
 @dataclass(frozen=True)
 class CachePolicy:
     """Global storage policy of the teacher-output stores.
 
     Attributes:
         logits_dtype: ``float16`` (default) or ``float32``.
-        topk: Keep only the top-k logits (fp16 values + int16/int32 indices + logsumexp); ``None`` = all.
+        topk: Keep only the top-k logits (fp16 values + int16/int32 indices + logsumexp); ``None`` = all. Left
+            unset in the config file, it defaults to :data:`DEFAULT_TOPK` for a dataset of at least
+            ``topk_min_classes`` classes whose methods all accept a top-k store, else to ``None``
+            (:func:`kdbench.plan.default_topk`); the resolved config then says which.
+        topk_min_classes: The class count from which an unset ``topk`` defaults to :data:`DEFAULT_TOPK`
+            (ImageNet-1k's fp16 logits are 2 KB per image and view, top-10 74 B: the README's store sizes).
         feature_pool: Adaptive average pooling of feature maps to this spatial size before storing;
             ``None`` stores them whole.
         feature_dtype: ``float16`` or ``bfloat16`` (for features beyond fp16's range) or ``float32``.
@@ -185,6 +194,7 @@ class CachePolicy:
 
     logits_dtype: str = "float16"
     topk: int | None = None
+    topk_min_classes: int = field(default=1000, metadata=OMIT_WHEN_DEFAULT)
     feature_pool: int | None = None
     feature_dtype: str = "float16"
     verify: bool = True

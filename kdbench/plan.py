@@ -38,6 +38,7 @@ import yaml
 from kdbench._util import atomic_path, stable_hash, to_jsonable
 from kdbench.config import (
     DATA_READ_KEYS,
+    DEFAULT_TOPK,
     Config,
     ConfigError,
     DataConfig,
@@ -174,6 +175,20 @@ def _expand_teacher_refs(raw: dict, source: Path) -> dict:
     return raw
 
 
+def default_topk(cfg: Config) -> int | None:
+    """The logits store's top-k when the config leaves ``cache.topk`` unset: :data:`DEFAULT_TOPK` for a dataset of
+    at least ``cache.topk_min_classes`` classes, unless a method of the table reads full logits from the store
+    (DKD, DIST, FunMatch: they would be refused a top-k store); ``None`` (every logit) otherwise."""
+    if source_info(cfg.data).num_classes < cfg.cache.topk_min_classes:
+        return None
+    for entry in cfg.methods.values():
+        cls = METHODS.get(entry.method)
+        reqs = cls.requirements(cls.make_config(entry.params))
+        if reqs.full_logits and not reqs.live_teacher and entry.teacher_source == "cache":
+            return None
+    return DEFAULT_TOPK
+
+
 @dataclass(frozen=True)
 class Table:
     """One leaderboard: a resolved config and where it came from.
@@ -268,6 +283,8 @@ def _table(files: Sequence[Path], overrides: Mapping[str, Any], entry: SuiteEntr
         origin += f" + {entry.where}.methods [{', '.join(entry.methods)}]"
     raw = _expand_teacher_refs(raw, files[-1])
     cfg = parse_config(raw, source=origin)  # errors name the files and overrides the user wrote
+    if "topk" not in (raw.get("cache") or {}):
+        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, topk=default_topk(cfg)))
     if cfg.name in RESERVED:
         raise ConfigError(f"{origin}: key 'name' must not be one of {', '.join(sorted(RESERVED))} (result folders)")
     source = Layout.RESOLVED.format(table=cfg.name, config_hash=config_hash(cfg))
