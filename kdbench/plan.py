@@ -284,7 +284,11 @@ def _table(files: Sequence[Path], overrides: Mapping[str, Any], entry: SuiteEntr
     raw = _expand_teacher_refs(raw, files[-1])
     cfg = parse_config(raw, source=origin)  # errors name the files and overrides the user wrote
     if "topk" not in (raw.get("cache") or {}):
-        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, topk=default_topk(cfg)))
+        try:
+            topk = default_topk(cfg)
+        except ConfigError as e:  # a data key the source needs (the class count comes from the source)
+            raise ConfigError(f"{origin}: {e}") from None
+        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, topk=topk))
     if cfg.name in RESERVED:
         raise ConfigError(f"{origin}: key 'name' must not be one of {', '.join(sorted(RESERVED))} (result folders)")
     source = Layout.RESOLVED.format(table=cfg.name, config_hash=config_hash(cfg))
