@@ -27,7 +27,8 @@ from kdbench.cache.store import (
     write_shard,
 )
 from kdbench.config import CachePolicy, Config, ViewRecipe, parse_config
-from kdbench.data.shards import load_split, prepare, read_manifest
+from kdbench.data.prepare import prepare
+from kdbench.data.shards import load_split, read_manifest
 from kdbench.data.views import view_params
 from kdbench.meta import data_info
 from kdbench.modeldir import read_teacher_metrics, save_model_dir

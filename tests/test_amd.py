@@ -106,7 +106,7 @@ def searched(tmp_path_factory):
         pytest.skip("needs dataset-fashion-mnist")
     from kdbench.cache.build import build_shard, finalize_store
     from kdbench.config import load_config
-    from kdbench.data.shards import prepare
+    from kdbench.data.prepare import prepare
     from kdbench.data.sources import shard_counts
     from kdbench.tasearch import audit, run_finetune, run_oracle, run_search, run_select
     from kdbench.teacher import train_teacher

@@ -16,7 +16,8 @@ import webdataset as wds
 
 from kdbench.config import DataConfig
 from kdbench.data.codec import decode_pnm, encode_pnm
-from kdbench.data.shards import load_split, prepare
+from kdbench.data.prepare import prepare
+from kdbench.data.shards import load_split
 from kdbench.data.sources import SOURCES, shard_counts, split_sizes
 from kdbench.errors import DatasetError, DataShardError
 

@@ -14,7 +14,8 @@ from _helpers_store import write_fmnist_idx
 
 from kdbench.cache.build import build_shard, finalize_store
 from kdbench.config import parse_config
-from kdbench.data.shards import load_split, prepare, read_manifest
+from kdbench.data.prepare import prepare
+from kdbench.data.shards import load_split, read_manifest
 from kdbench.data.sources import shard_counts
 from kdbench.data.views import render
 from kdbench.distill import run_distill

@@ -23,7 +23,7 @@ import yaml
 from kdbench.cache.build import build_shard, finalize_store
 from kdbench.cli import main
 from kdbench.config import load_config, parse_config
-from kdbench.data.shards import prepare
+from kdbench.data.prepare import prepare
 from kdbench.data.sources import shard_counts
 from kdbench.distill import run_distill
 from kdbench.errors import CheckpointError

@@ -29,9 +29,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from kdbench._util import read_json, sha256_file
 from kdbench.data.codec import IMAGE_EXTS, ImageDecodeError, decode_image
-from kdbench.data.layout import FORMAT_VERSION, SPLITS, shard_name  # noqa: F401  (re-exported)
-from kdbench.data.layout import split_indices as _split_indices  # noqa: F401  (re-exported)
-from kdbench.data.prepare import prepare  # noqa: F401  (re-exported: the writer)
+from kdbench.data.layout import FORMAT_VERSION
 from kdbench.errors import DatasetError, DataShardError
 
 _logger = logging.getLogger(__name__)
