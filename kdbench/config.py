@@ -245,6 +245,13 @@ class MethodEntry:
     teacher_source: str = field(default="cache", metadata=OMIT_WHEN_DEFAULT)
 
 
+def reads_full_logits_from_store(entry: MethodEntry) -> bool:
+    """Whether a method label reads every logit of the teacher from the store (it would be refused a top-k one)."""
+    cls = METHODS.get(entry.method)
+    reqs = cls.requirements(cls.make_config(entry.params))
+    return reqs.full_logits and not reqs.live_teacher and entry.teacher_source == "cache"
+
+
 @dataclass(frozen=True)
 class Runtime:
     """How jobs run; never part of any hash (results must not depend on it, except device numerics).
@@ -401,7 +408,6 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
             mcfg = METHODS.get(mname).make_config(mraw)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{source}: key 'methods.{label}': {e}") from e
-        reqs = METHODS.get(mname).requirements(mcfg)
         if teacher_source == "live" and not METHODS.get(mname).teacher_taps(mcfg):
             raise ConfigError(f"{source}: key 'methods.{label}.teacher_source' is 'live', but method {mname!r} reads"
                               " no teacher output. Fix: remove 'teacher_source'")
@@ -411,7 +417,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
                 f" the student's (teacher_view 'other'), but key 'protocol.views.count' is {protocol.views.count}."
                 f" Fix: set 'protocol.views.count' to 2 or more, or remove '{label}' from 'methods'"
             )
-        if cache.topk and reqs.full_logits and not reqs.live_teacher and teacher_source == "cache":
+        if cache.topk and reads_full_logits_from_store(entry):
             raise ConfigError(
                 f"{source}: method '{label}' ({mname}) needs the teacher's full logits, but key 'cache.topk' is"
                 f" {cache.topk}, so the cache keeps only the top-{cache.topk}. Fix: remove 'cache.topk' (store all"

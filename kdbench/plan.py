@@ -46,6 +46,7 @@ from kdbench.config import (
     config_hash,
     parse_config,
     read_config_file,
+    reads_full_logits_from_store,
     to_raw,
 )
 from kdbench.data.layout import PART_NAME, data_identity, group_count
@@ -181,11 +182,8 @@ def default_topk(cfg: Config) -> int | None:
     (DKD, DIST, FunMatch: they would be refused a top-k store); ``None`` (every logit) otherwise."""
     if source_info(cfg.data).num_classes < cfg.cache.topk_min_classes:
         return None
-    for entry in cfg.methods.values():
-        cls = METHODS.get(entry.method)
-        reqs = cls.requirements(cls.make_config(entry.params))
-        if reqs.full_logits and not reqs.live_teacher and entry.teacher_source == "cache":
-            return None
+    if any(reads_full_logits_from_store(entry) for entry in cfg.methods.values()):
+        return None
     return DEFAULT_TOPK
 
 
