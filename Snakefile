@@ -12,6 +12,16 @@ from snakemake.utils import min_version
 
 min_version("9.0")
 
+# Preemption on SLURM (profile: `--signal=USR1@300`): SLURM sends SIGUSR1 to every process of the job's step,
+# the Snakemake that runs the rule included. Python's default action for SIGUSR1 is to terminate, and a step
+# whose task (that Snakemake) has ended is over: SLURM kills what is left of it, the training job before it
+# could checkpoint. So the Snakemake processes that run jobs on a node (`--mode remote`) ignore it; the
+# `kdbench` commands that train install their own handler (checkpoint, `scontrol requeue`, exit 75).
+if workflow.remote_exec:
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"

@@ -6,6 +6,7 @@ Used for every section of a config (:mod:`kdbench.config`) and for every method'
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import re
 import types
@@ -30,6 +31,10 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is tuple:
         item_types = _item_types(tp, len(value)) if isinstance(value, (list, tuple)) else None
         return item_types is not None and all(_type_ok(v, t) for v, t in zip(value, item_types))
+    if origin in (dict, collections.abc.Mapping):
+        key_type, value_type = typing.get_args(tp)
+        return isinstance(value, Mapping) and all(_type_ok(k, key_type) and _type_ok(v, value_type)
+                                                  for k, v in value.items())
     if isinstance(tp, type):
         return isinstance(value, tp)
     return True
@@ -73,6 +78,8 @@ def coerce_value(value: Any, tp: Any) -> Any:
     value = _numeric_strings_to_float(value, tp)
     if not _type_ok(value, tp):
         raise TypeError(f"must be {_type_name(tp)}, got {value!r}")
+    if typing.get_origin(tp) in (dict, collections.abc.Mapping):
+        return dict(value)
     return tuple(value) if typing.get_origin(tp) is tuple else value
 
 
@@ -121,4 +128,6 @@ def build_dataclass(cls: type, raw: Any, where: str, source: str, base: Any = No
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (dict, collections.abc.Mapping):
+        return "a mapping of {} -> {}".format(*(_type_name(a) for a in typing.get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

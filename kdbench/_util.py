@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-
 #: ``dataclasses.field(metadata=OMIT_WHEN_DEFAULT)``: an optional setting that is off by default (e.g. a metric
 #: the protocol can switch on). :func:`to_jsonable` leaves it out while it has its default, so adding such a
 #: setting changes no existing hash, output path, resolved config or record.
@@ -26,7 +25,7 @@ def to_jsonable(obj: Any) -> Any:
         return {
             f.name: to_jsonable(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
-            if not (f.metadata.get("omit_when_default") and getattr(obj, f.name) == f.default)
+            if not (f.metadata.get("omit_when_default") and getattr(obj, f.name) == field_default(f))
         }
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
@@ -38,6 +37,11 @@ def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
         return obj.item()
     return obj
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (its ``default_factory``'s product for a mutable default)."""
+    return f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING else f.default
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

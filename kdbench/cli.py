@@ -3,8 +3,8 @@
 Every workflow rule calls one of these; they can be run by hand just the same. This is the only module
 that sets up logging. A user error (:data:`kdbench.errors.USER_ERRORS`) prints one line
 ``kdbench: error: ...`` and exits with 2; ``--debug`` shows its traceback instead. A training command
-(``train-teacher``, ``distill``, ``amd-finetune``, ``amd-oracle``) stopped by SIGUSR1 keeps its epoch checkpoint,
-requeues its SLURM job and exits with 75; run again, it resumes (:mod:`kdbench.train.checkpoint`).
+(``train-teacher``, ``distill``, ``amd-search``, ``amd-finetune``, ``amd-oracle``) stopped by SIGUSR1 keeps its
+epoch checkpoint, requeues its SLURM job and exits with 75; run again, it resumes (:mod:`kdbench.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -175,6 +175,16 @@ def cmd_train_teacher(args) -> int | None:
     _done(f"teacher {args.teacher} ({m['model']}): test top-1 {m['test_top1']:.2f}% -> {args.out}")
 
 
+def cmd_verify_teacher(args) -> None:
+    from kdbench.teacher import verify_teacher
+
+    cfg = _config(args)
+    _check_cell(cfg, args.teacher, None)
+    v = verify_teacher(cfg, args.teacher, Path(args.data), Path(args.out))
+    _done(f"teacher {args.teacher} ({v['model']}): test top-1 {v['measured_top1']:.2f}%, expected"
+          f" {v['expected_top1']:.2f}% ± {v['top1_tolerance']:.2f}: {v['verdict']} -> {args.out}")
+
+
 def cmd_cache(args) -> None:
     from kdbench.cache.build import build_shard
     from kdbench.plan import shard_file
@@ -260,12 +270,16 @@ def _amd_args(args):
     return cfg
 
 
-def cmd_amd_search(args) -> None:
+def cmd_amd_search(args) -> int | None:
     from kdbench.tasearch import run_search
+    from kdbench.train.checkpoint import EXIT_PREEMPTED
 
     cfg = _amd_args(args)
-    summary = run_search(cfg, args.teacher, args.label, Path(args.data), Path(args.teacher_dir), _stores(args.store),
-                         Path(args.out))
+    stores = _stores(args.store)
+    summary = _preemptible(lambda: run_search(cfg, args.teacher, args.label, Path(args.data), Path(args.teacher_dir),
+                                              stores, Path(args.out), checkpoint_every=args.checkpoint_every))
+    if summary is None:
+        return EXIT_PREEMPTED
     accs = ", ".join(f"{c['ratio']:.2f}: {c['val_top1']:.1f}%" for c in summary["candidates"])
     _done(f"{cfg.name}: {args.teacher}/{args.label}: {len(summary['candidates'])} candidates trained jointly in"
           f" {summary['wall_time_s']:.0f} s (scale: val top-1 {accs})")
@@ -366,6 +380,10 @@ def cmd_plan(args) -> None:
         overrides[key] = value  # read as YAML by the plan, as the workflow reads snakemake --config
     plan = Plan.resolve(args.configfile or [], overrides)
     print(plan.render())
+    if args.estimate:
+        from kdbench.estimate import DEFAULT_GPU_TFLOPS, estimate, render
+
+        print(render(estimate(plan), args.gpu_tflops or DEFAULT_GPU_TFLOPS))
     study = resolve_study(args.configfile or [], list(plan.tables.values()))
     if study:
         print(f"study {study.name} over {len(study.tables)} tables -> {study.dir}/study.md")
@@ -477,12 +495,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config files merged in order, or one suite file (default: workflow/config/config.yaml)")
     p.add_argument("--config", dest="set", nargs="+", metavar="KEY=VALUE",
                    help="overrides as snakemake --config takes them (values read as YAML); dotted keys reach nested values")
+    p.add_argument("--estimate", action="store_true",
+                   help="also print each table's jobs, FLOPs and GPU-hours per stage (each model's FLOPs per image are"
+                        " counted on one forward pass; needs the data's sizes, so the raw data must be on disk)")
+    p.add_argument("--gpu-tflops", type=float, default=None, metavar="T",
+                   help="sustained TFLOP/s per GPU of the estimate (default 10)")
 
     p = add("train-teacher", cmd_train_teacher, "train (or load) one teacher of the config")
     p.add_argument("--teacher", required=True, help="teacher name in the config")
     p.add_argument("--data", required=True, help="data directory")
     p.add_argument("--out", required=True, help="teacher directory to write")
     checkpoint_option(p)
+
+    p = add("verify-teacher", cmd_verify_teacher, "check a checkpoint teacher's test top-1 against its config's"
+            " expected_top1 (exit 2, writing nothing, when it is off by more than top1_tolerance)")
+    p.add_argument("--teacher", required=True, help="teacher name in the config (with checkpoint and expected_top1)")
+    p.add_argument("--data", required=True, help="the teacher's data directory (its test split is evaluated)")
+    p.add_argument("--out", required=True, help="the verification JSON to write when the check passes")
 
     p = add("cache", cmd_cache, "teacher outputs of one tap for every view of one data shard")
     p.add_argument("--teacher-dir", required=True, help="teacher directory")
@@ -538,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-dir", required=True, help="teacher directory")
     store_option(p, f"a store of the teacher's logits or last feature stage (repeatable){named}", action="append")
     p.add_argument("--out", required=True, help="search directory to write")
+    checkpoint_option(p)
 
     p = add("amd-select", cmd_amd_select, "AMD: select a candidate by npsd-approx from the search's logged accuracies",
             config=False)

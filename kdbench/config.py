@@ -8,6 +8,7 @@ again plus everything a schema cannot know: registered methods and their paramet
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -15,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from kdbench._typed import build_dataclass
-from kdbench._util import OMIT_WHEN_DEFAULT, stable_hash, to_jsonable
+from kdbench._util import OMIT_WHEN_DEFAULT, field_default, stable_hash, to_jsonable
 from kdbench.errors import ConfigError
 from kdbench.methods import METHODS
 from kdbench.models import check_model_name
@@ -109,6 +110,10 @@ class ViewRecipe:
     pad: int = 0
 
 
+#: Valid values of ``protocol.precision`` (:mod:`kdbench.numerics`).
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class Protocol:
     """Everything that must be equal across methods; no method can change it.
@@ -144,6 +149,20 @@ class Protocol:
             cosine and Euclidean distance, InDistill's official protocol (:mod:`kdbench.retrieval`).
             ``None`` (the default) = off; left out of the hash while off, so existing configs keep their
             hashes. Never part of a teacher's training protocol.
+        precision: ``fp32`` (default) or ``bf16``: every model forward that trains or produces teacher outputs
+            (the student's and the teacher's training and evaluation, the cache builder, the fidelity check, the
+            live teacher) runs under ``torch.autocast`` with bfloat16 on the job's device (CUDA or CPU); the
+            outputs are cast to float32 at the end of the forward, so every method's loss, its adapters and the
+            stored teacher outputs are float32 (:mod:`kdbench.numerics`).
+        channels_last: Models and 4-d inputs in the channels-last memory format (the default, as every kdbench
+            release so far has run; tensor cores prefer it) or, with ``false``, in the contiguous (NCHW) format.
+            The two give the same predictions up to float rounding (not bit for bit).
+            These two are left out of the hash while they have their defaults, so existing configs keep their
+            hashes and their results; like the other opt-in options, a teacher's ``train`` does not inherit them.
+        student_lr: Peak learning rate of these students (timm model name -> lr), replacing ``lr`` for them
+            under every method alike (the student alone included): the CRD protocol's rule of lr 0.01 for
+            MobileNetV2 and ShuffleNet students. Never part of a teacher's training protocol; left out of the
+            hash while empty.
     """
 
     epochs: int = 8
@@ -164,10 +183,17 @@ class Protocol:
     views: ViewRecipe = field(default_factory=ViewRecipe)
     image_size: int | None = None
     retrieval_tap: str | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    precision: str = field(default="fp32", metadata=OMIT_WHEN_DEFAULT)
+    channels_last: bool = field(default=True, metadata=OMIT_WHEN_DEFAULT)
+    student_lr: Mapping[str, float] = field(default_factory=dict, metadata=OMIT_WHEN_DEFAULT)
 
     def hash(self) -> str:
         """A stable hash of the whole protocol, recorded in every run."""
         return stable_hash(self)
+
+    def for_student(self, model: str) -> Protocol:
+        """The protocol a student trains under: ``lr`` is ``student_lr[model]`` when the model is listed."""
+        return replace(self, lr=self.student_lr[model]) if model in self.student_lr else self
 
 
 DEFAULT_TOPK = 10
@@ -210,15 +236,33 @@ class TeacherConfig:
             recorded.
         train: Protocol of the teacher's own training (keys of :class:`Protocol`, unset ones from the
             student protocol, except its opt-in options: ``retrieval_tap``, ``grad_clip_norm``,
-            ``decoupled_weight_decay``, ``weight_decay_exclude_1d``). A teacher sees a fresh view in every epoch.
+            ``decoupled_weight_decay``, ``weight_decay_exclude_1d``, ``precision``, ``channels_last``: a teacher
+            trains in fp32 unless its own ``train.precision`` says ``bf16``). A teacher sees a fresh view in every
+            epoch. Its outputs for a table (cache, live teacher) are computed under the table's ``protocol``
+            numerics (``precision``, ``channels_last``), as the students' forwards are.
         data: The data the teacher trains on; ``None`` is the table's own. Set by ``{from: other.yaml}``
             (the other config's teacher, trained on that config's data, shared with it).
+        sha256: The expected sha256 of the ``checkpoint`` file (64 hex digits, stored lower-case): loading a
+            file with another digest is refused. Part of the teacher's key when set (it names the weights).
+        expected_top1: The checkpoint's expected test top-1 in percent (e.g. its published number); the
+            workflow's ``verify_teacher`` job measures it (as the teacher job would) and stops everything that
+            depends on the teacher when it is off by more than ``top1_tolerance``. Checkpoints only: a trained
+            teacher's accuracy is a result of the workflow, measured and recorded, not a claim to check.
+        top1_tolerance: Allowed ``|measured - expected_top1|`` in points. 1.0 by default: on a fixed checkpoint
+            and test set nothing is random, so only numerics (cuDNN, channels-last: a few images) and small
+            evaluation differences (resize interpolation, centre crop: a few tenths on ImageNet) move the
+            number, while a wrong checkpoint or preprocessing moves it by points (RepDistiller's resnet110:
+            70.3% measured vs 74.3% published).
+            These three are left out of every hash while unset, so existing configs keep their hashes.
     """
 
     model: str
     checkpoint: str | None = None
     train: Protocol = field(default_factory=Protocol)
     data: DataConfig | None = None
+    sha256: str | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    expected_top1: float | None = field(default=None, metadata=OMIT_WHEN_DEFAULT)
+    top1_tolerance: float = field(default=1.0, metadata=OMIT_WHEN_DEFAULT)
 
 
 #: Where a method entry's teacher outputs come from (``methods.<label>.teacher_source``).
@@ -267,7 +311,11 @@ class Runtime:
 
 @dataclass(frozen=True)
 class Config:
-    """A whole experiment matrix: one protocol, one leaderboard."""
+    """A whole experiment matrix: one protocol, one leaderboard.
+
+    The grid is every (teacher, student) pair of ``pairs`` when the config lists them (the CRD table's 13 standard
+    pairs), else every teacher with every student; each pair runs every method with every seed.
+    """
 
     name: str
     data: DataConfig
@@ -279,9 +327,20 @@ class Config:
     seeds: tuple[int, ...]
     runtime: Runtime = field(default_factory=Runtime)
     source: str = "<dict>"
+    pairs: tuple[tuple[str, str], ...] | None = None
 
     def protocol_hash(self) -> str:
         return self.protocol.hash()
+
+    def grid(self) -> list[tuple[str, str]]:
+        """The ``(teacher, student)`` pairs of the table, in the config's order."""
+        if self.pairs is not None:
+            return list(self.pairs)
+        return [(t, s) for t in self.teachers for s in self.students]
+
+    def students_of(self, teacher: str) -> tuple[str, ...]:
+        """The students a teacher distils into (all of them without ``pairs``)."""
+        return tuple(s for t, s in self.grid() if t == teacher)
 
 
 def _check_reading(d: DataConfig, where: str, source: str) -> None:
@@ -312,6 +371,8 @@ def _check_protocol(p: Protocol, where: str, source: str) -> None:
         (0 < p.views.ratio[0] <= p.views.ratio[1], "views.ratio", "must be 0 < low <= high"),
         (p.retrieval_tap is None or is_tap(p.retrieval_tap), "retrieval_tap",
          "must be a tap name: 'pre_logits', 'logits' or 'feature[i]' (or null: off)"),
+        (all(lr > 0 for lr in p.student_lr.values()), "student_lr", "must map student models to learning rates > 0"),
+        (p.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {p.precision!r}"),
     ]
     for ok, key, msg in checks:
         if not ok:
@@ -323,7 +384,47 @@ def _teacher_base(protocol: Protocol) -> Protocol:
     ``OMIT_WHEN_DEFAULT``: ``retrieval_tap``, gradient clipping, decoupled / 1-d weight decay). A teacher takes
     those only from its own ``train`` keys: a resolved config leaves them out while off, so an inherited value
     would not survive the round trip (nor would a ``from:`` teacher stay the referenced config's teacher)."""
-    return replace(protocol, **{f.name: f.default for f in fields(Protocol) if f.metadata.get("omit_when_default")})
+    return replace(protocol, **{f.name: field_default(f) for f in fields(Protocol) if f.metadata.get("omit_when_default")})
+
+
+_TEACHER_CLAIMS = ("sha256", "expected_top1", "top1_tolerance")
+"""The keys of a teacher that state what its checkpoint is (:class:`TeacherConfig`)."""
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+
+
+def _teacher_claims(traw: Mapping[str, Any], where: str, source: str) -> dict[str, Any]:
+    """The checked ``sha256``, ``expected_top1`` and ``top1_tolerance`` of a raw teacher (only the keys given)."""
+    out: dict[str, Any] = {}
+    given = [k for k in _TEACHER_CLAIMS if traw.get(k) is not None]
+    if given and not traw.get("checkpoint"):
+        raise ConfigError(f"{source}: key '{where}.{given[0]}' states what a checkpoint is, but '{where}' has no"
+                          " 'checkpoint' (a trained teacher's weights and accuracy are results of the workflow, not"
+                          f" claims to check). Fix: set '{where}.checkpoint' or remove '{where}.{given[0]}'")
+    sha = traw.get("sha256")
+    if sha is not None:
+        if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+            raise ConfigError(f"{source}: key '{where}.sha256' must be the checkpoint file's sha256, 64 hex digits"
+                              f" (as 'sha256sum FILE' prints it), got {sha!r}")
+        out["sha256"] = sha.lower()
+    for key in ("expected_top1", "top1_tolerance"):
+        value = traw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: key '{where}.{key}' must be a number (percent points), got {value!r}")
+        out[key] = float(value)
+    if not 0 < out.get("expected_top1", 1.0) <= 100:
+        raise ConfigError(f"{source}: key '{where}.expected_top1' must be a test top-1 in percent, in (0, 100];"
+                          f" got {out['expected_top1']} (a fraction? 0.7431 is written 74.31)")
+    if out.get("top1_tolerance", 1.0) <= 0:
+        raise ConfigError(f"{source}: key '{where}.top1_tolerance' must be > 0 (points of top-1), got"
+                          f" {out['top1_tolerance']}")
+    if "top1_tolerance" in out and "expected_top1" not in out:
+        raise ConfigError(f"{source}: key '{where}.top1_tolerance' is set, but '{where}.expected_top1' is not: there"
+                          f" is nothing to compare with. Fix: set '{where}.expected_top1' or remove"
+                          f" '{where}.top1_tolerance'")
+    return out
 
 
 def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
@@ -334,13 +435,16 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the config must be a mapping at the top level")
-    top = {"name", "data", "protocol", "cache", "teachers", "students", "methods", "seeds", "runtime"}
+    top = {"name", "data", "protocol", "cache", "teachers", "students", "pairs", "methods", "seeds", "runtime"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key '{unknown[0]}'; valid keys: {', '.join(sorted(top))}")
-    for key in ("name", "teachers", "students", "methods", "seeds"):
+    for key in ("name", "teachers", "methods", "seeds"):
         if key not in raw:
             raise ConfigError(f"{source}: missing required key '{key}'")
+    if "students" not in raw and "pairs" not in raw:
+        raise ConfigError(f"{source}: missing required key 'students' (a list of timm model names; or 'pairs', a list"
+                          " of [teacher, student])")
     name = raw["name"]
     if not isinstance(name, str) or not name or "/" in name:
         raise ConfigError(f"{source}: key 'name' must be a non-empty string without '/'")
@@ -358,9 +462,10 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
         where = f"teachers.{tname}"
         if not isinstance(traw, Mapping) or "model" not in traw:
             raise ConfigError(f"{source}: key '{where}' must be a mapping with at least 'model' (or 'from: OTHER.yaml')")
-        unknown = sorted(set(traw) - {"model", "checkpoint", "train", "data"})
+        unknown = sorted(set(traw) - {"model", "checkpoint", "train", "data", *_TEACHER_CLAIMS})
         if unknown:
-            raise ConfigError(f"{source}: unknown key '{where}.{unknown[0]}'; valid keys: checkpoint, data, from, model, train")
+            raise ConfigError(f"{source}: unknown key '{where}.{unknown[0]}'; valid keys: checkpoint, data,"
+                              f" expected_top1, from, model, sha256, top1_tolerance, train")
         if isinstance(traw.get("train"), Mapping) and traw["train"].get("retrieval_tap") is not None:
             raise ConfigError(f"{source}: key '{where}.train.retrieval_tap': a teacher's training measures no"
                               " retrieval; set 'protocol.retrieval_tap' (the students') instead")
@@ -375,13 +480,18 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
             raise ConfigError(f"{source}: key '{where}.data.source' is {tdata.source!r} but the table's data is"
                               f" {data.source!r}; a teacher must know the table's classes")
         teachers[str(tname)] = TeacherConfig(model=traw["model"], checkpoint=traw.get("checkpoint"), train=train,
-                                             data=tdata)
+                                             data=tdata, **_teacher_claims(traw, where, source))
 
-    students = raw["students"]
+    pairs = _parse_pairs(raw["pairs"], teachers, source) if "pairs" in raw else None
+    students = raw["students"] if "students" in raw else list(dict.fromkeys(s for _, s in pairs))
     if not isinstance(students, list) or not students:
         raise ConfigError(f"{source}: key 'students' must be a non-empty list of timm model names")
     for i, s in enumerate(students):
         _check_model(check_model_name, s, f"students[{i}]", source)
+    if pairs is not None:
+        _check_pairs_cover(pairs, teachers, students, source)
+    for model in protocol.student_lr:
+        _check_model(check_model_name, model, f"protocol.student_lr.{model}", source)
 
     seeds = raw["seeds"]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
@@ -435,7 +545,40 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
         seeds=tuple(seeds),
         runtime=runtime,
         source=source,
+        pairs=pairs,
     )
+
+
+def _parse_pairs(raw: Any, teachers: Mapping[str, TeacherConfig], source: str) -> tuple[tuple[str, str], ...]:
+    """``pairs``: a non-empty list of ``[teacher, student]``, the teacher a name under ``teachers``."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{source}: key 'pairs' must be a non-empty list of [teacher, student] (a teacher's name"
+                          " under 'teachers', a student's timm model name)")
+    pairs: list[tuple[str, str]] = []
+    for i, pair in enumerate(raw):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise ConfigError(f"{source}: key 'pairs[{i}]' must be [teacher, student], got {pair!r}")
+        teacher, student = pair
+        if teacher not in teachers:
+            raise ConfigError(f"{source}: key 'pairs[{i}]': teacher {teacher!r} is not under 'teachers'"
+                              f" ({', '.join(teachers)}); add it there or fix the name")
+        _check_model(check_model_name, student, f"pairs[{i}]", source)
+        if (teacher, student) in pairs:
+            raise ConfigError(f"{source}: key 'pairs[{i}]': [{teacher}, {student}] is listed twice; remove one")
+        pairs.append((teacher, student))
+    return tuple(pairs)
+
+
+def _check_pairs_cover(pairs: tuple[tuple[str, str], ...], teachers: Mapping[str, TeacherConfig],
+                       students: list[str], source: str) -> None:
+    """With ``pairs``, every teacher and every listed student is in a pair, and every pair's student is listed."""
+    for t, s in pairs:
+        if s not in students:
+            raise ConfigError(f"{source}: key 'pairs': student {s!r} (teacher {t!r}) is not in 'students'; add it"
+                              " there or remove 'students' (the pairs then name the students)")
+    for name, key, at in [(t, "teachers", 0) for t in teachers] + [(s, "students", 1) for s in students]:
+        if all(pair[at] != name for pair in pairs):
+            raise ConfigError(f"{source}: key '{key}': {name!r} is in no pair of 'pairs'; add a pair or remove it")
 
 
 def to_raw(cfg: Config) -> dict:
@@ -454,12 +597,9 @@ def to_raw(cfg: Config) -> dict:
         "data": to_jsonable(cfg.data),
         "protocol": to_jsonable(cfg.protocol),
         "cache": to_jsonable(cfg.cache),
-        "teachers": {
-            name: {"model": t.model, "checkpoint": t.checkpoint, "train": to_jsonable(t.train),
-                   "data": to_jsonable(t.data)}
-            for name, t in cfg.teachers.items()
-        },
+        "teachers": {name: to_jsonable(t) for name, t in cfg.teachers.items()},  # sha256 etc. only when set
         "students": list(cfg.students),
+        **({} if cfg.pairs is None else {"pairs": [list(p) for p in cfg.pairs]}),
         "methods": {label: method(entry) for label, entry in cfg.methods.items()},
         "seeds": list(cfg.seeds),
         "runtime": to_jsonable(cfg.runtime),

@@ -109,14 +109,14 @@ def run_distill(
     train = job.split("train")
     source, store_manifests = _teacher_source(job, method, label, train, stores, t_info)
     checkpoint = Checkpointing(out_dir / CHECKPOINT_FILE, {
-        "job": "distill", "config_hash": _config_hash(cfg, label), "protocol_hash": cfg.protocol.hash(),
+        "job": "distill", "config_hash": config_hash(cfg, label), "protocol_hash": cfg.protocol.hash(),
         "teacher": teacher, "student": student, "method": label, "seed": seed,
         "teacher_sha256": job.tmeta["sha256"] if job.tmeta else None,
         "data_manifest_sha256": job.data_manifest_sha256(), "init_sha256": sha256_file(init) if init else None,
     }, checkpoint_every)
-    result = fit(model, method, train, {"val": job.split("val"), "test": job.split("test")}, job.data, cfg.protocol,
-                 seed, job.device, source, out_dir / "epochs.jsonl", label=f"{teacher}/{student}/{label}/seed{seed}",
-                 checkpoint=checkpoint)
+    result = fit(model, method, train, {"val": job.split("val"), "test": job.split("test")}, job.data,
+                 cfg.protocol.for_student(student), seed, job.device, source, out_dir / "epochs.jsonl",
+                 label=f"{teacher}/{student}/{label}/seed{seed}", checkpoint=checkpoint)
     record = _record(job, identity, method, model, s_info, result, teacher_dir, store_manifests, stores, out_dir, wall0)
     write_record(out_dir / "record.json", record)
     checkpoint.discard()
@@ -125,7 +125,7 @@ def run_distill(
     return record
 
 
-def _config_hash(cfg: Config, label: str) -> str:
+def config_hash(cfg: Config, label: str) -> str:
     """The hash of everything in the config a run's numbers depend on (the record's ``config_hash``)."""
     return stable_hash([cfg.protocol, cfg.data, cfg.cache, cfg.methods[label]])
 
@@ -171,7 +171,7 @@ def _teacher_source(
         method.live_teacher_module(job.teacher)
     if reqs.live_teacher or not stores:
         renderer = None if job.streaming else job.renderer(train)  # streaming: the stream renders its inputs
-        return LiveTeacher(job.teacher, frozenset(taps), renderer, job.tmeta["image_size"]), {}
+        return LiveTeacher(job.teacher, frozenset(taps), renderer, job.tmeta["image_size"], job.numerics), {}
     return cached_teacher(job, taps, stores, len(t_info.feature_shapes), f"method {label!r}")
 
 
@@ -231,8 +231,8 @@ def _retrieval(job: JobInputs, model: nn.Module) -> tuple[dict[str, float | None
     protocol = job.cfg.protocol
     image_size = protocol.image_size or job.data.image_size
     db, queries = job.split("train"), job.split("test")
-    db_emb = embed(model, db, job.data, image_size, protocol.eval_batch_size, job.device, tap).to(job.device)
-    q_emb = embed(model, queries, job.data, image_size, protocol.eval_batch_size, job.device, tap)
+    db_emb = embed(model, db, job.data, image_size, protocol.eval_batch_size, job.device, tap, job.numerics).to(job.device)
+    q_emb = embed(model, queries, job.data, image_size, protocol.eval_batch_size, job.device, tap, job.numerics)
     top_k = min(RETRIEVAL_TOP_K, len(db))
     for metric in METRICS:
         result = retrieval_map(q_emb, queries.labels, db_emb, db.labels, metric=metric, top_k=top_k)
@@ -269,7 +269,8 @@ def _record(
     image_size = protocol.image_size or job.data.image_size
     run = f"{identity.teacher}/{identity.student}/{identity.method}/seed{identity.seed}"
     meta, test_logits = save_model_dir(out_dir, model, identity.student, job.split("test"), job.split("val"),
-                                       job.data, image_size, protocol.eval_batch_size, job.device, {"run": run})
+                                       job.data, image_size, protocol.eval_batch_size, job.device, {"run": run},
+                                       job.numerics)
     retrieval, retrieval_time = _retrieval(job, model)
     hist = result.history
     best = max(range(len(hist)), key=lambda i: hist[i]["val_top1"])
@@ -308,9 +309,9 @@ def _record(
         requirements=dataclasses.asdict(method.requirements(method.cfg)),
         declarations=type(method).declarations(method.cfg),
         provenance={
-            **provenance(job.device),
+            **provenance(job.device, job.numerics),
             "config_file": cfg.source,
-            "config_hash": _config_hash(cfg, identity.method),
+            "config_hash": config_hash(cfg, identity.method),
             "teacher_sha256": tmeta["sha256"] if tmeta else None,
             "data_manifest_sha256": job.data_manifest_sha256(),
             "store_manifests": store_manifests,

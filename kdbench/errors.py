@@ -29,7 +29,8 @@ class StoreError(KdbenchError, ValueError):
 
 
 class CheckpointError(KdbenchError, ValueError):
-    """A teacher checkpoint that is missing or does not match its model."""
+    """A teacher checkpoint that is missing, does not match its model, or is not what its config states (its
+    ``sha256``, its ``expected_top1``)."""
 
 
 class RecordError(KdbenchError, ValueError):

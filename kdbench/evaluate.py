@@ -14,6 +14,7 @@ from kdbench.data.shards import Split
 from kdbench.data.stream import StreamedSplit
 from kdbench.data.views import render
 from kdbench.meta import DataInfo
+from kdbench.numerics import DEFAULT, Numerics
 from kdbench.taps import compute_taps, normalize_tap, parse_tap
 
 
@@ -31,11 +32,12 @@ def _inputs(split: Split | StreamedSplit, data: DataInfo, image_size: int, batch
 
 def _batched(
     forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, split: Split | StreamedSplit,
-    data: DataInfo, image_size: int, batch_size: int, device: torch.device,
+    data: DataInfo, image_size: int, batch_size: int, device: torch.device, numerics: Numerics,
 ) -> torch.Tensor:
     """``forward`` (a function of ``model``) on every image of ``split``, as evaluation renders them: whole
     images (fixed-size data) or the centre crop of :func:`~kdbench.data.views.eval_box` (variable-size data),
-    no augmentation, resized to ``image_size`` and normalised; ``model`` in eval mode meanwhile.
+    no augmentation, resized to ``image_size`` and normalised; ``model`` in eval mode meanwhile; in the
+    protocol's ``numerics`` (:mod:`kdbench.numerics`).
 
     Returns:
         The outputs of the batches concatenated, ``float32`` on CPU.
@@ -45,7 +47,7 @@ def _batched(
     out = []
     try:
         for x in _inputs(split, data, image_size, batch_size, device):
-            out.append(forward(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+            out.append(numerics.run(forward, x).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)
@@ -53,15 +55,18 @@ def _batched(
 
 @torch.inference_mode()
 def predict(
-    model: nn.Module, split: Split | StreamedSplit, data: DataInfo, image_size: int, batch_size: int, device: torch.device
+    model: nn.Module, split: Split | StreamedSplit, data: DataInfo, image_size: int, batch_size: int,
+    device: torch.device, numerics: Numerics = DEFAULT,
 ) -> torch.Tensor:
-    """Logits of ``model`` on every image of ``split`` (whole images, no augmentation), ``float32 [N, C]`` on CPU."""
-    return _batched(model, model, split, data, image_size, batch_size, device)
+    """Logits of ``model`` on every image of ``split`` (whole images, no augmentation), ``float32 [N, C]`` on CPU,
+    computed in ``numerics`` (the protocol's, :mod:`kdbench.numerics`)."""
+    return _batched(model, model, split, data, image_size, batch_size, device, numerics)
 
 
 @torch.inference_mode()
 def embed(
-    model: nn.Module, split: Split | StreamedSplit, data: DataInfo, image_size: int, batch_size: int, device: torch.device, tap: str
+    model: nn.Module, split: Split | StreamedSplit, data: DataInfo, image_size: int, batch_size: int, device: torch.device, tap: str,
+    numerics: Numerics = DEFAULT,
 ) -> torch.Tensor:
     """The embedding of every image of ``split`` at ``tap``, rendered exactly as :func:`predict` renders them.
 
@@ -76,6 +81,7 @@ def embed(
         batch_size: Images per forward pass (does not change the result).
         device: Where the model runs.
         tap: ``pre_logits``, ``logits`` or ``feature[i]`` (negative ``i`` counts from the end).
+        numerics: The protocol's forward numerics (the pooling runs in float32).
 
     Returns:
         ``float32 [N, D]`` on CPU.
@@ -87,10 +93,10 @@ def embed(
     tap = normalize_tap(tap, len(model.feature_info)) if kind == "feature" else tap
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        out = compute_taps(model, x, (tap,))[tap]
+        out = compute_taps(model, x, (tap,))[tap].float()
         return out.flatten(2).mean(2) if kind == "feature" else out
 
-    return _batched(forward, model, split, data, image_size, batch_size, device)
+    return _batched(forward, model, split, data, image_size, batch_size, device, numerics)
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, float]:

@@ -19,6 +19,7 @@ from kdbench.errors import CheckpointError
 from kdbench.evaluate import predict, topk_accuracy
 from kdbench.meta import DataInfo
 from kdbench.models import create_model
+from kdbench.numerics import DEFAULT, Numerics
 from kdbench.runtime import provenance
 
 SEARCH_DIR = "search"
@@ -30,8 +31,10 @@ CANDIDATES_FILE = "candidates.json"
 def save_model_dir(
     out_dir: Path, model: nn.Module, model_name: str, test: Split | StreamedSplit, val: Split | StreamedSplit,
     data: DataInfo, image_size: int, batch_size: int, device: torch.device, extra: dict,
+    numerics: Numerics = DEFAULT,
 ) -> tuple[dict, torch.Tensor]:
-    """Evaluates ``model`` and writes ``model.pt``, ``predictions.npy`` and (last) ``metrics.json``.
+    """Evaluates ``model`` in ``numerics`` (its protocol's) and writes ``model.pt``, ``predictions.npy`` and (last)
+    ``metrics.json``.
 
     Returns:
         ``(metrics, test logits [N, C])``.
@@ -39,8 +42,8 @@ def save_model_dir(
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "model.pt") as tmp:
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-    test_logits = predict(model, test, data, image_size, batch_size, device)
-    val_logits = predict(model, val, data, image_size, batch_size, device)
+    test_logits = predict(model, test, data, image_size, batch_size, device, numerics)
+    val_logits = predict(model, val, data, image_size, batch_size, device, numerics)
     with atomic_path(out_dir / "predictions.npy") as tmp:
         with open(tmp, "wb") as f:
             np.save(f, test_logits.argmax(1).numpy().astype(np.int32))
@@ -53,7 +56,7 @@ def save_model_dir(
         "val_top1": topk_accuracy(val_logits, val.labels, (1,))[1],
         "image_size": image_size,
         **extra,
-        "provenance": provenance(device),
+        "provenance": provenance(device, numerics),
     }
     write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics, test_logits
@@ -92,15 +95,18 @@ def read_teacher_metrics(teacher_dir: Path) -> dict:
     return read_json(Path(teacher_dir) / "metrics.json", "teacher metrics (the teacher step did not finish)")
 
 
-def load_teacher(teacher_dir: Path, data: DataInfo, device: torch.device) -> tuple[nn.Module, dict]:
-    """Loads a teacher directory (frozen, eval mode) and checks ``model.pt`` against its recorded sha256."""
+def load_teacher(
+    teacher_dir: Path, data: DataInfo, device: torch.device, numerics: Numerics = DEFAULT
+) -> tuple[nn.Module, dict]:
+    """Loads a teacher directory (frozen, eval mode, in the memory format of ``numerics``: the protocol of the
+    table it serves) and checks ``model.pt`` against its recorded sha256."""
     metrics = read_teacher_metrics(teacher_dir)
     path = teacher_dir / "model.pt"
     if sha256_file(path) != metrics["sha256"]:
         raise CheckpointError(f"{path} does not match the sha256 in {teacher_dir / 'metrics.json'}; rerun the teacher step")
     model = create_model(metrics["model"], data.num_classes, data.in_chans, metrics["image_size"])
     load_checkpoint(model, path, metrics["model"])
-    model.to(device).to(memory_format=torch.channels_last).eval()
+    numerics.model(model.to(device)).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model, metrics

@@ -6,7 +6,34 @@ once :mod:`kdbench.models` is imported:
 * ``cnn_xs`` … ``cnn_l``: VGG-style conv nets sized for 28-32 px inputs (the Fashion-MNIST default);
 * ``resnet8`` … ``resnet110``, ``resnet8x4``, ``resnet32x4``, ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``: the
   CIFAR models of the CRD / RepDistiller protocol (He et al. 2016 CIFAR variants, Zagoruyko & Komodakis 2016);
-* ``vit_femto_patch7``, ``vit_pico_patch4``, ``vit_pico_patch7``, ``vit_nano_patch4``, ``vit_nano_patch7``: tiny timm Vision Transformers for small images.
+* ``vgg8_cifar``, ``vgg13_cifar``, ``mobilenetv2_cifar``, ``resnet50_cifar``, ``shufflev1_cifar``,
+  ``shufflev2_cifar``: the protocol's other CIFAR models (:mod:`kdbench.cifar_nets`);
+* ``vit_femto_patch7``, ``vit_pico_patch4``, ``vit_pico_patch7``, ``vit_nano_patch4``, ``vit_nano_patch7``:
+  tiny timm Vision Transformers for small images.
+
+The CRD / RepDistiller tables' model names (:data:`REPDISTILLER_NAMES`), with parameters at 100 classes:
+
+==============  =====================  ======
+RepDistiller    kdbench (timm)         params
+==============  =====================  ======
+resnet20        resnet20               0.28M
+resnet32        resnet32               0.47M
+resnet56        resnet56               0.86M
+resnet110       resnet110              1.74M
+resnet8x4       resnet8x4              1.23M
+resnet32x4      resnet32x4             7.43M
+wrn_16_2        wrn_16_2               0.70M
+wrn_40_1        wrn_40_1               0.57M
+wrn_40_2        wrn_40_2               2.26M
+vgg8            vgg8_cifar             3.97M
+vgg13           vgg13_cifar            9.46M
+MobileNetV2     mobilenetv2_cifar      0.81M
+ResNet50        resnet50_cifar         23.71M
+ShuffleV1       shufflev1_cifar        0.95M
+ShuffleV2       shufflev2_cifar        1.36M
+==============  =====================  ======
+
+(timm's own ``vgg13``, ``resnet50`` and ``mobilenetv2_*`` are the ImageNet nets, hence the ``_cifar`` names.)
 
 Every kdbench model implements timm's feature API (``feature_info``, ``forward_features``,
 ``forward_head(pre_logits=...)``, ``forward_intermediates``), which is what the taps of
@@ -26,89 +53,13 @@ import torch.nn.functional as F
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from kdbench import cifar_nets
+from kdbench._staged import StagedNet, conv_bn, ignore_kwargs, no_pretrained
+
 _logger = logging.getLogger(__name__)
 
 
-class _StagedNet(nn.Module):
-    """A stem followed by stages; provides timm's feature-extraction API for its subclasses.
-
-    Subclasses set ``self.stem`` and ``self.stages`` (each stage one ``nn.Module``), ``self.num_features``
-    and ``self.feature_info`` (one dict per stage: ``num_chs``, ``reduction``, ``module``).
-    """
-
-    num_classes: int
-    num_features: int
-    stem: nn.Module
-    stages: nn.ModuleList
-    head: nn.Linear
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | Sequence[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's intermediate-feature API.
-
-        Args:
-            x: Images ``[B, C, H, W]``.
-            indices: Stage indices to return (negative counts from the end), or the last ``n`` if an int.
-            norm, output_fmt: Accepted for timm compatibility (maps are always NCHW, never normed).
-            stop_early: Stop after the last requested stage.
-            intermediates_only: Return only the list of intermediates.
-
-        Returns:
-            ``(final_features [B, C, h, w], [stage maps])`` or only the list.
-        """
-        n = len(self.stages)
-        if indices is None:
-            take = list(range(n))
-        elif isinstance(indices, int):
-            take = list(range(n - indices, n))
-        else:
-            take = [i % n for i in indices]
-        out: list[torch.Tensor] = []
-        x = self.stem(x)
-        last = max(take) if (stop_early or intermediates_only) and take else n - 1
-        for i, stage in enumerate(self.stages[: last + 1]):
-            x = stage(x)
-            if i in take:
-                out.append(x)
-        if intermediates_only:
-            return out
-        for stage in self.stages[last + 1 :]:
-            x = stage(x)
-        return x, out
-
-
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
-class ConvNet(_StagedNet):
+class ConvNet(StagedNet):
     """A VGG-style net: stage ``i`` is ``depths[i]`` conv-BN-ReLU layers of ``widths[i]`` channels, then a 2x2
     max-pool (none after the last stage); global average pooling and a linear head.
 
@@ -123,14 +74,14 @@ class ConvNet(_StagedNet):
         self, widths: Sequence[int], depths: Sequence[int], num_classes: int = 10, in_chans: int = 1, **kwargs
     ) -> None:
         super().__init__()
-        _ignore_kwargs(kwargs)
+        ignore_kwargs(kwargs)
         self.stem = nn.Identity()
         stages, cin, reduction, info = [], in_chans, 1, []
         for i, (w, d) in enumerate(zip(widths, depths)):
             layers: list[nn.Module] = [nn.MaxPool2d(2)] if i > 0 else []
             reduction *= 2 if i > 0 else 1
             for _ in range(d):
-                layers.append(_conv_bn(cin, w))
+                layers.append(conv_bn(cin, w))
                 cin = w
             stages.append(nn.Sequential(*layers))
             info.append(dict(num_chs=w, reduction=reduction, module=f"stages.{i}"))
@@ -177,7 +128,7 @@ class _PreActBlock(nn.Module):
         return y + (self.shortcut(o) if self.shortcut is not None else x)
 
 
-class CifarResNet(_StagedNet):
+class CifarResNet(StagedNet):
     """The CIFAR ResNets of He et al. 2016 / RepDistiller (3x3 stem, three stages at strides 1, 2, 2).
 
     Args:
@@ -198,7 +149,7 @@ class CifarResNet(_StagedNet):
         **kwargs,
     ) -> None:
         super().__init__()
-        _ignore_kwargs(kwargs)
+        ignore_kwargs(kwargs)
         n = (depth - 4) // 6 if wide else (depth - 2) // 6
         block = _PreActBlock if wide else _BasicBlock
         self.stem = (
@@ -222,20 +173,6 @@ class CifarResNet(_StagedNet):
         self.reset_classifier(num_classes)
 
 
-def _ignore_kwargs(kwargs: dict) -> None:
-    # timm passes pretrained_cfg and friends; img_size is accepted by every kdbench model (ViTs use it).
-    kwargs.pop("img_size", None)
-    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only"):
-        kwargs.pop(k, None)
-    if kwargs:
-        raise TypeError(f"unexpected model arguments: {sorted(kwargs)}")
-
-
-def _no_pretrained(pretrained: bool, name: str) -> None:
-    if pretrained:
-        raise ValueError(f"{name} has no pretrained weights; give a local checkpoint file instead")
-
-
 _CONVNETS = {
     "cnn_xs": ((8, 16, 32), (1, 1, 1)),
     "cnn_s": ((16, 32, 64), (1, 1, 1)),
@@ -254,6 +191,18 @@ _RESNETS = {
     "resnet32x4": (32, (32, 64, 128, 256)),
 }
 _WRNS = {"wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}
+
+REPDISTILLER_NAMES = {
+    **{n: n for n in (*_RESNETS, *_WRNS)},
+    "vgg8": "vgg8_cifar",
+    "vgg13": "vgg13_cifar",
+    "MobileNetV2": "mobilenetv2_cifar",
+    "ResNet50": "resnet50_cifar",
+    "ShuffleV1": "shufflev1_cifar",
+    "ShuffleV2": "shufflev2_cifar",
+}
+"""RepDistiller's ``model_dict`` names (``models/__init__.py``) -> kdbench's timm names of the same nets."""
+
 STAGED_CNNS = frozenset(_CONVNETS) | frozenset(_RESNETS) | frozenset(_WRNS)
 """kdbench's own conv nets (``ConvNet``, ``CifarResNet``): each feature stage ends in a conv whose output
 channels reach the stage's output one for one (per-channel BN / ReLU / residual sum)."""
@@ -262,7 +211,7 @@ channels reach the stage's output one for one (per-channel BN / ReLU / residual 
 def _register_all() -> None:
     def convnet(name: str, widths, depths):
         def fn(pretrained: bool = False, **kwargs) -> ConvNet:
-            _no_pretrained(pretrained, name)
+            no_pretrained(pretrained, name)
             return ConvNet(kwargs.pop("widths", widths), depths, **kwargs)
 
         fn.__name__ = name
@@ -271,7 +220,7 @@ def _register_all() -> None:
 
     def resnet(name: str, depth: int, widths):
         def fn(pretrained: bool = False, **kwargs) -> CifarResNet:
-            _no_pretrained(pretrained, name)
+            no_pretrained(pretrained, name)
             return CifarResNet(depth, kwargs.pop("widths", widths), **kwargs)
 
         fn.__name__ = name
@@ -280,7 +229,7 @@ def _register_all() -> None:
 
     def wrn(name: str, depth: int, k: int):
         def fn(pretrained: bool = False, **kwargs) -> CifarResNet:
-            _no_pretrained(pretrained, name)
+            no_pretrained(pretrained, name)
             return CifarResNet(depth, kwargs.pop("widths", (16, 16 * k, 32 * k, 64 * k)), wide=True, **kwargs)
 
         fn.__name__ = name
@@ -289,7 +238,7 @@ def _register_all() -> None:
 
     def vit(name: str, dim: int, depth: int, heads: int, patch: int = 4):
         def fn(pretrained: bool = False, **kwargs) -> VisionTransformer:
-            _no_pretrained(pretrained, name)
+            no_pretrained(pretrained, name)
             for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
                 kwargs.pop(k, None)
             kwargs.setdefault("img_size", 28)
@@ -302,6 +251,7 @@ def _register_all() -> None:
     fns = [convnet(n, *a) for n, a in _CONVNETS.items()]
     fns += [resnet(n, *a) for n, a in _RESNETS.items()]
     fns += [wrn(n, *a) for n, a in _WRNS.items()]
+    fns += cifar_nets.ENTRYPOINTS
     fns += [vit("vit_pico_patch4", 64, 4, 4), vit("vit_pico_patch7", 64, 4, 4, patch=7),
             vit("vit_femto_patch7", 48, 3, 3, patch=7), vit("vit_nano_patch4", 96, 6, 4),
             vit("vit_nano_patch7", 96, 6, 4, patch=7)]

@@ -16,6 +16,8 @@ content-addressed, so two tables that need the same data, teacher or store share
   hash); with ``shards_per_job`` set, one ``data_shards`` job per shard group writes ``parts/group-<g>.json``
   and the ``prepare_data`` job merges the parts into the manifest
 * teachers:        ``results/teachers/<name>-<hash of model, checkpoint, training protocol, training data>/``
+  (and the checkpoint's stated sha256, when set); a checkpoint teacher with ``expected_top1``: its check
+  ``verified.json`` there (``verify_teacher``), which the teacher job waits for
 * assistants:      ``results/assistants/<teacher key>.<label>-<hash of table data, protocol, cache, method>/``
 * stores:          ``results/cache/<teacher or assistant key>/<hash of data, views, cache policy>/<tap>/``
 * runs:            ``results/<table>/runs/<teacher>/<student>/<label>/seed<k>/``
@@ -54,6 +56,7 @@ from kdbench.data.sources import check_data_config, shard_counts, source_info
 from kdbench.methods import METHODS
 from kdbench.methods.base import SEARCHED_ASSISTANT
 from kdbench.models import ModelInfo, create_model, model_info
+from kdbench.numerics import Numerics
 from kdbench.prune import Candidate, assistant_grid
 from kdbench.taps import normalize_tap, tap_dirname
 
@@ -77,6 +80,7 @@ class Layout:
     DATA = f"{RESULTS}/data/{{dkey}}"
     DATA_PART = f"{DATA}/{PART_NAME}"  # one shard group's part file (data.shards_per_job set); {group}: 5 digits
     TEACHER = f"{RESULTS}/teachers/{{tkey}}"
+    TEACHER_VERIFIED = f"{TEACHER}/verified.json"  # a checkpoint teacher's test top-1 checked (expected_top1)
     ASSISTANT = f"{RESULTS}/assistants/{{akey}}"
     SEARCH = f"{ASSISTANT}/search"  # AMD's search: candidates.json, selection.json, candidates/<k>/
     ORACLE = f"{ASSISTANT}/oracle/{{student}}/c{{cand}}"  # AMD's audit: candidate k -> student, short run
@@ -171,8 +175,7 @@ def _expand_teacher_refs(raw: dict, source: Path) -> dict:
             raise ConfigError(f"{source}: key 'teachers.{tname}': {ref} has no teacher {name!r};"
                               f" its teachers: {', '.join(other.teachers)}")
         t = other.teachers[name]
-        raw["teachers"][tname] = {"model": t.model, "checkpoint": t.checkpoint, "train": to_jsonable(t.train),
-                                  "data": to_jsonable(t.data or other.data)}
+        raw["teachers"][tname] = {**to_jsonable(t), "data": to_jsonable(t.data or other.data)}  # sha256 etc. too
     return raw
 
 
@@ -486,14 +489,13 @@ class Plan:
         self.skipped: dict[tuple[str, str, str, str], str] = {}  # (table, teacher, student, label) -> reason
         self.jobs = []
         for t in tables:
-            for teacher in t.cfg.teachers:
-                for s in t.cfg.students:
-                    for m in t.cfg.methods:
-                        reason = self.incompatibility(t.cfg, teacher, s, m)
-                        if reason:
-                            self.skipped[(t.name, teacher, s, m)] = reason
-                            continue
-                        self.jobs += [DistillJob(t.name, teacher, s, m, seed) for seed in t.cfg.seeds]
+            for teacher, s in t.cfg.grid():
+                for m in t.cfg.methods:
+                    reason = self.incompatibility(t.cfg, teacher, s, m)
+                    if reason:
+                        self.skipped[(t.name, teacher, s, m)] = reason
+                        continue
+                    self.jobs += [DistillJob(t.name, teacher, s, m, seed) for seed in t.cfg.seeds]
         self.data: dict[str, tuple[str, str | None]] = {}  # data key -> (table, teacher whose data, or None)
         self.teachers: dict[str, TeacherKey] = {}
         self.stores: dict[str, StoreKey] = {}
@@ -504,6 +506,7 @@ class Plan:
                 self.data.setdefault(self._teacher_data_key(t.name, teacher), (t.name, teacher))
                 tk = self.teacher_key(t.name, teacher)
                 self.teachers.setdefault(tk.key, tk)
+                self._check_expectation(tk, t.name, teacher)
         for t in tables:
             for (teacher, label) in self.assistants(t.name):
                 ak = self.assistant_key(t.name, teacher, label)
@@ -554,9 +557,10 @@ class Plan:
         return cls.assistant(mcfg) == SEARCHED_ASSISTANT
 
     def assistants(self, table: str) -> list[tuple[str, str]]:
-        """``(teacher, label)`` of every assistant a table trains."""
-        cfg = self.tables[table].cfg
-        return sorted((t, m) for t in cfg.teachers for m in cfg.methods if self.assistant_model(table, t, m))
+        """``(teacher, label)`` of every assistant a table trains: of a teacher with at least one planned job of
+        the label (an assistant whose every student is skipped is not trained)."""
+        planned = {(j.teacher, j.label) for j in self.jobs if j.table == table}
+        return sorted((t, m) for t, m in planned if self.assistant_model(table, t, m))
 
     def search_grid(self, akey: str) -> list[Candidate]:
         """A searched assistant's candidates (:func:`kdbench.prune.assistant_grid`), known before anything runs."""
@@ -564,8 +568,8 @@ class Plan:
         cfg = self.tables[ak.table].cfg
         src = source_info(cfg.data)
         _, mcfg = self.method(ak.table, ak.label)
-        return assistant_grid(cfg.teachers[ak.teacher].model, list(cfg.students), src.num_classes, src.in_chans,
-                              cfg.protocol.image_size or src.image_size, mcfg.grid_step)
+        return assistant_grid(cfg.teachers[ak.teacher].model, list(cfg.students_of(ak.teacher)), src.num_classes,
+                              src.in_chans, cfg.protocol.image_size or src.image_size, mcfg.grid_step)
 
     def search_dir(self, akey: str) -> str:
         return Layout.SEARCH.format(akey=akey)
@@ -575,7 +579,7 @@ class Plan:
         ak = self.teachers[akey]
         n = len(self.search_grid(akey))
         return {s: [Layout.ORACLE.format(akey=akey, student=s, cand=k) for k in range(n)]
-                for s in self.tables[ak.table].cfg.students}
+                for s in self.tables[ak.table].cfg.students_of(ak.teacher)}
 
     def audit_file(self, table: str, teacher: str, label: str) -> str:
         return Layout.AUDIT.format(table=table, teacher=teacher, label=label) + ".md"
@@ -604,6 +608,23 @@ class Plan:
         cfg = self.tables[table].cfg
         return (cfg.teachers[teacher].data if teacher else None) or cfg.data
 
+    def job_threads(self, key: str, threads: int = 1) -> int:
+        """CPUs (the rule's ``threads``) of a job that reads data directory ``key`` and asks for ``threads``: on
+        data its jobs may stream (``data.stream`` true, or ``auto`` on a source whose images may differ in size,
+        which only its manifest tells), at least one per ``data.workers`` loader worker plus the main process."""
+        from kdbench.data.encoded import EncodedSource
+        from kdbench.data.sources import SOURCES
+
+        data = self.data_config(key)
+        any_size = isinstance(SOURCES.get(data.source), EncodedSource)  # an image folder, webdataset shards
+        may_stream = data.stream is True or (data.stream == "auto" and any_size)
+        return max(threads, data.workers + 1) if may_stream else threads
+
+    def teacher_data_key(self, key: str) -> str:
+        """The data key of the data a teacher (or an assistant: its table's) learns on."""
+        tk = self.teachers[key]
+        return self.data_key(tk.table) if tk.label else self._teacher_data_key(tk.table, tk.teacher)
+
     def data_parts(self, key: str) -> list[str]:
         """The part file of every shard group of a data directory (one ``data_shards`` job each); empty when
         ``data.shards_per_job`` is unset (``prepare_data`` then writes every shard itself)."""
@@ -616,8 +637,41 @@ class Plan:
         cfg = self.tables[table].cfg
         t: TeacherConfig = cfg.teachers[teacher]
         reading = [] if t.checkpoint else _reading(t.data or cfg.data)  # a loaded teacher reads no training data
-        key = f"{teacher}-{_h(t.model, t.checkpoint, t.train, self._teacher_data_key(table, teacher), *reading)}"
+        digest = [t.sha256] if t.sha256 else []  # a stated sha256 names the weights (absent: keys as before)
+        key = f"{teacher}-{_h(t.model, t.checkpoint, t.train, self._teacher_data_key(table, teacher), *reading, *digest)}"
         return self.teachers.get(key) or TeacherKey(key, table, teacher)
+
+    def _expectation(self, table: str, teacher: str) -> tuple[float, float] | None:
+        """``(expected_top1, top1_tolerance)`` of a checkpoint teacher that states its accuracy, else ``None``."""
+        t = self.tables[table].cfg.teachers[teacher]
+        return (t.expected_top1, t.top1_tolerance) if t.checkpoint and t.expected_top1 is not None else None
+
+    def _check_expectation(self, tk: TeacherKey, table: str, teacher: str) -> None:
+        """Two tables that share a teacher (one key, one checkpoint) state the same accuracy for it."""
+        mine, first = self._expectation(table, teacher), self._expectation(tk.table, tk.teacher)
+        if mine != first:
+            def said(e: tuple[float, float] | None) -> str:
+                return f"{e[0]} ± {e[1]}" if e else "nothing"
+
+            raise ConfigError(
+                f"{self.tables[table].origin}: key 'teachers.{teacher}.expected_top1' says {said(mine)}, but table"
+                f" {tk.table!r} loads the same checkpoint (teacher {tk.key}) as 'teachers.{tk.teacher}' and says"
+                f" {said(first)}. Fix: state the same 'expected_top1' and 'top1_tolerance' in both (one checkpoint"
+                " has one accuracy)"
+            )
+
+    def teacher_verification(self, key: str) -> str | None:
+        """The ``verified.json`` of a teacher whose checkpoint states ``expected_top1`` (its ``verify_teacher``
+        job, which its teacher job waits for); ``None`` for any other teacher and for assistants."""
+        tk = self.teachers[key]
+        if tk.label or self._expectation(tk.table, tk.teacher) is None:
+            return None
+        return Layout.TEACHER_VERIFIED.format(tkey=key)
+
+    def verification_spec(self, key: str) -> str:
+        """Rerun trigger of a teacher's verification: the accuracy it checks against (the sha256 is in the key)."""
+        tk = self.teachers[key]
+        return _h(self._expectation(tk.table, tk.teacher))
 
     def teacher_data_dir(self, key: str) -> str:
         tk = self.teachers[key]
@@ -645,7 +699,9 @@ class Plan:
         cfg = self.tables[table].cfg
         model = self.assistant_model(tk.table, tk.teacher, tk.label) if tk.label else self.tables[tk.table].cfg.teachers[tk.teacher].model
         n = len(_model_info(model, cfg.data, None).feature_shapes)
-        spec = _h(self.data_key(table), cfg.protocol.views, cfg.cache, cfg.protocol.eval_batch_size)
+        numerics = Numerics.of(cfg.protocol).delta()  # the teacher's forward (bf16, memory format); {} by default
+        spec = _h(self.data_key(table), cfg.protocol.views, cfg.cache, cfg.protocol.eval_batch_size,
+                  *([numerics] if numerics else []))
         return {tap: StoreKey(tk, spec, normalize_tap(tap, n), table) for tap in sorted(taps)}
 
     def job_stores(self, job: DistillJob) -> dict[str, StoreKey]:
@@ -714,5 +770,6 @@ class Plan:
                       f"  leaderboard: {self.leaderboard_dir(name)}/"]
         lines += [f"data {self.data_dir(k)}" for k in self.data]
         lines += [f"{'assistant' if t.label else 'teacher'} {t.dir}" for t in self.teachers.values()]
+        lines += [f"verify teacher {v}" for k in self.teachers if (v := self.teacher_verification(k))]
         lines += [f"store {d} ({len(self.store_shards(d))} shards)" for d in self.stores]
         return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
 import platform
 import random
 import subprocess
@@ -14,13 +15,23 @@ import torch
 
 import kdbench
 from kdbench.config import Runtime
+from kdbench.numerics import Numerics
 
 _logger = logging.getLogger(__name__)
 _PACKAGES = ("torch", "torchvision", "timm", "numpy", "h5py", "webdataset", "snakemake")
 
 
+#: ``CUBLAS_WORKSPACE_CONFIG`` set (unless already set) on CUDA: cuBLAS is deterministic only with a fixed
+#: workspace (https://docs.nvidia.com/cuda/cublas/#results-reproducibility).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
 def setup(runtime: Runtime) -> torch.device:
-    """Applies the runtime settings and returns the device (``auto``: CUDA when available, else CPU)."""
+    """Applies the runtime settings and returns the device (``auto``: CUDA when available, else CPU).
+
+    On CUDA it also asks for determinism (:func:`deterministic_cuda`); on CPU it changes nothing (torch's CPU
+    kernels are already deterministic for a fixed thread count, and CPU runs are bit-reproducible as they are).
+    """
     torch.set_num_threads(runtime.threads)
     if runtime.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -28,7 +39,39 @@ def setup(runtime: Runtime) -> torch.device:
         device = torch.device(runtime.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"runtime.device is {runtime.device!r} but CUDA is not available; set runtime.device: auto")
+    if device.type == "cuda":
+        deterministic_cuda()
     return device
+
+
+def deterministic_cuda() -> None:
+    """Determinism settings of a CUDA job, applied by :func:`setup` before any CUDA work of the job.
+
+    No cuDNN autotuning (``benchmark`` picks kernels by timing, so two runs may pick different ones), cuDNN's
+    deterministic kernels, ``CUBLAS_WORKSPACE_CONFIG`` (:data:`CUBLAS_WORKSPACE`; a value already in the
+    environment is kept) and ``torch.use_deterministic_algorithms(True, warn_only=True)``. ``warn_only``: some
+    ops used by timm models and methods (e.g. ``index_add_``/scatter-based backward passes, adaptive pooling's
+    backward) have no deterministic CUDA kernel, and an error would make those models unusable on a GPU; such
+    an op warns instead and the run stays nondeterministic there. That is why ``kdbench verify`` compares a CUDA
+    run within :data:`kdbench.verify.GPU_TOLERANCE_PP` instead of bit for bit. The settings actually in effect are
+    recorded in every run's provenance (:func:`determinism`).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def determinism(device: torch.device) -> dict:
+    """The determinism settings in effect (recorded in provenance); ``CUBLAS_WORKSPACE_CONFIG`` on CUDA only."""
+    out = {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+    }
+    if device.type == "cuda":
+        out["CUBLAS_WORKSPACE_CONFIG"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    return out
 
 
 def seed_everything(seed: int) -> None:
@@ -111,10 +154,11 @@ def cpu_capability() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
-def provenance(device: torch.device) -> dict:
-    """Versions, commit (and the uncommitted files that make it ``+dirty``), device and CPU, recorded in
-    every output. ``cpu`` and ``cpu_capability`` name where a CPU run is bit-reproducible: on the same CPU
-    model and ISA."""
+def provenance(device: torch.device, numerics: Numerics | None = None) -> dict:
+    """Versions, commit (and the uncommitted files that make it ``+dirty``), device and CPU, the determinism
+    settings in effect (:func:`determinism`) and, given the ``numerics`` the output was computed in, its
+    ``precision`` and ``channels_last``; recorded in every output. ``cpu`` and ``cpu_capability`` name where a
+    CPU run is bit-reproducible: on the same CPU model and ISA."""
     packages = {}
     for name in _PACKAGES:
         try:
@@ -132,4 +176,6 @@ def provenance(device: torch.device) -> dict:
         "cpu": cpu_model(),
         "cpu_capability": cpu_capability(),
         "torch_threads": torch.get_num_threads(),
+        "determinism": determinism(device),
+        **({"precision": numerics.precision, "channels_last": numerics.channels_last} if numerics else {}),
     }

@@ -4,7 +4,8 @@
   with shared weights (sandwich rule: the largest candidate plus ``sandwich`` random ones per step, each with
   AMD's loss against the frozen teacher, whose outputs come from the per-view stores); then recompute each
   candidate's BatchNorm statistics and save it as a model directory (``candidates/<k>/``) with its validation
-  accuracy. Writes ``candidates.json`` last.
+  accuracy. Writes ``candidates.json`` last. Preemption-safe: a killed or stopped search resumes at its last
+  joint epoch, or after its last saved candidate (``checkpoint.pt``, :mod:`kdbench.train.checkpoint`).
 * :func:`run_select`: ``npsd-approx`` (:func:`npsd_approx`), a pure function of the logged accuracies ->
   ``selection.json``.
 * :func:`run_finetune`: the selected candidate, from its searched weights, trained further with AMD's loss
@@ -33,7 +34,7 @@ from torch.func import functional_call
 from kdbench._util import read_json, write_json_atomic
 from kdbench.cache.inputs import open_inputs
 from kdbench.config import Config
-from kdbench.distill import cached_teacher, run_distill
+from kdbench.distill import cached_teacher, config_hash, run_distill
 from kdbench.errors import ConfigError, NonFiniteLossError
 from kdbench.methods.amd import FEATURE, AMDConfig, amd_terms
 from kdbench.methods.base import METHODS
@@ -42,6 +43,15 @@ from kdbench.models import create_model
 from kdbench.prune import CLASSIFIER_INPUT, Candidate, assistant_grid, param_count, slice_state, sort_channels
 from kdbench.runtime import seed_everything
 from kdbench.taps import compute_taps
+from kdbench.train.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpointing,
+    Preempted,
+    rng_state,
+    set_rng_state,
+    stop_requested,
+    stopped,
+)
 from kdbench.train.loop import epoch_order, view_targets
 from kdbench.train.optim import build_optimizer, lr_factor
 
@@ -69,7 +79,7 @@ def grid(
     """The table's candidate grid (:func:`kdbench.prune.assistant_grid`)."""
     return assistant_grid(
         cfg.teachers[teacher].model,
-        list(cfg.students),
+        list(cfg.students_of(teacher)),
         num_classes,
         in_chans,
         image_size,
@@ -99,8 +109,20 @@ def run_search(
     teacher_dir: Path,
     stores: dict[str, Path],
     out_dir: Path,
+    checkpoint_every: int = 1,
 ) -> dict:
     """Prunes the teacher into the grid's candidates, trains them jointly and writes ``out_dir``.
+
+    The search keeps its progress in ``out_dir/checkpoint.pt`` with :mod:`kdbench.train.checkpoint`'s machinery
+    (atomic writes, the job's fingerprint, SIGUSR1), in two units: the joint training's epochs (every
+    ``checkpoint_every``-th one, 0: none; the shared weights, the candidates' buffers, the optimiser, the step,
+    the sandwich's and the global RNG states, the cost counters), then each candidate's recalibration,
+    evaluation and model directory (its row is added to the checkpoint once ``candidates/<k>/`` is complete).
+    A rerun resumes at the last joint epoch and skips the candidates saved; the candidate step draws no random
+    numbers, so the result is the uninterrupted search's (on CPU bit for bit, the wall time apart). A checkpoint
+    of another search (config, teacher, data or grid) is deleted with a warning naming the file and what differs,
+    and the search starts over. A stop request stops it after the current step or candidate
+    (:class:`~kdbench.train.checkpoint.Preempted`). The checkpoint is deleted once ``candidates.json`` is written.
 
     Returns:
         The summary written to ``candidates.json``.
@@ -133,7 +155,34 @@ def run_search(
         job, {"logits", FEATURE}, stores, n_stages, f"AMD's search ({label!r})"
     )
     epochs = mcfg.epochs("joint", p.epochs)
-    steps = _joint_train(
+    checkpoint = Checkpointing(
+        out_dir / CHECKPOINT_FILE,
+        {
+            "job": "amd_search",
+            "config_hash": config_hash(cfg, label),
+            "teacher": teacher,
+            "method": label,
+            "teacher_sha256": job.tmeta["sha256"],
+            "data_manifest_sha256": job.data_manifest_sha256(),
+            "candidates": [c.name for c in cands],
+        },
+        checkpoint_every,
+    )
+    saved = checkpoint.load()
+    rows = list(saved.get("rows", [])) if saved is not None else []  # the candidates saved, in grid order
+    if saved is not None:
+        wall0 -= saved["wall_time_s"]  # earlier runs' time, up to their last checkpoint
+        _logger.info(
+            "%s/%s/search: resuming after joint epoch %d/%d and %d of %d candidates from %s",
+            teacher,
+            label,
+            saved["epochs_done"],
+            epochs,
+            len(rows),
+            len(cands),
+            checkpoint.path,
+        )
+    joint = _joint_train(
         shared,
         models,
         feature_order,
@@ -145,10 +194,22 @@ def run_search(
         image_size,
         device,
         f"{teacher}/{label}/search",
+        checkpoint,
+        saved,
+        wall0,
     )
     val, test = job.split("val"), job.split("test")
-    rows = []
-    for c, m in zip(cands, models):
+    for c, m in list(zip(cands, models))[len(rows) :]:
+        if stop_requested():
+            where = (
+                f"{checkpoint.path} holds them; run the job again to resume"
+                if checkpoint.every > 0
+                else "no checkpoint holds them; run the job again to start over"
+            )
+            raise Preempted(
+                f"{teacher}/{label}/search: stopped on request after the joint training and"
+                f" {len(rows)} of {len(cands)} candidates; {where}"
+            )
         model = m.model
         with torch.no_grad():
             for name, v in slice_state(
@@ -184,6 +245,8 @@ def run_search(
             100 * c.ratio,
             metrics["val_top1"],
         )
+        if checkpoint.every > 0:
+            checkpoint.save({**joint, "rows": rows, "wall_time_s": time.perf_counter() - wall0})
     summary = {
         "teacher": job.tmeta["model"],
         "teacher_params": param_count(job.tmeta["model"], data.num_classes, data.in_chans, image_size),
@@ -192,16 +255,17 @@ def run_search(
         "grid_step": mcfg.grid_step,
         "joint": {
             "epochs": epochs,
-            "steps": steps,
+            "steps": joint["step"],
             "sandwich": mcfg.sandwich,
-            "teacher_forward": source.forward_count,
-            "cache_bytes_read": source.bytes_read(),
+            "teacher_forward": joint["teacher_forward"],
+            "cache_bytes_read": joint["cache_bytes_read"],
             "store_manifests": manifests,
         },
         "candidates": rows,
         "wall_time_s": time.perf_counter() - wall0,
     }
     write_json_atomic(out_dir / CANDIDATES_FILE, summary)
+    checkpoint.discard()
     return summary
 
 
@@ -228,16 +292,52 @@ def _joint_train(
     image_size,
     device,
     label,
-) -> int:
-    """The sandwich rule over shared weights; returns the number of steps."""
+    checkpoint: Checkpointing,
+    saved: dict | None,
+    wall0: float,
+) -> dict:
+    """The sandwich rule over shared weights, resumed from ``saved`` (a checkpoint of this search) if given.
+
+    Saves ``checkpoint`` when due and stops when asked (:mod:`kdbench.train.checkpoint`), as
+    :func:`~kdbench.train.loop.fit` does; ``wall0`` is the search's start (earlier runs' time included).
+
+    Returns:
+        The training's state at its end, as the checkpoint holds it (``step``: the number of steps).
+    """
     params = dict(shared.named_parameters())
     optimizer = build_optimizer(params.values(), protocol)
     n = len(train)
     spe = math.ceil(n / protocol.batch_size)
     rng = random.Random(0)
     largest, others = len(models) - 1, list(range(len(models) - 1))
-    step = 0
-    for epoch in range(protocol.epochs):
+    step, first, base = 0, 0, (0, 0)
+    if saved is not None:
+        shared.load_state_dict(saved["shared"])
+        for m, buffers in zip(models, saved["candidate_buffers"]):
+            for name, v in buffers.items():
+                m.get_buffer(name).copy_(v)
+        optimizer.load_state_dict(saved["optimizer"])
+        rng.setstate(saved["sandwich_rng"])
+        set_rng_state(saved["rng"])
+        step, first = saved["step"], saved["epochs_done"]
+        base = (saved["teacher_forward"], saved["cache_bytes_read"])
+    kept = first if saved is not None else None  # the epochs the checkpoint on disk holds
+
+    def state(epochs_done: int) -> dict:
+        return {
+            "epochs_done": epochs_done,
+            "step": step,
+            "shared": shared.state_dict(),
+            "candidate_buffers": [dict(m.named_buffers()) for m in models],
+            "optimizer": optimizer.state_dict(),
+            "sandwich_rng": rng.getstate(),
+            "rng": rng_state(),
+            "teacher_forward": base[0] + source.forward_count,
+            "cache_bytes_read": base[1] + source.bytes_read(),
+            "wall_time_s": time.perf_counter() - wall0,
+        }
+
+    for epoch in range(first, protocol.epochs):
         view = epoch % protocol.views.count
         order = epoch_order(n, 0, epoch)
         for m in models:
@@ -276,6 +376,8 @@ def _joint_train(
             optimizer.step()
             total += loss.item()
             step += 1
+            if stop_requested() and b + 1 < spe:  # at the epoch's end, the checkpoint comes first
+                raise stopped(label, epoch, protocol.epochs, checkpoint, kept)
             if (b + 1) % max(1, spe // 4) == 0 and b + 1 < spe:
                 _logger.info(
                     "%s epoch %d/%d step %d/%d joint loss %.4f | %.0f samples/s",
@@ -296,7 +398,12 @@ def _joint_train(
             total / spe,
             n / (time.perf_counter() - t0),
         )
-    return step
+        if checkpoint.due(epoch + 1, protocol.epochs):
+            checkpoint.save(state(epoch + 1))
+            kept = epoch + 1
+        if stop_requested() and epoch + 1 < protocol.epochs:
+            raise stopped(label, epoch + 1, protocol.epochs, checkpoint, kept)
+    return state(protocol.epochs)
 
 
 @torch.no_grad()

@@ -4,9 +4,16 @@ Bit-identity holds per machine, not across CPUs: on the same CPU model and ISA (
 ``cpu`` and ``cpu_capability``) a CPU re-run must be bit-identical (final metrics and every per-epoch
 metric, timings excluded). On another CPU, torch dispatches to other vector kernels (AVX2 vs AVX-512, other
 summation orders), so small differences are expected: the report says the machines differ, and a
-cross-machine check compares leaderboards with ``kdbench compare`` instead. On CUDA, cuDNN/cuBLAS kernels are
-not deterministic by default: metrics are compared within a tolerance and the report says the run is not
-bit-reproducible.
+cross-machine check compares leaderboards with ``kdbench compare`` instead.
+
+Two kinds of run are compared within :data:`GPU_TOLERANCE_PP` (percentage points; every float metric) when they
+are not bit-identical, and the report states the tolerance and the reason (:func:`tolerance_reasons`):
+
+* CUDA (the record or the re-run): kdbench asks for deterministic kernels (:func:`kdbench.runtime.setup`), but
+  with ``warn_only`` (ops without a deterministic CUDA kernel warn and stay nondeterministic), and another GPU
+  model, driver or library version picks other kernels, so a GPU run is not bit-reproducible.
+* ``protocol.precision: bf16``: bfloat16 keeps 8 significant bits, so any change of kernel or summation order
+  (another GPU, another CPU ISA, CUDA vs CPU) moves results far more than fp32 rounding does.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ _logger = logging.getLogger(__name__)
 TIMING_KEYS = {"time_s", "samples_per_s", "wall_time_s", "train_time_s", "assistant_time_s",
                "retrieval_time_s"}
 GPU_TOLERANCE_PP = 0.5
+"""The tolerance (percentage points, every float metric) of a CUDA or bf16 run (see the module docstring)."""
 #: Provenance keys naming the machine a CPU run is bit-reproducible on.
 MACHINE_KEYS = ("cpu", "cpu_capability")
 
@@ -39,12 +47,16 @@ class VerifyReport:
         differences: One line per differing metric.
         machine: How the record's machine differs from this one (:data:`MACHINE_KEYS`); empty when it is the
             same machine or the record does not say.
+        tolerance: The tolerance the metrics were compared within (0: bit for bit).
+        reason: Why a tolerance applies (:func:`tolerance_reasons`), empty without one.
     """
 
     status: str
     device: str
     differences: list[str] = field(default_factory=list)
     machine: list[str] = field(default_factory=list)
+    tolerance: float = 0.0
+    reason: str = ""
 
     @property
     def ok(self) -> bool:
@@ -55,11 +67,14 @@ class VerifyReport:
         if self.status == "identical":
             head = f"identical: {run_dir} re-ran bit for bit on {self.device} (timings excluded)"
         elif self.status == "within_tolerance":
-            head = (f"within tolerance: {run_dir} re-ran on {self.device} within {GPU_TOLERANCE_PP} points; "
-                    "GPU kernels are nondeterministic, so the run is not bit-reproducible")
+            head = (f"within tolerance: {run_dir} re-ran on {self.device} within {self.tolerance} points, not bit for"
+                    " bit")
         else:
-            head = f"DIFFERS: {run_dir} re-ran on {self.device} with {len(self.differences)} differences"
+            beyond = f" beyond the tolerance of {self.tolerance} points" if self.tolerance else ""
+            head = f"DIFFERS: {run_dir} re-ran on {self.device} with {len(self.differences)} differences{beyond}"
         lines = [head]
+        if self.reason and self.status != "identical":
+            lines.append(f"tolerance {self.tolerance} points (every float metric), because {self.reason}")
         if self.machine and self.status != "identical":
             lines.append(
                 f"note: the record was made on another machine ({'; '.join(self.machine)}). Bit-identity holds "
@@ -76,6 +91,49 @@ def machine_differences(recorded: dict, here: dict) -> list[str]:
         for key in MACHINE_KEYS
         if recorded.get(key) is not None and recorded[key] != here.get(key)
     ]
+
+
+def tolerance_reasons(record: dict, rerun_provenance: dict) -> list[str]:
+    """Why a run may not be bit-reproducible (then compared within :data:`GPU_TOLERANCE_PP`): empty for a fp32 CPU
+    run re-run on a CPU.
+
+    Args:
+        record: The recorded run (its ``protocol`` and ``provenance``).
+        rerun_provenance: The re-run's provenance.
+    """
+    reasons = []
+    devices = {"the record": record["provenance"].get("device", ""), "the re-run": rerun_provenance.get("device", "")}
+    cuda = [f"{who} ran on CUDA ({name})" for who, name in devices.items() if name and "cpu" not in name]
+    if cuda:
+        reasons.append(" and ".join(cuda) + ": GPU kernels are not bit-deterministic (deterministic algorithms are"
+                       " requested with warn_only, and other GPUs, drivers or libraries pick other kernels)")
+    if (record.get("protocol") or {}).get("precision") == "bf16":
+        reasons.append("the protocol computes in bf16 (8 significant bits): another kernel or summation order moves"
+                       " results far beyond fp32 rounding")
+    return reasons
+
+
+def judge(run_dir: Path, rerun_dir: Path, record: dict, rerun_provenance: dict) -> VerifyReport:
+    """Compares a re-run with the recorded run: ``identical`` bit for bit, else, for a CUDA or bf16 run
+    (:func:`tolerance_reasons`), ``within_tolerance`` of :data:`GPU_TOLERANCE_PP` or ``differs``.
+
+    Args:
+        run_dir: The recorded run directory.
+        rerun_dir: The re-run's directory.
+        record: ``run_dir/record.json``.
+        rerun_provenance: The re-run's provenance.
+    """
+    device = rerun_provenance["device"]
+    machine = machine_differences(record["provenance"], rerun_provenance)
+    exact = compare_runs(run_dir, rerun_dir)
+    if not exact:
+        return VerifyReport("identical", device, machine=machine)
+    reasons = tolerance_reasons(record, rerun_provenance)
+    if not reasons:
+        return VerifyReport("differs", device, exact, machine)
+    loose = compare_runs(run_dir, rerun_dir, tolerance=GPU_TOLERANCE_PP)
+    return VerifyReport("differs" if loose else "within_tolerance", device, loose or exact, machine, GPU_TOLERANCE_PP,
+                        "; ".join(reasons))
 
 
 def strip_timings(obj):
@@ -149,14 +207,4 @@ def verify(run_dir: Path, config: Path | None = None, keep: Path | None = None) 
             Path(inputs["teacher_dir"]) if inputs["teacher_dir"] else None,
             {tap: Path(d) for tap, d in inputs["stores"].items()}, out,
         )
-        device = new.provenance["device"]
-        machine = machine_differences(record["provenance"], new.provenance)
-        cuda = "cpu" not in device or "cpu" not in record["provenance"]["device"]
-        exact = compare_runs(run_dir, out)
-        if not exact:
-            return VerifyReport("identical", device, machine=machine)
-        if cuda:
-            loose = compare_runs(run_dir, out, tolerance=GPU_TOLERANCE_PP)
-            status = "within_tolerance" if not loose else "differs"
-            return VerifyReport(status, device, loose or exact, machine)
-        return VerifyReport("differs", device, exact, machine)
+        return judge(run_dir, out, record, new.provenance)

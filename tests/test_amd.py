@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -123,7 +124,9 @@ def searched(tmp_path_factory):
         },
         "teachers": {"t": {"model": "cnn_s", "train": {"epochs": 1}}},
         "students": ["cnn_xs"],
-        "methods": {"amd": {"grid_step": 0.3, "bn_batches": 2}},
+        # 2 joint epochs and a random pick of 1 of the 2 smaller candidates per step: a resumed search must restore
+        # the epoch and the sandwich's RNG
+        "methods": {"amd": {"grid_step": 0.3, "bn_batches": 2, "joint_epochs": 2, "sandwich": 1}},
         "seeds": [0],
         "runtime": {"device": "cpu", "threads": 1},
     }
@@ -152,7 +155,8 @@ def searched(tmp_path_factory):
         search, {"cnn_xs": [root / "oracle" / str(c["index"]) / "record.json" for c in summary["candidates"]]}
     )
     return SimpleNamespace(
-        cfg=cfg, root=root, summary=summary, selection=selection, ta=ta, oracle=oracle, result=result
+        cfg=cfg, root=root, summary=summary, selection=selection, ta=ta, oracle=oracle, result=result,
+        data=data, teacher=teacher, stores=stores, search=search,
     )
 
 
@@ -270,3 +274,202 @@ def test_the_cifar100_amd_config_plans_the_search_on_files_in_the_real_format(tm
     # the searched assistant's stores: the method's taps of a resnet110-shaped model
     job = next(j for j in plan.jobs if j.label == "amd")
     assert set(plan.job_stores(job)) == {"logits", "feature[-1]"} and plan.job_teacher(job).key == akey
+
+
+# --- preemption: the search resumes where it stopped ------------------------------------------------------
+
+STEPS = 4  # joint steps per epoch: 256 images in batches of 64; the fixture's search trains 2 epochs
+
+
+def _search_args(s, out: Path) -> list[str]:
+    stores = [arg for store in s.stores.values() for arg in ("--store", str(store))]
+    return ["amd-search", "--config", s.cfg.source, "--teacher", "t", "--method-label", "amd", "--data", str(s.data),
+            "--teacher-dir", str(s.teacher), *stores, "--out", str(out)]
+
+
+def _assert_same_search(ref: Path, out: Path) -> None:
+    """``out`` holds the search in ``ref``: ``candidates.json`` apart from the wall time, every candidate's weights,
+    predictions and metrics apart from provenance; and no checkpoint is left."""
+    from kdbench.train.checkpoint import CHECKPOINT_FILE
+
+    def untimed(path: Path, key: str) -> dict:
+        data = json.loads(path.read_text())
+        data.pop(key)
+        return data
+
+    summary = untimed(out / "candidates.json", "wall_time_s")
+    assert summary == untimed(ref / "candidates.json", "wall_time_s")
+    for c in summary["candidates"]:
+        a, b = ref / c["dir"], out / c["dir"]
+        assert untimed(a / "metrics.json", "provenance") == untimed(b / "metrics.json", "provenance")
+        assert (a / "predictions.npy").read_bytes() == (b / "predictions.npy").read_bytes()
+        ws, wo = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+        assert ws.keys() == wo.keys() and all(torch.equal(ws[k], wo[k]) for k in ws)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(CHECKPOINT_FILE)) == []
+
+
+def _checkpoint(out: Path) -> dict:
+    from kdbench.train.checkpoint import CHECKPOINT_FILE
+
+    return torch.load(out / CHECKPOINT_FILE, weights_only=True)
+
+
+KILLED_SEARCH = """
+import sys, time
+from pathlib import Path
+import kdbench.tasearch as ts
+marker, where = Path(sys.argv[1]), sys.argv[2]
+
+def wait():  # the checkpoint is on disk: wait to be killed
+    marker.write_text(where)
+    time.sleep(600)
+
+if where == "training":  # after 2 steps of the second joint epoch
+    lr_factor = ts.lr_factor
+    ts.lr_factor = lambda p, step, spe: wait() if step == spe + 2 else lr_factor(p, step, spe)
+else:  # candidate 0 saved, candidate 1 being evaluated
+    save = ts.save_model_dir
+    ts.save_model_dir = lambda out, *a, **k: wait() if out.name == "1" else save(out, *a, **k)
+from kdbench.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _kill_when(marker: Path, where: str, args: list[str]) -> str:
+    """Runs the search in a child that stops at ``where`` (its hook writes ``marker``), SIGKILLs it and returns its
+    log."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", KILLED_SEARCH, str(marker), where, *args],
+                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert child.poll() is None, child.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, f"the child never reached {where}"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+        log = child.stderr.read().decode()
+        child.stderr.close()
+    assert child.returncode == -signal.SIGKILL
+    marker.unlink()
+    return log
+
+
+def test_a_search_killed_in_training_then_between_candidates_resumes_to_the_uninterrupted_search(searched, tmp_path,
+                                                                                               caplog):
+    from kdbench.tasearch import run_search
+
+    s, out = searched, tmp_path / "search"
+    assert "resuming" not in _kill_when(tmp_path / "marker", "training", _search_args(s, out))
+    state = _checkpoint(out)
+    assert (state["epochs_done"], state["step"], state.get("rows")) == (1, STEPS, None)
+    assert not (out / "candidates").exists()
+
+    log = _kill_when(tmp_path / "marker", "candidates", _search_args(s, out))
+    assert "t/amd/search: resuming after joint epoch 1/2 and 0 of 3 candidates" in log
+    state = _checkpoint(out)
+    assert (state["epochs_done"], state["step"]) == (2, 2 * STEPS)
+    assert [r["index"] for r in state["rows"]] == [0] and (out / "candidates" / "0" / "metrics.json").exists()
+    assert not (out / "candidates.json").exists()
+    kept = (out / "candidates" / "0" / "metrics.json").stat().st_mtime_ns
+
+    with caplog.at_level("INFO"):
+        summary = run_search(s.cfg, "t", "amd", s.data, s.teacher, s.stores, out)
+    assert "t/amd/search: resuming after joint epoch 2/2 and 1 of 3 candidates" in caplog.text
+    assert (out / "candidates" / "0" / "metrics.json").stat().st_mtime_ns == kept  # skipped, not redone
+    assert summary["joint"]["cache_bytes_read"] == s.summary["joint"]["cache_bytes_read"] > 0  # all runs counted
+    _assert_same_search(s.search, out)
+
+
+def test_sigusr1_in_training_then_after_a_candidate_exits_75_and_each_rerun_resumes(searched, monkeypatch, tmp_path):
+    """The fast test of the resume logic: SIGUSR1 mid-way through the second joint epoch, then while candidate 0
+    is saved; the third run completes the uninterrupted search without redoing candidate 0."""
+    import os
+    import signal
+
+    from test_resume import fake_scontrol
+
+    from kdbench import tasearch
+    from kdbench.cli import main
+    from kdbench.train.checkpoint import EXIT_PREEMPTED, stop_requested
+
+    s, out = searched, tmp_path / "search"
+    calls = fake_scontrol(monkeypatch, tmp_path)
+    lr_factor, save, signalled, saved = tasearch.lr_factor, tasearch.save_model_dir, [], []
+
+    def signal_once(where: str) -> None:
+        if where not in signalled:
+            signalled.append(where)
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def lr_then_signal(p, step, spe):
+        if step == STEPS + 2:  # the step is taken, then the search stops
+            signal_once("training")
+        return lr_factor(p, step, spe)
+
+    def save_then_signal(cdir, *args, **kw):
+        result = save(cdir, *args, **kw)
+        saved.append(int(cdir.name))
+        signal_once("candidates")
+        return result
+
+    monkeypatch.setattr(tasearch, "lr_factor", lr_then_signal)
+    monkeypatch.setattr(tasearch, "save_model_dir", save_then_signal)
+    handler = signal.getsignal(signal.SIGUSR1)
+    assert main(_search_args(s, out)) == EXIT_PREEMPTED
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert signal.getsignal(signal.SIGUSR1) is handler and not stop_requested()
+    state = _checkpoint(out)
+    assert (state["epochs_done"], state["step"], state.get("rows")) == (1, STEPS, None)
+    assert not (out / "candidates").exists()
+
+    assert main(_search_args(s, out)) == EXIT_PREEMPTED  # the requeued job
+    state = _checkpoint(out)
+    assert (state["epochs_done"], state["step"]) == (2, 2 * STEPS) and [r["index"] for r in state["rows"]] == [0]
+    assert not (out / "candidates.json").exists() and not (out / "candidates" / "1").exists()
+    kept = (out / "candidates" / "0" / "metrics.json").stat().st_mtime_ns
+
+    assert main(_search_args(s, out)) == 0  # requeued again
+    assert saved == [0, 1, 2] and (out / "candidates" / "0" / "metrics.json").stat().st_mtime_ns == kept
+    assert calls.read_text().split() == ["requeue", "4242"] * 2
+    _assert_same_search(s.search, out)
+
+
+def test_a_checkpoint_of_another_search_is_not_resumed(searched, monkeypatch, tmp_path, caplog):
+    """A search of another grid stopped in its second joint epoch leaves its checkpoint; the fixture's search in that
+    directory deletes it with a warning (file, what differs) and gives the uninterrupted search."""
+    from kdbench import tasearch
+    from kdbench.config import load_config
+    from kdbench.train import checkpoint as ckpt
+
+    s, out = searched, tmp_path / "search"
+    raw = yaml.safe_load(Path(s.cfg.source).read_text())
+    raw["methods"]["amd"]["grid_step"] = 0.45
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(raw))
+    other = load_config(tmp_path / "other.yaml")
+    lr_factor = tasearch.lr_factor
+
+    def stop_in_epoch_1(p, step, spe):
+        if step == STEPS + 2:
+            ckpt.request_stop()
+        return lr_factor(p, step, spe)
+
+    monkeypatch.setattr(tasearch, "lr_factor", stop_in_epoch_1)
+    with ckpt.stop_on_signal(), pytest.raises(ckpt.Preempted, match=r"after 1 of 2 epochs.*checkpoint\.pt holds 1 ep"):
+        tasearch.run_search(other, "t", "amd", s.data, s.teacher, s.stores, out)
+    assert _checkpoint(out)["fingerprint"]["candidates"] != [c["name"] for c in s.summary["candidates"]]
+    monkeypatch.undo()
+
+    with caplog.at_level("WARNING"):
+        tasearch.run_search(s.cfg, "t", "amd", s.data, s.teacher, s.stores, out)
+    assert re.search(r"search/checkpoint\.pt: another job wrote it \(candidates: checkpoint \[.*\], this job \[.*\];"
+                     r" config_hash: checkpoint '\w+', this job '\w+'\); deleted, the job starts over", caplog.text)
+    _assert_same_search(s.search, out)

@@ -13,17 +13,18 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "kdbench"
 
 LAYERS: list[set[str]] = [
-    {"kdbench", "errors", "_util", "_typed", "registry", "taps", "models", "meta", "retrieval", "record", "prune"},
+    {"kdbench", "errors", "_util", "_typed", "registry", "taps", "models", "_staged", "cifar_nets", "meta", "retrieval",
+     "record", "prune"},
     {"methods", "methods.*"},
     {"config"},
     {"data", "data.codec", "data.encoded", "data.imagefolder", "data.wds_source", "data.sources", "data.layout",
-     "data.views"},
+     "data.views", "numerics"},
     {"plan"},
     {"data.shards", "data.prepare", "data.stream", "runtime", "evaluate", "cache", "cache.store"},
     {"modeldir", "train", "train.optim", "train.loop", "train.checkpoint", "cache.source", "cache.inputs"},
     {"teacher", "cache.build", "cache.check"},
     {"distill"},
-    {"verify", "report", "report.*", "tasearch"},
+    {"verify", "report", "report.*", "tasearch", "estimate"},
     {"cli"},
 ]
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from types import SimpleNamespace
 import subprocess
 import sys
 import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml

@@ -34,7 +34,12 @@ from kdbench.methods.indistill import layer_mse, match_spatial
 from kdbench.methods.kd import kd_loss
 from kdbench.methods.pkt import cosine_kernel_probs, pkt_loss
 from kdbench.methods.rkd import pairwise_distances, rkd_angle_loss, rkd_distance_loss, triplet_angles
-from kdbench.methods.scalekd import CrossAttentionProjector, dfm_alt_loss, dfm_direct_loss, remove_spatial_mean
+from kdbench.methods.scalekd import (
+    CrossAttentionProjector,
+    dfm_alt_loss,
+    dfm_direct_loss,
+    remove_spatial_mean,
+)
 from kdbench.models import ModelInfo
 from kdbench.taps import TapDict
 

@@ -91,6 +91,23 @@ def test_teacher_and_store_keys_change_exactly_with_what_defines_them(raw_root, 
     assert set(views.teachers) == {teacher} and set(views.stores) != {store}
 
 
+def test_jobs_on_streamed_data_ask_for_a_cpu_per_loader_worker(raw_root, tmp_path):
+    """A job's threads (its CPUs on SLURM): the rule's own, or on data its jobs may stream, at least one per
+    ``data.workers`` loader worker plus the main process."""
+    raw = tiny_raw(raw_root, methods={"baseline": {}, "kd": {}})
+    plan = _plan(tmp_path, raw)  # fashion-mnist, stream auto: fixed-size images, read into memory
+    (dkey,), (tkey,) = plan.data, plan.teachers
+    assert plan.teacher_data_key(tkey) == dkey
+    assert (plan.job_threads(dkey), plan.job_threads(dkey, 2)) == (1, 2)
+    streamed = _plan(tmp_path, raw, **{"data.stream": True, "data.workers": 3})
+    (skey,) = streamed.data
+    assert skey == dkey and (streamed.job_threads(skey), streamed.job_threads(skey, 5)) == (4, 5)
+    in_main = _plan(tmp_path, raw, **{"data.stream": True, "data.workers": 0})
+    assert (in_main.job_threads(dkey), in_main.job_threads(dkey, 2)) == (1, 2)
+    in_memory = _plan(tmp_path, raw, **{"data.stream": False, "data.workers": 3})
+    assert in_memory.job_threads(dkey) == 1
+
+
 def test_name_clashes_and_bad_references_name_the_file_and_key(raw_root, tmp_path):
     with pytest.raises(ConfigError, match=r"key 'name' must not be one of"):
         _plan(tmp_path, tiny_raw(raw_root, name="cache"))

@@ -26,6 +26,9 @@ def test_the_imagenet_scalekd_config_plans_every_cell_with_a_live_teacher_for_sc
     plan = Plan.resolve([CONFIG], overrides)
 
     assert plan.skipped == {}  # both CNN students are compatible with every scalekd entry
+    # An image folder may hold images of any size, so its jobs may stream: a CPU per loader worker (2) as well.
+    (dkey,) = plan.data
+    assert (plan.job_threads(dkey), plan.job_threads(dkey, 4)) == (3, 4)
     assert {j.label for j in plan.jobs} == LABELS and len(plan.jobs) == 6 * 2
     # Only the logits are stored (kd, dist); every scalekd entry runs the whole teacher online, so no 14x14x768
     # feature store (385 GB per view at ImageNet scale) is ever planned.

@@ -8,8 +8,8 @@ both stores.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,11 +22,10 @@ import yaml
 
 from kdbench.cache.build import build_shard, finalize_store
 from kdbench.cli import main
-from kdbench.config import load_config, parse_config
+from kdbench.config import load_config
 from kdbench.data.prepare import prepare
 from kdbench.data.sources import shard_counts
 from kdbench.distill import run_distill
-from kdbench.errors import CheckpointError
 from kdbench.methods.base import DistillMethod
 from kdbench.teacher import train_teacher
 from kdbench.train import checkpoint as ckpt
@@ -175,9 +174,8 @@ def test_a_job_killed_mid_epoch_resumes_to_the_uninterrupted_record(setup, refer
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(CHECKPOINT_FILE)) == []
 
 
-def test_sigusr1_checkpoints_exits_75_and_requeues_then_the_rerun_completes(setup, reference, monkeypatch, tmp_path):
-    cfg, data, teacher, stores, _root = setup
-    out = tmp_path / "run"
+def fake_scontrol(monkeypatch, tmp_path: Path) -> Path:
+    """Runs the test inside SLURM job 4242 with an ``scontrol`` that appends its arguments to the file returned."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "scontrol.calls"
@@ -185,6 +183,13 @@ def test_sigusr1_checkpoints_exits_75_and_requeues_then_the_rerun_completes(setu
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    return calls
+
+
+def test_sigusr1_checkpoints_exits_75_and_requeues_then_the_rerun_completes(setup, reference, monkeypatch, tmp_path):
+    cfg, data, teacher, stores, _root = setup
+    out = tmp_path / "run"
+    calls = fake_scontrol(monkeypatch, tmp_path)
     args = ["distill", "--config", cfg.source, "--teacher", "t", "--student", "cnn_xs", "--method-label", "kd",
             "--seed", "0", "--data", str(data), "--teacher-dir", str(teacher), "--store", str(stores["logits"]),
             "--out", str(out)]

@@ -267,5 +267,57 @@ def test_tiny_workflow_on_slurm_matches_local_and_survives_an_interrupt(tmp_path
     assert _records(slurm_dir, name) == _records(local_dir, name)
     assert _board(slurm_dir, name) == _board(local_dir, name)
     assert _squeue(slurm_dir) == {}
+
+    # 4. Preemption: one distill job of a 30-epoch copy of the table (baseline: no teacher or store to build),
+    #    here and locally. Once the SLURM job has checkpointed an epoch, it gets what the profile's
+    #    `--signal=USR1@300` sends before its time limit: SIGUSR1 to the processes of its steps, not the batch
+    #    shell (`scancel --signal=USR1`, without --batch/--full). It checkpoints, requeues itself (same job
+    #    id, Restarts=1), runs again, resumes and writes the record of the uninterrupted local run.
+    distill_extra = yaml.safe_load(PROFILE.joinpath("config.yaml").read_text())["set-resources"]["distill"]
+    assert "--signal=USR1@300" in distill_extra["slurm_extra"].split("'")[1].split()
+    over = ("--config", "name=tiny-preempt", "protocol={epochs: 30}")
+    run_rel = Path("results/tiny-preempt/runs/cnn_s/cnn_xs/baseline/seed0")
+    run_dir, before = slurm_dir / run_rel, set(_squeue(slurm_dir, "all"))
+    local4 = _start(local_dir, "--cores", "1", str(run_rel / "record.json"), *over, profile=False)
+    slurm4 = _start(slurm_dir, str(run_rel / "record.json"), *over)
+    end = time.monotonic() + 300
+
+    def distill_job() -> str | None:
+        return next((i for i, j in _squeue(slurm_dir).items() if i not in before and _rule(j) == "distill"), None)
+
+    job = None
+    while not (run_dir / "checkpoint.pt").exists():  # epoch 1 of 30 done
+        assert slurm4.poll() is None and time.monotonic() < end, _output(slurm4)[-4000:]
+        job = job or distill_job()
+        time.sleep(0.2)
+    job = job or distill_job()
+    assert job and _squeue(slurm_dir)[job]["state"] == "RUNNING"
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
+    while (state := _squeue(slurm_dir, "all")[job]["state"]) != "PENDING":  # requeued
+        assert state in {"RUNNING", "COMPLETING", "REQUEUED"}, (state, _output(slurm4)[-4000:])
+        assert time.monotonic() < end, _output(slurm4)[-4000:]
+        time.sleep(0.2)
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True)
+    assert "Restarts=1" in shown.stdout.split(), shown.stdout
+    import torch  # only this part reads a checkpoint
+
+    held = torch.load(run_dir / "checkpoint.pt", weights_only=True)["epochs_done"]
+    assert 1 <= held < 30 and not (run_dir / "record.json").exists()
+    # SLURM holds a requeued job for 2 min (BeginTime: its credentials' lifetime); let it start at once.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=30)
+    assert _wait(slurm4, 600) == 0, _output(slurm4)[-4000:]
+    assert _wait(local4, 600) == 0, _output(local4)[-4000:]
+    t4 = time.monotonic()
+    record = json.loads((run_dir / "record.json").read_text())
+    assert record["provenance"]["resumed_at_epochs"] == [held]
+    assert _records(slurm_dir, "tiny-preempt") == _records(local_dir, "tiny-preempt")
+    assert len(_records(slurm_dir, "tiny-preempt")) == 1 and not (run_dir / "checkpoint.pt").exists()
+    ended = {i: j for i, j in _squeue(slurm_dir, "all").items() if i not in before and _rule(j) == "distill"}
+    assert list(ended) == [job] and ended[job]["state"] == "COMPLETED"  # one job, run twice: no retry
+    log = next((slurm_dir / ".snakemake" / "slurm_logs" / "rule_distill").rglob(f"{job}.log")).read_text()
+    assert f"JOB {job} ON" in log and "DUE TO JOB REQUEUE" in log and log.count("SNAKEMAKE") >= 4  # both runs
+    assert "User defined signal 1" not in log  # the Snakemake in the job ignored it (see the Snakefile)
+    kd_log = slurm_dir / "results/tiny-preempt/logs/distill/cnn_s/cnn_xs/baseline/seed0.log"
+    assert f"resuming after epoch {held}/30" in kd_log.read_text()
     print(f"\nSLURM test: local + SLURM runs {t1 - t0:.0f} s, interrupted run {t2 - t1:.0f} s,"
-          f" rerun {t3 - t2:.0f} s")
+          f" rerun {t3 - t2:.0f} s, preempted run {t4 - t3:.0f} s")

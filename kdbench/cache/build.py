@@ -21,6 +21,7 @@ from kdbench.cache.store import encode_tap, identity_attrs, write_manifest, writ
 from kdbench.config import CachePolicy, Config
 from kdbench.data.shards import read_manifest
 from kdbench.data.views import ViewRenderer
+from kdbench.numerics import DEFAULT, Numerics
 from kdbench.taps import compute_taps
 
 _logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ def encode_view(
     batch_size: int,
     image_size: int,
     device: torch.device | str = "cpu",
+    numerics: Numerics = DEFAULT,
 ) -> dict[str, np.ndarray]:
     """Renders view ``view`` of ``rows``, runs the teacher and encodes ``tap`` under ``policy``, in batches.
 
@@ -49,6 +51,8 @@ def encode_view(
         batch_size: Teacher batch size (does not change the stored values beyond fp32 reordering noise).
         image_size: The teacher's input resolution.
         device: Where the teacher runs.
+        numerics: The table protocol's forward numerics; under ``bf16`` the teacher's outputs are cast to
+            float32 before they are encoded (:mod:`kdbench.numerics`).
 
     Returns:
         Field name -> array ``[n, ...]`` (see :func:`kdbench.cache.store.encode_tap`).
@@ -57,7 +61,7 @@ def encode_view(
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
             x, _ = renderer.render(view, rows[start : start + batch_size], image_size, device)
-            outs = compute_taps(model, x.contiguous(memory_format=torch.channels_last), {tap})
+            outs = numerics.run(lambda inputs: compute_taps(model, inputs, {tap}), x)  # float32 under bf16 too
             for k, arr in encode_tap(tap, outs[tap], policy).items():
                 per_batch.setdefault(k, []).append(arr)
     return {k: np.concatenate(v) for k, v in per_batch.items()}
@@ -89,7 +93,8 @@ def build_shard(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, shard:
     t0 = time.perf_counter()
     for v in range(recipe.count):
         params.append(renderer.params(v, rows))
-        encoded = encode_view(model, renderer, tap, cfg.cache, v, rows, cfg.protocol.eval_batch_size, image_size, device)
+        encoded = encode_view(model, renderer, tap, cfg.cache, v, rows, cfg.protocol.eval_batch_size, image_size, device,
+                              job.numerics)
         for k, arr in encoded.items():
             fields.setdefault(k, []).append(arr)
     seconds = time.perf_counter() - t0

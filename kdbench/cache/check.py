@@ -46,7 +46,6 @@ from kdbench.cache.store import (
 )
 from kdbench.config import CachePolicy, Config
 from kdbench.data.views import ViewParams
-from kdbench.taps import compute_taps
 
 _logger = logging.getLogger(__name__)
 
@@ -245,7 +244,7 @@ def check_store(
         x, params = render_rows(int(v), r, tmeta["image_size"], device)
         report.param_mismatches += _param_mismatches(params, stored_params, int(v), r)
         with torch.inference_mode():
-            live = compute_taps(model, x.contiguous(memory_format=torch.channels_last), {tap})[tap]
+            live = job.numerics.taps(model, x, {tap})[tap]
         live = pool_tap(tap, live, cfg.cache).cpu()
         idx = torch.from_numpy(r)
         diff, ratio = _compare(live, store, int(v), idx, report.tolerance)

@@ -19,6 +19,7 @@ from kdbench.data.stream import StreamedSplit, streams
 from kdbench.data.views import BoundShardRenderer, ViewRenderer
 from kdbench.meta import DataInfo, data_info
 from kdbench.modeldir import load_teacher, read_teacher_metrics
+from kdbench.numerics import Numerics
 from kdbench.runtime import setup
 
 
@@ -56,10 +57,15 @@ class JobInputs:
             return split.bound_renderer(self.cfg.protocol.views, self.data.mean, self.data.std)
         return ViewRenderer.for_split(self.cfg.protocol.views, split, self.data)
 
+    @property
+    def numerics(self) -> Numerics:
+        """The forward numerics of the table's protocol: the students' and the teacher's outputs for them."""
+        return Numerics.of(self.cfg.protocol)
+
     def store_identity(self, tap: str) -> dict:
         """The manifest fields a store of ``tap`` of this teacher, views and cache policy must carry."""
         return store_identity(self.tmeta["sha256"], tap, self.cfg.protocol.views, self.cfg.cache,
-                              self.tmeta["image_size"])
+                              self.tmeta["image_size"], self.numerics.delta())
 
     def data_manifest_sha256(self) -> str:
         return sha256_file(self.data_dir / "manifest.json")
@@ -78,7 +84,7 @@ def open_inputs(cfg: Config, data_dir: Path, teacher_dir: Path | None = None, lo
     teacher, tmeta = None, None
     if teacher_dir is not None:
         if load_model:
-            teacher, tmeta = load_teacher(Path(teacher_dir), data, device)
+            teacher, tmeta = load_teacher(Path(teacher_dir), data, device, Numerics.of(cfg.protocol))
         else:
             tmeta = read_teacher_metrics(Path(teacher_dir))
     return JobInputs(cfg, data_dir, device, data, teacher, tmeta, streams(cfg.data, manifest, data_dir))

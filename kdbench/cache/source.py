@@ -14,7 +14,7 @@ import torch.nn as nn
 from kdbench.cache.store import ShardedTeacherStore, TeacherStore
 from kdbench.data.views import CLEAN_VIEW, ViewRenderer
 from kdbench.errors import StoreError
-from kdbench.taps import compute_taps
+from kdbench.numerics import DEFAULT, Numerics
 
 
 class CachedTeacher:
@@ -48,10 +48,14 @@ class LiveTeacher:
         renderer: The split's view renderer; ``None`` on the streaming path, where the stream renders the
             teacher's inputs with the batch and ``fit`` passes them as ``inputs``.
         image_size: The teacher's input resolution (:attr:`input_size`).
+        numerics: The forward numerics of the table's protocol, the cache builder's (:mod:`kdbench.numerics`):
+            the live teacher serves what the cache would, float32 outputs under ``bf16`` too.
     """
 
-    def __init__(self, model: nn.Module, taps: frozenset[str], renderer: ViewRenderer | None, image_size: int) -> None:
+    def __init__(self, model: nn.Module, taps: frozenset[str], renderer: ViewRenderer | None, image_size: int,
+                 numerics: Numerics = DEFAULT) -> None:
         self.model, self.taps, self.renderer, self.image_size = model.eval(), taps, renderer, image_size
+        self.numerics = numerics
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.forward_count = 0
@@ -74,7 +78,7 @@ class LiveTeacher:
         else:
             x, _ = self.renderer.render(view, rows, self.image_size, device)
         self.forward_count += len(rows)
-        return compute_taps(self.model, x.contiguous(memory_format=torch.channels_last), self.taps)
+        return self.numerics.taps(self.model, x, self.taps)
 
     def bytes_read(self) -> int:
         return 0

@@ -49,7 +49,17 @@ VIEW_PARAM_FIELDS: dict[str, tuple[type, int]] = {
 }
 _AUDIT_FIELDS = ("ids", *VIEW_PARAM_FIELDS)
 #: Manifest fields that identify what a store holds (kept in sync with ``kdbench.cache.build.store_identity``).
-IDENTITY_KEYS = ("teacher_sha256", "tap", "view_recipe_hash", "views", "policy", "teacher_image_size")
+#: Identity fields present only while they differ from their default (``teacher_numerics``: the forward numerics
+#: of a ``bf16`` or contiguous-format protocol, :meth:`kdbench.numerics.Numerics.delta`), so stores built before
+#: they existed keep their identity; every check compares them both ways (absent = the default).
+OPTIONAL_IDENTITY_KEYS = ("teacher_numerics",)
+IDENTITY_KEYS = ("teacher_sha256", "tap", "view_recipe_hash", "views", "policy", "teacher_image_size",
+                 *OPTIONAL_IDENTITY_KEYS)
+
+
+def _identity_fields(want: Mapping[str, Any], have: Mapping[str, Any]) -> list[str]:
+    """The identity fields to compare: every wanted one, and an optional one ``have`` has although unwanted."""
+    return [*want, *(k for k in OPTIONAL_IDENTITY_KEYS if k in have and k not in want)]
 
 
 
@@ -189,7 +199,8 @@ def write_manifest(store_dir: str | Path, num_shards: int, meta: Mapping[str, An
         if not path.exists():
             raise StoreError(f"store shard missing: {path}; rerun the cache step for shard {i}")
         attrs, shard_layout, count = _inspect_shard(path, i)
-        for key, value in want.items():
+        for key in _identity_fields(want, attrs):
+            value = want.get(key)
             if attrs.get(key) != value:
                 raise StoreError(
                     f"store shard {path}: attribute '{key}' is {attrs.get(key)!r} but the store is for {value!r}"
@@ -236,8 +247,8 @@ def read_store_manifest(store_dir: str | Path) -> dict:
 
 def check_identity(store_dir: str | Path, manifest: Mapping[str, Any], expect: Mapping[str, Any]) -> None:
     """Refuses a store whose manifest differs from ``expect`` in any field (the message names the field)."""
-    for key, want in expect.items():
-        have = manifest.get(key)
+    for key in _identity_fields(expect, manifest):
+        have, want = manifest.get(key), expect.get(key)
         if have != want:
             raise StoreError(
                 f"{Path(store_dir) / 'manifest.json'}: field '{key}' is {have!r} but this run expects {want!r}: the"
@@ -499,8 +510,11 @@ def bytes_per_view(tap_shape: tuple[int, ...], policy: CachePolicy, tap: str, vi
     return record_bytes(tap_shape, policy, tap) + view_param_bytes() + np.dtype(np.int64).itemsize / views
 
 
-def store_identity(teacher_sha256: str, tap: str, recipe: ViewRecipe, policy: CachePolicy, image_size: int) -> dict:
-    """The manifest fields a reader checks: a store built for anything else is refused."""
+def store_identity(teacher_sha256: str, tap: str, recipe: ViewRecipe, policy: CachePolicy, image_size: int,
+                   numerics: Mapping[str, Any] | None = None) -> dict:
+    """The manifest fields a reader checks: a store built for anything else is refused. ``numerics``: how the
+    teacher's forward differs from the default numerics (:meth:`kdbench.numerics.Numerics.delta`), a field only
+    when not empty."""
     return {
         "teacher_sha256": teacher_sha256,
         "tap": tap,
@@ -509,4 +523,5 @@ def store_identity(teacher_sha256: str, tap: str, recipe: ViewRecipe, policy: Ca
         "policy": {"logits_dtype": policy.logits_dtype, "topk": policy.topk, "feature_pool": policy.feature_pool,
                    "feature_dtype": policy.feature_dtype},
         "teacher_image_size": image_size,
+        **({"teacher_numerics": dict(numerics)} if numerics else {}),
     }

@@ -258,6 +258,22 @@ def epoch_rows(split: StreamedSplit, seed: int, epoch: int, batch_size: int) -> 
     return [b["rows"].numpy() for b in _rebatch(dealt, batch_size)]
 
 
+def seeded_loader(dataset: IterableDataset, workers: int, seed: int) -> DataLoader:
+    """The one ``DataLoader`` of kdbench: ``workers`` processes (0: the main process), one item per ``next``, and
+    a ``generator`` seeded with ``seed``.
+
+    The loader draws its workers' base seed from that generator instead of the global torch RNG, so (a) worker
+    ``w`` seeds ``random``, ``numpy`` and ``torch`` (PyTorch does that in every worker, which is why no
+    ``worker_init_fn`` is needed) with a function of ``(seed, w)``, on every device and in every run, and (b)
+    creating a loader leaves the main process's RNG (dropout, a method's sampling) as it was. kdbench's streams
+    draw no random numbers in a worker (their order and views are counter-based), so this only guards code that
+    would.
+    """
+    generator = torch.Generator().manual_seed(seed & (2**63 - 1))
+    return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
+                      generator=generator)
+
+
 def _worker() -> tuple[int, int]:
     """``(worker id, workers)`` of the calling ``DataLoader`` worker; ``(0, 1)`` in the main process."""
     info = get_worker_info()
@@ -347,9 +363,8 @@ class StreamedSplit:
                              " (open it with shards=[i])")
         return self.renderer(recipe, mean, std).bind(self.read(0))
 
-    def _loader(self, dataset: IterableDataset, count: int) -> DataLoader:
-        workers = loader_workers(self.workers, count)
-        return DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+    def _loader(self, dataset: IterableDataset, count: int, seed: int) -> DataLoader:
+        return seeded_loader(dataset, loader_workers(self.workers, count), seed)
 
     def train_batches(
         self, recipe: ViewRecipe, mean, std, seed: int, epoch: int, view: int, out_size: int, batch_size: int,
@@ -374,13 +389,15 @@ class StreamedSplit:
         """
         stream = _TrainStream(self, self.renderer(recipe, mean, std), seed, epoch, view, out_size, batch_size,
                               teacher_view, teacher_size)
-        yield from _rebatch(_raising(self._loader(stream, len(self.shards))), batch_size)
+        loader_seed = int(_rng(seed, epoch, 0x10AD).integers(2**63))  # the workers' seeds, per (seed, epoch)
+        yield from _rebatch(_raising(self._loader(stream, len(self.shards), loader_seed)), batch_size)
 
     def eval_inputs(self, mean, std, out_size: int, batch_size: int) -> Iterator[torch.Tensor]:
         """The split in order, rendered as evaluation renders it (:data:`~kdbench.data.views.CLEAN_VIEW`), in
         batches of ``batch_size``: ``float32 [n, C, S, S]`` on the CPU."""
         stream = _EvalStream(self, self.renderer(ViewRecipe(), mean, std), out_size, batch_size)
-        for k, batch in enumerate(_raising(self._loader(stream, math.ceil(len(self) / batch_size)))):
+        loader = self._loader(stream, math.ceil(len(self) / batch_size), 0)  # evaluation is the same for every seed
+        for k, batch in enumerate(_raising(loader)):
             if int(batch["k"]) != k:  # the DataLoader returns its workers' batches in turn: never happens
                 raise RuntimeError(f"{self.name}: evaluation batch {int(batch['k'])} arrived as batch {k}")
             yield batch["x"]

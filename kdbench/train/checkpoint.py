@@ -13,7 +13,9 @@ have: on CPU its record is identical apart from timings.
 A checkpoint carries the fingerprint of its job (protocol and config hashes, teacher, student, method, seed,
 input digests); a job never resumes one written by another job (the workflow reruns a job in the same directory
 when its config changed): it deletes it with a warning naming the file and the difference, and starts over. The
-job deletes its checkpoint once its record (or teacher directory) is written.
+job deletes its checkpoint once its record (or teacher directory) is written. AMD's search
+(:func:`kdbench.tasearch.run_search`), which trains with its own joint loop, keeps the same kind of checkpoint
+(its epochs, then the candidates it has saved) and stops the same way.
 
 Preemption (SLURM ``--signal=USR1@<seconds>``): the CLI installs :func:`stop_on_signal`; the loop then stops
 after the current step (writing the epoch's checkpoint if the signal came between the last step and the
@@ -57,6 +59,16 @@ STOP_SIGNAL = signal.SIGUSR1
 
 class Preempted(Exception):
     """Training stopped because :data:`STOP_SIGNAL` arrived; the last checkpoint (if any) holds the progress."""
+
+
+def stopped(label: str, done: int, epochs: int, checkpoint: Checkpointing | None, kept: int | None) -> Preempted:
+    """The :class:`Preempted` of a training loop that stopped on request after ``done`` of ``epochs`` epochs,
+    saying what is on disk: ``kept`` epochs in ``checkpoint`` (``None``: no checkpoint holds any of it)."""
+    where = (f"{checkpoint.path} holds {kept} epoch(s); run the job again to resume"
+             if checkpoint is not None and kept is not None
+             else "no checkpoint holds any of it; run the job again to start over")
+    return Preempted(f"{label}: stopped on request after {done} of {epochs} epochs"
+                     f" (steps of an unfinished epoch are lost); {where}")
 
 
 _stop = False

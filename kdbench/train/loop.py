@@ -23,8 +23,16 @@ from kdbench.errors import NonFiniteLossError
 from kdbench.evaluate import predict, topk_accuracy
 from kdbench.meta import DataInfo
 from kdbench.methods.base import TEACHER_VIEWS, DistillMethod, StepContext, Targets
+from kdbench.numerics import Numerics
 from kdbench.taps import TapDict, compute_taps
-from kdbench.train.checkpoint import Checkpointing, Preempted, rng_state, set_rng_state, stop_requested
+from kdbench.train.checkpoint import (
+    Checkpointing,
+    Preempted,
+    rng_state,
+    set_rng_state,
+    stop_requested,
+    stopped,
+)
 from kdbench.train.optim import build_optimizer, lr_factor
 
 _logger = logging.getLogger(__name__)
@@ -184,6 +192,10 @@ def fit(
     and rendered here; a streamed one (:class:`~kdbench.data.stream.StreamedSplit`) delivers its batches
     rendered, in its seeded stream order. Everything else (steps, schedule, loss, evaluation) is the same.
 
+    The student's forwards (training steps and evaluation) run in the protocol's numerics (``precision``,
+    ``channels_last``; :mod:`kdbench.numerics`): under ``bf16`` the model's forward is autocast and its outputs are
+    float32 again before the method's loss, which (with its adapters and the backward pass) runs outside autocast.
+
     Args:
         model: The student (trained in place).
         method: The KD method (its adapters are trained with the student).
@@ -251,10 +263,7 @@ def fit(
             if stop_requested() and epoch + 1 < protocol.epochs:
                 raise Preempted(epoch + 1)
     except Preempted as stop:
-        where = (f"{checkpoint.path} holds {kept} epoch(s); run the job again to resume" if kept is not None
-                 else "no checkpoint holds any of it; run the job again to start over")
-        raise Preempted(f"{label}: stopped on request after {stop.args[0]} of {protocol.epochs} epochs"
-                        f" (steps of an unfinished epoch are lost); {where}") from None
+        raise stopped(label, stop.args[0], protocol.epochs, checkpoint, kept) from None
     finally:
         if log_file:
             log_file.close()
@@ -271,7 +280,8 @@ class _Run:
         self.model, self.method, self.train, self.data = model, method, train, data
         self.protocol, self.device, self.teacher, self.label = protocol, device, teacher, label
         self.image_size = protocol.image_size or data.image_size
-        model.to(device).to(memory_format=torch.channels_last)
+        self.numerics = Numerics.of(protocol)  # the student's forwards (training and evaluation)
+        self.numerics.model(model.to(device))
         method.to(device)
         self.params = [q for q in list(model.parameters()) + list(method.parameters()) if q.requires_grad]
         self.optimizer = build_optimizer(self.params, protocol)
@@ -354,7 +364,8 @@ class _Run:
         t_view = teacher_view_index(self.teacher_view, view, p.views.count)
         live_inputs = {} if batch.teacher_x is None else {"inputs": batch.teacher_x}
         t_out = self.teacher.outputs(t_view, rows, device, **live_inputs) if self.teacher_taps else {}
-        s_out = compute_taps(self.model, x.contiguous(memory_format=torch.channels_last), self.student_taps)
+        # float32 outputs, whatever the precision: the method's loss is computed in fp32 (kdbench.numerics)
+        s_out = self.numerics.run(lambda inputs: compute_taps(self.model, inputs, self.student_taps), x)
         out = self.method.loss(TapDict(s_out, self.owner + " (student)"), TapDict(t_out, self.owner + " (teacher)"),
                                targets, ctx)
         if not torch.isfinite(out.loss):
@@ -378,7 +389,8 @@ class _Run:
         """Adds each split's top-1 and the epoch's timings to ``row``."""
         t0, train_s = row.pop("_t0"), row.pop("_train_s")
         for name, split in evals.items():
-            logits = predict(self.model, split, self.data, self.image_size, self.protocol.eval_batch_size, self.device)
+            logits = predict(self.model, split, self.data, self.image_size, self.protocol.eval_batch_size, self.device,
+                             self.numerics)
             row[f"{name}_top1"] = topk_accuracy(logits, split.labels, (1,))[1]
         row["time_s"] = time.perf_counter() - t0
         row["samples_per_s"] = self.n / train_s

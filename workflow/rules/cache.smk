@@ -7,6 +7,7 @@ rule cache_shard:
     params:
         args=store_args,
         store=lambda wildcards, output: Path(output[0]).parent,
+    threads: lambda wildcards: PLAN.job_threads(PLAN.data_key(store_of(wildcards).table))  # + streamed data's workers
     resources:
         mem_mb=3000,
         runtime=60,

@@ -67,7 +67,23 @@ def teacher_inputs(wildcards):
     weights = PLAN.tables[tk.table].cfg.teachers[tk.teacher].checkpoint  # ("checkpoint" is a Snakemake keyword)
     if weights:
         inputs["checkpoint"] = weights
+    verified = PLAN.teacher_verification(tk.key)
+    if verified:  # a checkpoint that states its accuracy: checked first, so a wrong one stops everything after it
+        inputs["verified"] = ancient(verified)  # re-checked (new expected_top1): nothing downstream reruns
     return inputs
+
+
+def verify_inputs(wildcards):
+    """A teacher's verification reads what its teacher job reads, before it runs."""
+    inputs = teacher_inputs(wildcards)
+    inputs.pop("verified")
+    return inputs
+
+
+def verify_args(wildcards, output):
+    tk = PLAN.teachers[wildcards.tkey]
+    return (f"--config {config_of(tk.table)} --teacher {q(tk.teacher)}"
+            f" --data {q(PLAN.teacher_data_dir(tk.key))}")
 
 
 def assistant_inputs(wildcards):

@@ -8,6 +8,7 @@ rule distill:
         spec=lambda wildcards: PLAN.job_hash(job_of(wildcards)),  # rerun trigger
         args=distill_args,
         out=lambda wildcards, output: Path(output[0]).parent,
+    threads: lambda wildcards: PLAN.job_threads(PLAN.data_key(wildcards.table))  # + loader workers if streamed
     resources:
         mem_mb=3000,
         runtime=120,

@@ -9,7 +9,7 @@ rule train_teacher:
         teacher=lambda wildcards, output: q(PLAN.teachers[wildcards.tkey].teacher),
         data=lambda wildcards, input: Path(input.data).parent,
         out=lambda wildcards, output: Path(output[0]).parent,
-    threads: 2
+    threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.tkey), 2)  # + streamed data's workers
     resources:
         mem_mb=4000,
         runtime=120,
@@ -19,6 +19,27 @@ rule train_teacher:
     shell:
         "kdbench train-teacher --config {params.config} --threads {threads} --teacher {params.teacher}"
         " --data {params.data} --out {params.out} 2> {log}"
+
+
+rule verify_teacher:
+    """Check a checkpoint teacher's test top-1 against its config's expected_top1 (within top1_tolerance) before
+    its teacher job runs; a wrong checkpoint stops the workflow before any store or distill job of the teacher."""
+    input:
+        unpack(verify_inputs),
+    output:
+        L.TEACHER_VERIFIED,
+    params:
+        spec=lambda wildcards: PLAN.verification_spec(wildcards.tkey),  # rerun trigger: the expected accuracy
+        args=verify_args,
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    priority: 10  # on the critical path: everything downstream waits for it
+    log:
+        f"{L.LOGS}/teachers/{{tkey}}.verify.log",
+    shell:
+        "kdbench verify-teacher {params.args} --threads {threads} --out {output} 2> {log}"
 
 
 rule train_assistant:
@@ -32,6 +53,7 @@ rule train_assistant:
     params:
         command=assistant_command,
         out=lambda wildcards, output: Path(output[0]).parent,
+    threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey))  # + streamed data's workers
     resources:
         mem_mb=4000,
         runtime=120,
@@ -52,7 +74,7 @@ rule amd_search:
     params:
         args=search_args,
         out=lambda wildcards, output: Path(output[0]).parent,
-    threads: 2
+    threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey), 2)  # + streamed data's workers
     resources:
         mem_mb=4000,
         runtime=240,
@@ -86,6 +108,7 @@ rule amd_oracle:
     params:
         args=oracle_args,
         out=lambda wildcards, output: Path(output[0]).parent,
+    threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey))  # + streamed data's workers
     resources:
         mem_mb=3000,
         runtime=60,
