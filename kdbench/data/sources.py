@@ -19,6 +19,7 @@ any data exists.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import pickle
 import struct
@@ -137,6 +138,18 @@ def _unpickle(path: Path) -> dict:
         return pickle.load(f, encoding="latin1")
 
 
+def _label_count(path: Path, key: str) -> int:
+    """The number of labels in a CIFAR pickle, read once per file version (planning asks for it per store)."""
+    st = path.stat()
+    return _label_count_of(str(path), key, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _label_count_of(path: str, key: str, mtime_ns: int, size: int) -> int:
+    del mtime_ns, size  # only part of the cache key
+    return len(_unpickle(Path(path))[key])
+
+
 def _cifar_source(variant: str) -> Source:
     folder = "cifar-10-batches-py" if variant == "cifar10" else "cifar-100-python"
     fix = f"unpack the python version of {variant.upper()} so that <data.root>/{folder}/ exists, or set data.root"
@@ -162,7 +175,7 @@ def _cifar_source(variant: str) -> Source:
         return RawDataset(tr, trl, te, tel, names)
 
     def sizes(root: Path) -> tuple[int, int]:
-        count = lambda files: sum(len(_unpickle(_need(base(root) / n, fix))[label_key]) for n in files)  # noqa: E731
+        count = lambda files: sum(_label_count(_need(base(root) / n, fix), label_key) for n in files)  # noqa: E731
         return count(train_files), count(test_files)
 
     return Source(load, sizes, fix, 10 if variant == "cifar10" else 100, 3, 32)
