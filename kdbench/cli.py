@@ -121,14 +121,20 @@ def _preemptible(train: Callable[[], _T]) -> _T | None:
     ``None``: the command then exits with :data:`kdbench.train.checkpoint.EXIT_PREEMPTED`, and the job's next
     run resumes from the checkpoint.
     """
-    from kdbench.train.checkpoint import Preempted, requeue, stop_on_signal
+    from kdbench.train.checkpoint import EXIT_PREEMPTED, Preempted, requeue, stop_on_signal
 
     try:
         with stop_on_signal():
             return train()
     except Preempted as e:
         _logger.warning("%s", e)
-        requeue()
+        if e.progressed:
+            requeue()
+        else:  # requeued, it would stop at the same point again, and again
+            _logger.warning("not requeued: this run saved no new epoch before the signal (an epoch takes longer than"
+                            " the time the signal leaves). The job ends with exit %d; Snakemake's retry resubmits it"
+                            " with twice the time limit (or raise the rule's runtime in the profile)",
+                            EXIT_PREEMPTED)
         return None
 
 

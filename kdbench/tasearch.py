@@ -377,7 +377,7 @@ def _joint_train(
             total += loss.item()
             step += 1
             if stop_requested() and b + 1 < spe:  # at the epoch's end, the checkpoint comes first
-                raise stopped(label, epoch, protocol.epochs, checkpoint, kept)
+                raise stopped(label, epoch, protocol.epochs, checkpoint, kept, first)
             if (b + 1) % max(1, spe // 4) == 0 and b + 1 < spe:
                 _logger.info(
                     "%s epoch %d/%d step %d/%d joint loss %.4f | %.0f samples/s",
@@ -402,7 +402,7 @@ def _joint_train(
             checkpoint.save(state(epoch + 1))
             kept = epoch + 1
         if stop_requested() and epoch + 1 < protocol.epochs:
-            raise stopped(label, epoch + 1, protocol.epochs, checkpoint, kept)
+            raise stopped(label, epoch + 1, protocol.epochs, checkpoint, kept, first)
     return state(protocol.epochs)
 
 

@@ -206,6 +206,22 @@ def test_sigusr1_checkpoints_exits_75_and_requeues_then_the_rerun_completes(setu
     assert not (out / CHECKPOINT_FILE).exists() and calls.read_text().split() == ["requeue", "4242"]
 
 
+def test_a_run_stopped_before_it_saved_a_new_epoch_is_not_requeued(setup, monkeypatch, tmp_path, caplog):
+    """An epoch longer than the time the signal leaves would requeue forever: the second stop, in the same epoch as
+    the first, exits 75 without a requeue (Snakemake's retry then resubmits the job with twice the time)."""
+    cfg, data, _teacher, _stores, _root = setup
+    out = tmp_path / "run"
+    calls = fake_scontrol(monkeypatch, tmp_path)
+    args = ["distill", "--config", cfg.source, "--teacher", "t", "--student", "cnn_xs", "--method-label",
+            "baseline", "--seed", "0", "--data", str(data), "--out", str(out)]
+    _stop_in_epoch_1(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    assert main(args) == EXIT_PREEMPTED and calls.read_text().split() == ["requeue", "4242"]
+    _stop_in_epoch_1(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGUSR1))  # resumed at epoch 1: stops in it
+    assert main(args) == EXIT_PREEMPTED
+    assert calls.read_text().split() == ["requeue", "4242"]  # no second requeue
+    assert _epochs_done(out) == 1 and "not requeued: this run saved no new epoch" in caplog.text
+
+
 def test_a_stop_at_the_end_of_an_epoch_checkpoints_that_epoch(setup, monkeypatch, tmp_path):
     cfg, data, _teacher, _stores, _root = setup
     orig = _Run.evaluate

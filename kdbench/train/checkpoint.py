@@ -58,17 +58,28 @@ STOP_SIGNAL = signal.SIGUSR1
 
 
 class Preempted(Exception):
-    """Training stopped because :data:`STOP_SIGNAL` arrived; the last checkpoint (if any) holds the progress."""
+    """Training stopped because :data:`STOP_SIGNAL` arrived; the last checkpoint (if any) holds the progress.
+
+    ``progressed`` says whether this run left more on disk than it started from: a job that stops without
+    (an epoch longer than the time between the signal and the limit) must not be requeued, or it would loop.
+    """
+
+    def __init__(self, *args: Any, progressed: bool = True) -> None:
+        super().__init__(*args)
+        self.progressed = progressed
 
 
-def stopped(label: str, done: int, epochs: int, checkpoint: Checkpointing | None, kept: int | None) -> Preempted:
+def stopped(label: str, done: int, epochs: int, checkpoint: Checkpointing | None, kept: int | None,
+            first: int = 0) -> Preempted:
     """The :class:`Preempted` of a training loop that stopped on request after ``done`` of ``epochs`` epochs,
-    saying what is on disk: ``kept`` epochs in ``checkpoint`` (``None``: no checkpoint holds any of it)."""
+    saying what is on disk: ``kept`` epochs in ``checkpoint`` (``None``: no checkpoint holds any of it), of which
+    the run found ``first`` when it started."""
     where = (f"{checkpoint.path} holds {kept} epoch(s); run the job again to resume"
              if checkpoint is not None and kept is not None
              else "no checkpoint holds any of it; run the job again to start over")
     return Preempted(f"{label}: stopped on request after {done} of {epochs} epochs"
-                     f" (steps of an unfinished epoch are lost); {where}")
+                     f" (steps of an unfinished epoch are lost); {where}",
+                     progressed=kept is not None and kept > first)
 
 
 _stop = False

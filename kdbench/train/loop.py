@@ -263,7 +263,7 @@ def fit(
             if stop_requested() and epoch + 1 < protocol.epochs:
                 raise Preempted(epoch + 1)
     except Preempted as stop:
-        raise stopped(label, stop.args[0], protocol.epochs, checkpoint, kept) from None
+        raise stopped(label, stop.args[0], protocol.epochs, checkpoint, kept, first) from None
     finally:
         if log_file:
             log_file.close()
