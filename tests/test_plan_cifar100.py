@@ -80,3 +80,23 @@ def test_the_crd_config_dry_runs_through_snakemake(cifar_root, tmp_path):
     assert counts["distill"] == 13 * 9 * 5 and counts["train_teacher"] == 6 and counts["leaderboard"] == 1
     # 100 training images in shards of 50: two cache jobs per (teacher, stored tap).
     assert counts["cache_shard"] == 2 * counts["cache_manifest"]
+
+
+def test_the_13_pairs_with_every_registered_method_plan_with_a_reason_for_each_skipped_cell(cifar_root):
+    from kdbench.methods import METHODS
+
+    every = REPO / "tests" / "configs" / "cifar100-all-methods.yaml"
+    plan = Plan.resolve([CONFIG, every], {"data": {"root": str(cifar_root), **DATA}})
+    cfg = plan.tables["cifar100-crd"].cfg
+    assert sorted(e.method for e in cfg.methods.values()) == sorted(METHODS.names())
+    skipped = {(cfg.teachers[t].model, s, m): why for (_, t, s, m), why in plan.skipped.items()}
+    # AMD and InDistill prune kdbench's own staged CNN teachers only; InDistill cannot widen a layer either.
+    assert {k for k in skipped if k[2] == "amd"} == {(t, s, "amd") for t, s in CRD_PAIRS
+                                                     if t in ("vgg13_cifar", "resnet50_cifar")}
+    assert {k[:2] for k in skipped if k[2] == "indistill"} == {p for p in CRD_PAIRS if p[0] in
+                                                               ("vgg13_cifar", "resnet50_cifar") or "shuffle" in p[1]}
+    assert all("staged CNN" in why or "cannot widen" in why for why in skipped.values())
+    assert len(plan.jobs) == (13 * 14 - len(skipped)) * 5
+    # Every AMD search belongs to a teacher with at least one AMD cell (none for vgg13 / ResNet50).
+    searched = {plan.teachers[k].teacher for k in plan.teachers if plan.teachers[k].label == "amd"}
+    assert searched == {"wrn_40_2", "resnet56", "resnet110", "resnet32x4"}
