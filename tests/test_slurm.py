@@ -321,3 +321,33 @@ def test_tiny_workflow_on_slurm_matches_local_and_survives_an_interrupt(tmp_path
     assert f"resuming after epoch {held}/30" in kd_log.read_text()
     print(f"\nSLURM test: local + SLURM runs {t1 - t0:.0f} s, interrupted run {t2 - t1:.0f} s,"
           f" rerun {t3 - t2:.0f} s, preempted run {t4 - t3:.0f} s")
+
+
+# --- the profile's resources, read as Snakemake reads them (no cluster needed) --------------------------------
+
+MODEL_RULES = {"train_teacher", "verify_teacher", "train_assistant", "amd_search", "amd_oracle", "cache_shard",
+               "distill"}
+
+
+def test_every_rule_that_runs_a_model_asks_for_kdbench_gres_and_no_other_does(tmp_path):
+    """``KDBENCH_GRES`` reaches exactly the rules that run a model (resources as ``snakemake -n`` resolves them);
+    unset, no job asks for a GPU (an empty gres is not passed to sbatch)."""
+    def resources(gres: str | None) -> dict[str, set[str]]:
+        env = {k: v for k, v in ENV.items() if k != "KDBENCH_GRES"} | ({"KDBENCH_GRES": gres} if gres else {})
+        cmd = [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(REPO / "Snakefile"), "--directory",
+               str(tmp_path / (gres or "none")), "--workflow-profile", str(PROFILE), "--configfile", str(TINY)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        found: dict[str, set[str]] = {}
+        for block in out.stdout.split("\nrule ")[1:]:
+            rule = block.split(":", 1)[0]
+            line = next((ln for ln in block.splitlines() if ln.strip().startswith("resources:")), "")
+            found.setdefault(rule, set()).add(next((r.split("=", 1)[1] for r in line.split(", ")
+                                                    if r.startswith("gres=")), "<none>"))
+        return found
+
+    with_gpu = resources("gpu:1")
+    assert {r for r, g in with_gpu.items() if g == {"gpu:1"}} == MODEL_RULES & set(with_gpu)
+    assert {"train_teacher", "cache_shard", "distill"} <= set(with_gpu)  # the tiny table's model rules
+    assert all(g == {"<none>"} for r, g in with_gpu.items() if r not in MODEL_RULES)  # data jobs and gathers
+    assert all(g <= {"", "<none>"} for g in resources(None).values())
