@@ -65,19 +65,17 @@ def estimate(plan: Plan) -> dict[str, list[Stage]]:
         def f(model: str, image_size: int | None = None) -> int:
             return forward_flops(model, src.num_classes, src.in_chans, image_size or size)
 
-        def model_of(tk) -> str:
-            return plan.assistant_model(tk.table, tk.teacher, tk.label) if tk.label else cfg.teachers[tk.teacher].model
-
         trained = {"teachers": [0, 0.0], "assistants": [0, 0.0]}
         for tk in plan.teachers.values():
             if tk.table != name or (not tk.label and cfg.teachers[tk.teacher].checkpoint):
                 continue
             train = cfg.protocol if tk.label else cfg.teachers[tk.teacher].train
-            flops = f(model_of(tk), train.image_size) * train.epochs * (3 * sizes["train"] + sizes["val"])
+            own = split_sizes(plan.data_config(plan.teacher_data_key(tk.key)))  # a teacher's own data, if it has one
+            flops = f(plan.teacher_model(tk), train.image_size) * train.epochs * (3 * own["train"] + own["val"])
             stage = trained["assistants" if tk.label else "teachers"]
             stage[0], stage[1] = stage[0] + 1, stage[1] + flops
         stores = [s for s in plan.stores.values() if s.table == name]
-        store_flops = sum(f(model_of(s.teacher)) * cfg.protocol.views.count * sizes["train"] for s in stores)
+        store_flops = sum(f(plan.teacher_model(s.teacher)) * cfg.protocol.views.count * sizes["train"] for s in stores)
         distill = 0.0
         jobs = [j for j in plan.jobs if j.table == name]
         for job in jobs:
@@ -86,7 +84,7 @@ def estimate(plan: Plan) -> dict[str, list[Stage]]:
             cls, mcfg = plan.method(name, job.label)
             tk = plan.job_teacher(job)
             live = tk is not None and cls.teacher_taps(mcfg) and not plan.job_stores(job)
-            distill += student + (f(model_of(tk)) * p.epochs * sizes["train"] if live else 0)
+            distill += student + (f(plan.teacher_model(tk)) * p.epochs * sizes["train"] if live else 0)
         out[name] = [Stage("teachers", *trained["teachers"]), Stage("assistants", *trained["assistants"]),
                      Stage("store shards", sum(len(plan.store_shards(s.dir)) for s in stores), store_flops),
                      Stage("distill", len(jobs), distill)]

@@ -52,7 +52,7 @@ from kdbench.config import (
     to_raw,
 )
 from kdbench.data.layout import PART_NAME, data_identity, group_count
-from kdbench.data.sources import check_data_config, shard_counts, source_info
+from kdbench.data.sources import check_data_config, is_encoded, shard_counts, source_info
 from kdbench.methods import METHODS
 from kdbench.methods.base import SEARCHED_ASSISTANT
 from kdbench.models import ModelInfo, create_model, model_info
@@ -612,12 +612,8 @@ class Plan:
         """CPUs (the rule's ``threads``) of a job that reads data directory ``key`` and asks for ``threads``: on
         data its jobs may stream (``data.stream`` true, or ``auto`` on a source whose images may differ in size,
         which only its manifest tells), at least one per ``data.workers`` loader worker plus the main process."""
-        from kdbench.data.encoded import EncodedSource
-        from kdbench.data.sources import SOURCES
-
         data = self.data_config(key)
-        any_size = isinstance(SOURCES.get(data.source), EncodedSource)  # an image folder, webdataset shards
-        may_stream = data.stream is True or (data.stream == "auto" and any_size)
+        may_stream = data.stream is True or (data.stream == "auto" and is_encoded(data))
         return max(threads, data.workers + 1) if may_stream else threads
 
     def teacher_data_key(self, key: str) -> str:
@@ -695,10 +691,15 @@ class Plan:
             return self.assistant_key(job.table, job.teacher, job.label)
         return self.teacher_key(job.table, job.teacher)
 
+    def teacher_model(self, tk: TeacherKey) -> str:
+        """The timm model of a teacher key: the teacher's, or its assistant's (a searched one: the teacher's, pruned)."""
+        if tk.label:
+            return self.assistant_model(tk.table, tk.teacher, tk.label)
+        return self.tables[tk.table].cfg.teachers[tk.teacher].model
+
     def _stores_of(self, table: str, tk: TeacherKey, taps: set[str]) -> dict[str, StoreKey]:
         cfg = self.tables[table].cfg
-        model = self.assistant_model(tk.table, tk.teacher, tk.label) if tk.label else self.tables[tk.table].cfg.teachers[tk.teacher].model
-        n = len(_model_info(model, cfg.data, None).feature_shapes)
+        n = len(_model_info(self.teacher_model(tk), cfg.data, None).feature_shapes)
         numerics = Numerics.of(cfg.protocol).delta()  # the teacher's forward (bf16, memory format); {} by default
         spec = _h(self.data_key(table), cfg.protocol.views, cfg.cache, cfg.protocol.eval_batch_size,
                   *([numerics] if numerics else []))

@@ -48,7 +48,7 @@ from kdbench.data.layout import (
     part_file,
     shard_groups,
 )
-from kdbench.data.sources import SOURCES, RawDataset, source_sizes, split_sizes
+from kdbench.data.sources import SOURCES, RawDataset, is_encoded, source_sizes, split_sizes
 from kdbench.errors import ConfigError, DatasetError, DataShardError
 
 _logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def merge(cfg: DataConfig, out_dir: Path, parts: list[dict]) -> dict:
         splits[split] = {"count": sizes[split],
                          "shards": [{"file": e["file"], "count": e["count"], "sha256": e["sha256"]} for e in shards]}
     first = parts[0]
-    encoded = isinstance(SOURCES.get(cfg.source), EncodedSource)
+    encoded = is_encoded(cfg)
     mean, std = mean_std((e for e in entries if e["split"] == "train"), first["channels"])
     manifest = {
         "format_version": FORMAT_VERSION,

@@ -246,6 +246,12 @@ class SourceInfo:
     image_size: int
 
 
+def is_encoded(cfg: DataConfig) -> bool:
+    """Whether the source holds encoded images of any size (``imagefolder``, ``webdataset``), not fixed-size
+    arrays."""
+    return isinstance(SOURCES.get(cfg.source), EncodedSource)
+
+
 def source_info(cfg: DataConfig) -> SourceInfo:
     """The :class:`SourceInfo` of a data config (cheap: an image folder's class folders are listed, no file)."""
     check_data_config(cfg)
