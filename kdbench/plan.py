@@ -670,10 +670,7 @@ class Plan:
         return _h(self._expectation(tk.table, tk.teacher))
 
     def teacher_data_dir(self, key: str) -> str:
-        tk = self.teachers[key]
-        if tk.label:  # an assistant learns on its table's data
-            return self.data_dir(self.data_key(tk.table))
-        return self.data_dir(self._teacher_data_key(tk.table, tk.teacher))
+        return self.data_dir(self.teacher_data_key(key))
 
     def assistant_key(self, table: str, teacher: str, label: str) -> TeacherKey:
         cfg = self.tables[table].cfg
