@@ -28,6 +28,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/distill.smk"
+include: "workflow/rules/tune.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -40,6 +41,7 @@ localrules:
     study,
     amd_select,
     amd_audit,
+    tune_select,
 
 
 rule all:

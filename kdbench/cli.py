@@ -257,9 +257,14 @@ def cmd_distill(args) -> int | None:
     _check_cell(cfg, args.teacher, args.label)
     teacher_dir = Path(args.teacher_dir) if args.teacher_dir else None
     stores = _stores(args.store)
+    tuning = None
+    if args.tuned:  # a final run of a tuned table: the cell's selected values
+        from kdbench.tuning import apply_selection
+
+        cfg, tuning = apply_selection(cfg, args.teacher, args.student, args.label, Path(args.tuned))
     record = _preemptible(lambda: run_distill(
         cfg, args.teacher, args.student, args.label, args.seed, Path(args.data), teacher_dir, stores,
-        Path(args.out), checkpoint_every=args.checkpoint_every,
+        Path(args.out), checkpoint_every=args.checkpoint_every, tuning=tuning,
     ))
     if record is None:
         return EXIT_PREEMPTED
@@ -268,6 +273,34 @@ def cmd_distill(args) -> int | None:
         _done(f"{run}: test top-1 {record.final.test_top1:.2f}% in {record.cost.wall_time_s:.0f} s")
     else:
         _done(f"{run}: skipped ({record.skip_reason})")
+
+
+def cmd_trial(args) -> int | None:
+    from kdbench.distill import run_trial
+    from kdbench.train.checkpoint import EXIT_PREEMPTED
+
+    cfg = _config(args)
+    _check_cell(cfg, args.teacher, args.label)
+    teacher_dir = Path(args.teacher_dir) if args.teacher_dir else None
+    trial = _preemptible(lambda: run_trial(
+        cfg, args.teacher, args.student, args.label, args.trial, args.seed, Path(args.data), teacher_dir,
+        _stores(args.store), Path(args.out), checkpoint_every=args.checkpoint_every,
+    ))
+    if trial is None:
+        return EXIT_PREEMPTED
+    _done(f"{cfg.name}: {args.teacher}/{args.student}/{args.label} trial {args.trial} seed {args.seed}:"
+          f" {trial['metric']} {trial['score']:.2f} in {trial['wall_time_s']:.0f} s")
+
+
+def cmd_tune_select(args) -> None:
+    from kdbench.tuning import select_cell
+
+    cfg = _config(args)
+    _check_cell(cfg, args.teacher, args.label)
+    sel = select_cell(cfg, args.teacher, args.student, args.label, args.trials, Path(args.out))
+    _done(f"{cfg.name}: {args.teacher}/{args.student}/{args.label}: trial {sel['selected_trial']} of"
+          f" {sel['trials']} selected ({sel['metric']} {sel['selected_score']:.2f}, configured values"
+          f" {sel['default_score']:.2f}) -> {args.out}")
 
 
 def _amd_args(args):
@@ -561,7 +594,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-dir", help="teacher (or assistant) directory; not needed by the baseline")
     store_option(p, f"a store of a cached teacher tap the method reads (repeatable){named}", action="append")
     p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--tuned", metavar="SELECTED", help="a tuned table's final run: the cell's selected.json"
+                   " (kdbench tune-select), whose values replace the configured ones")
     checkpoint_option(p)
+
+    p = add("trial", cmd_trial, "one trial of a tuned cell: its values, the tuning budget, scored on val only")
+    p.add_argument("--teacher", required=True, help="teacher name in the config")
+    p.add_argument("--student", required=True, help="timm model name")
+    p.add_argument("--method-label", dest="label", required=True, metavar="LABEL", help="method label")
+    p.add_argument("--trial", required=True, type=int, help="trial index (0: the configured values)")
+    p.add_argument("--seed", required=True, type=int, help="one of tune.budget.seeds")
+    p.add_argument("--data", required=True, help="data directory")
+    p.add_argument("--teacher-dir", help="teacher (or assistant) directory; not needed by the baseline")
+    store_option(p, f"a store of a cached teacher tap the method reads (repeatable){named}", action="append")
+    p.add_argument("--out", required=True, help="trial directory")
+    checkpoint_option(p)
+
+    p = add("tune-select", cmd_tune_select, "a tuned cell's winner from its trials -> selected.json, study.journal")
+    p.add_argument("--teacher", required=True, help="teacher name in the config")
+    p.add_argument("--student", required=True, help="timm model name")
+    p.add_argument("--method-label", dest="label", required=True, metavar="LABEL", help="method label")
+    p.add_argument("--trials", required=True, nargs="+", help="the cell's trial.json files")
+    p.add_argument("--out", required=True, help="the cell's tuning directory")
 
     def amd_common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--teacher", required=True, help="teacher name in the config")

@@ -309,6 +309,58 @@ class Runtime:
     threads: int = 1
 
 
+#: The protocol's shared knobs a table may tune for every method (the student alone included), and ``method``:
+#: every parameter of the method's own ``search_space`` (:mod:`kdbench.space`).
+TUNE_KNOBS = ("lr", "weight_decay", "method")
+#: What a trial is scored on (val only: a trial never computes a test metric).
+TUNE_METRICS = ("val_top1", "val_map_cosine", "val_map_euclidean")
+TUNE_SAMPLERS = ("random", "qmc")
+
+
+@dataclass(frozen=True)
+class TuneBudget:
+    """What one trial costs.
+
+    Attributes:
+        epochs: Training epochs of a trial (its own cosine or step schedule over them); ``None``: the protocol's.
+        seeds: The seeds every trial runs with; a trial's score is the mean of its seeds' scores.
+    """
+
+    epochs: int | None = None
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """A table's ``tune:`` section: the same trial budget for every method of the table (:mod:`kdbench.tuning`).
+
+    Attributes:
+        trials: Trials K per (teacher, student, method label); trial 0 is the configured (paper) values.
+        sampler: ``random`` (Optuna's ``RandomSampler``) or ``qmc`` (``QMCSampler``, scrambled Sobol); both
+            seeded and non-adaptive, so every trial is proposed before any runs.
+        seed: Seed of the sampler (with the teacher, student and label: every cell draws its own trials).
+        knobs: What is tuned: ``lr`` and ``weight_decay`` (the protocol's, per method; the student alone
+            included) and ``method`` (every parameter of the method's ``search_space``).
+        lr_range: ``[low, high]`` of the log-uniform learning rate; ``None``: the student's lr / 3 to x 3.
+        weight_decay_range: ``[low, high]`` of the log-uniform weight decay; ``None``: the protocol's / 10 to x 10.
+        budget: What one trial runs (:class:`TuneBudget`).
+        metric: The val metric trials are scored on: ``val_top1`` (last epoch), or a retrieval mAP on val
+            queries (``val_map_cosine``, ``val_map_euclidean``; needs ``protocol.retrieval_tap``).
+        rule: How the winner is chosen: ``best_mean`` (the highest mean score over the budget's seeds; a tie
+            goes to the lowest trial, so the configured values win ties and tuning never looks worse on val).
+    """
+
+    trials: int = 8
+    sampler: str = "random"
+    seed: int = 0
+    knobs: tuple[str, ...] = TUNE_KNOBS
+    lr_range: tuple[float, float] | None = None
+    weight_decay_range: tuple[float, float] | None = None
+    budget: TuneBudget = field(default_factory=TuneBudget)
+    metric: str = "val_top1"
+    rule: str = "best_mean"
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole experiment matrix: one protocol, one leaderboard.
@@ -328,6 +380,7 @@ class Config:
     runtime: Runtime = field(default_factory=Runtime)
     source: str = "<dict>"
     pairs: tuple[tuple[str, str], ...] | None = None
+    tune: TuneConfig | None = None
 
     def protocol_hash(self) -> str:
         return self.protocol.hash()
@@ -435,7 +488,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the config must be a mapping at the top level")
-    top = {"name", "data", "protocol", "cache", "teachers", "students", "pairs", "methods", "seeds", "runtime"}
+    top = {"name", "data", "protocol", "cache", "teachers", "students", "pairs", "methods", "seeds", "runtime", "tune"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key '{unknown[0]}'; valid keys: {', '.join(sorted(top))}")
@@ -546,7 +599,43 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
         runtime=runtime,
         source=source,
         pairs=pairs,
+        tune=_parse_tune(raw["tune"], protocol, source) if raw.get("tune") is not None else None,
     )
+
+
+def _parse_tune(raw: Any, protocol: Protocol, source: str) -> TuneConfig:
+    """The ``tune:`` section; every error names the file and the dotted key."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: key 'tune' must be a mapping (trials, sampler, seed, knobs, budget, metric,"
+                          " rule; see workflow/config/README.md)")
+    tune = build_dataclass(TuneConfig, raw, "tune", source)
+    bad_knob = next((k for k in tune.knobs if k not in TUNE_KNOBS), None)
+    checks = [
+        (tune.trials >= 1, "trials", "must be >= 1 (trial 0 is the configured values)"),
+        (tune.sampler in TUNE_SAMPLERS, "sampler", f"must be one of {', '.join(TUNE_SAMPLERS)}, got {tune.sampler!r}"),
+        (bad_knob is None, "knobs", f"has the unknown knob {bad_knob!r}; valid knobs: {', '.join(TUNE_KNOBS)}"),
+        (len(set(tune.knobs)) == len(tune.knobs), "knobs", f"lists a knob twice: {list(tune.knobs)}"),
+        (bool(tune.knobs), "knobs", "must list at least one knob"),
+        (tune.budget.epochs is None or tune.budget.epochs >= 1, "budget.epochs", "must be >= 1 (or null: the"
+         " protocol's)"),
+        (bool(tune.budget.seeds) and len(set(tune.budget.seeds)) == len(tune.budget.seeds), "budget.seeds",
+         "must be a non-empty list of distinct integers"),
+        (tune.metric in TUNE_METRICS, "metric", f"must be one of {', '.join(TUNE_METRICS)}, got {tune.metric!r}"),
+        (tune.metric == "val_top1" or protocol.retrieval_tap is not None, "metric",
+         f"is {tune.metric!r}, a retrieval score, but 'protocol.retrieval_tap' is not set. Fix: set"
+         " 'protocol.retrieval_tap' or select on 'val_top1'"),
+        (tune.rule == "best_mean", "rule", f"must be 'best_mean', got {tune.rule!r}"),
+        ("weight_decay" not in tune.knobs or protocol.weight_decay > 0 or tune.weight_decay_range is not None,
+         "knobs", "tunes 'weight_decay' around 'protocol.weight_decay', which is 0. Fix: set"
+         " 'tune.weight_decay_range: [low, high]' or remove 'weight_decay' from 'tune.knobs'"),
+    ]
+    for key in ("lr_range", "weight_decay_range"):
+        r = getattr(tune, key)
+        checks.append((r is None or 0 < r[0] < r[1], key, f"must be [low, high] with 0 < low < high, got {r}"))
+    for ok, key, msg in checks:
+        if not ok:
+            raise ConfigError(f"{source}: key 'tune.{key}' {msg}")
+    return tune
 
 
 def _parse_pairs(raw: Any, teachers: Mapping[str, TeacherConfig], source: str) -> tuple[tuple[str, str], ...]:
@@ -603,6 +692,7 @@ def to_raw(cfg: Config) -> dict:
         "methods": {label: method(entry) for label, entry in cfg.methods.items()},
         "seeds": list(cfg.seeds),
         "runtime": to_jsonable(cfg.runtime),
+        **({} if cfg.tune is None else {"tune": to_jsonable(cfg.tune)}),
     }
 
 

@@ -15,12 +15,13 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from kdbench._util import read_json, sha256_file, stable_hash
+from kdbench._util import read_json, sha256_file, stable_hash, write_json_atomic
 from kdbench.cache.inputs import JobInputs, open_inputs
 from kdbench.cache.source import CachedTeacher, LiveTeacher
 from kdbench.cache.store import ShardedTeacherStore, StoreError, TeacherStore
@@ -36,6 +37,7 @@ from kdbench.runtime import provenance, seed_everything
 from kdbench.taps import normalize_tap, tap_dirname
 from kdbench.train.checkpoint import CHECKPOINT_FILE, Checkpointing
 from kdbench.train.loop import FitResult, TeacherSource, fit
+from kdbench.tuning import TRIAL_FILE, trial_config
 
 _logger = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ def run_distill(
     out_dir: Path,
     init: Path | None = None,
     checkpoint_every: int = 1,
+    tuning: dict | None = None,
 ) -> RunRecord:
     """Trains one student and writes its run directory.
 
@@ -87,8 +90,46 @@ def run_distill(
         checkpoint_every: Write ``out_dir/checkpoint.pt`` every this many epochs (0: never); a job that finds
             its own checkpoint resumes from it (:mod:`kdbench.train.checkpoint`), and deletes it once the
             record is written.
+        tuning: A final tuned run's selection summary (:func:`kdbench.tuning.tuning_summary`): ``cfg`` then
+            carries the selected values, and the record keeps the summary (its ``tuning``).
     """
     wall0 = time.perf_counter()
+    run = _prepare(cfg, teacher, student, label, seed, data_dir, teacher_dir, stores, out_dir, init, checkpoint_every,
+                   "distill")
+    if isinstance(run, RunRecord):
+        return run
+    job = run.job
+    result = fit(run.model, run.method, run.train, {"val": job.split("val"), "test": job.split("test")}, job.data,
+                 cfg.protocol.for_student(student), seed, job.device, run.source, out_dir / "epochs.jsonl",
+                 label=f"{teacher}/{student}/{label}/seed{seed}", checkpoint=run.checkpoint)
+    record = _record(job, run.identity, run.method, run.model, run.s_info, result, teacher_dir, run.store_manifests,
+                     stores, out_dir, wall0, tuning)
+    write_record(out_dir / "record.json", record)
+    run.checkpoint.discard()
+    _logger.info("%s/%s/%s/seed%d: test top-1 %.2f%% (last epoch), %.0fs", teacher, student, label, seed,
+                 record.final.test_top1, record.cost.wall_time_s)
+    return record
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A job ready to train: inputs, student, method, teacher source and checkpointing."""
+
+    job: JobInputs
+    identity: Identity
+    model: nn.Module
+    s_info: ModelInfo
+    method: DistillMethod
+    train: Any
+    source: TeacherSource | None
+    store_manifests: dict[str, str]
+    checkpoint: Checkpointing
+
+
+def _prepare(cfg: Config, teacher: str, student: str, label: str, seed: int, data_dir: Path, teacher_dir: Path | None,
+             stores: dict[str, Path], out_dir: Path, init: Path | None, checkpoint_every: int,
+             kind: str) -> _Prepared | RunRecord:
+    """Everything before :func:`fit`, shared by a distill job and a trial; a skipped cell's record instead."""
     entry = cfg.methods[label]
     method_cls: type[DistillMethod] = METHODS.get(entry.method)
     mcfg = method_cls.make_config(entry.params)
@@ -109,19 +150,69 @@ def run_distill(
     train = job.split("train")
     source, store_manifests = _teacher_source(job, method, label, train, stores, t_info)
     checkpoint = Checkpointing(out_dir / CHECKPOINT_FILE, {
-        "job": "distill", "config_hash": config_hash(cfg, label), "protocol_hash": cfg.protocol.hash(),
+        "job": kind, "config_hash": config_hash(cfg, label), "protocol_hash": cfg.protocol.hash(),
         "teacher": teacher, "student": student, "method": label, "seed": seed,
         "teacher_sha256": job.tmeta["sha256"] if job.tmeta else None,
         "data_manifest_sha256": job.data_manifest_sha256(), "init_sha256": sha256_file(init) if init else None,
     }, checkpoint_every)
-    result = fit(model, method, train, {"val": job.split("val"), "test": job.split("test")}, job.data,
-                 cfg.protocol.for_student(student), seed, job.device, source, out_dir / "epochs.jsonl",
-                 label=f"{teacher}/{student}/{label}/seed{seed}", checkpoint=checkpoint)
-    record = _record(job, identity, method, model, s_info, result, teacher_dir, store_manifests, stores, out_dir, wall0)
-    write_record(out_dir / "record.json", record)
-    checkpoint.discard()
-    _logger.info("%s/%s/%s/seed%d: test top-1 %.2f%% (last epoch), %.0fs", teacher, student, label, seed,
-                 record.final.test_top1, record.cost.wall_time_s)
+    return _Prepared(job, identity, model, s_info, method, train, source, store_manifests, checkpoint)
+
+
+def run_trial(
+    cfg: Config,
+    teacher: str,
+    student: str,
+    label: str,
+    trial: int,
+    seed: int,
+    data_dir: Path,
+    teacher_dir: Path | None,
+    stores: dict[str, Path],
+    out_dir: Path,
+    checkpoint_every: int = 1,
+) -> dict:
+    """One trial of a tuned cell (:mod:`kdbench.tuning`): the cell's job with trial ``trial``'s values and the
+    tuning budget's epochs, trained on the training split and scored on val only. It never opens the test
+    split: evaluation after every epoch is on val, and a retrieval score uses val as the queries.
+
+    Args:
+        cfg: The table's resolved config (with its ``tune`` section).
+        trial: The trial's index (0: the configured values).
+        seed: One of the budget's seeds.
+        Others: as :func:`run_distill`.
+
+    Returns:
+        The trial record written to ``out_dir/trial.json``.
+    """
+    wall0 = time.perf_counter()
+    tcfg, values = trial_config(cfg, teacher, student, label, trial)
+    where = f"{teacher}/{student}/{label}/trial{trial}/seed{seed}"
+    run = _prepare(tcfg, teacher, student, label, seed, data_dir, teacher_dir, stores, out_dir, None,
+                   checkpoint_every, "trial")
+    if isinstance(run, RunRecord):
+        raise ConfigError(f"{cfg.source}: {where}: the cell cannot run ({run.skip_reason}); it is not planned")
+    job = run.job
+    result = fit(run.model, run.method, run.train, {"val": job.split("val")}, job.data,
+                 tcfg.protocol.for_student(student), seed, job.device, run.source, out_dir / "epochs.jsonl",
+                 label=where, checkpoint=run.checkpoint)
+    scores = {"val_top1": result.history[-1]["val_top1"]}
+    if cfg.tune.metric != "val_top1":
+        retrieval, _ = _retrieval(job, run.model, queries="val")
+        scores.update({f"val_{k}": v for k, v in retrieval.items() if k.startswith("map_")})
+    record = {
+        "teacher": teacher, "student": student, "label": label, "trial": trial, "seed": seed, "values": values,
+        "metric": cfg.tune.metric, "score": scores[cfg.tune.metric], **scores, "epochs": tcfg.protocol.epochs,
+        "history": result.history, "wall_time_s": time.perf_counter() - wall0 + result.resumed_train_s,
+        "train_time_s": result.train_time_s,
+        "provenance": {**provenance(job.device, job.numerics), "config_file": cfg.source,
+                       "data_manifest_sha256": job.data_manifest_sha256(),
+                       "teacher_sha256": job.tmeta["sha256"] if job.tmeta else None,
+                       "store_manifests": run.store_manifests},
+    }
+    write_json_atomic(out_dir / TRIAL_FILE, record)
+    run.checkpoint.discard()
+    _logger.info("%s: %s %.2f with %s, %.0fs", where, cfg.tune.metric, record["score"], values,
+                 record["wall_time_s"])
     return record
 
 
@@ -209,7 +300,7 @@ def cached_teacher(
 RETRIEVAL_TOP_K = 100  # the official top-100 precision
 
 
-def _retrieval(job: JobInputs, model: nn.Module) -> tuple[dict[str, float | None], float | None]:
+def _retrieval(job: JobInputs, model: nn.Module, queries: str = "test") -> tuple[dict[str, float | None], float | None]:
     """Retrieval mAP and top-100 precision of the trained student, when the protocol asks for them.
 
     The embedding is the student's output at ``protocol.retrieval_tap`` (a feature map globally
@@ -230,7 +321,7 @@ def _retrieval(job: JobInputs, model: nn.Module) -> tuple[dict[str, float | None
     t0 = time.perf_counter()
     protocol = job.cfg.protocol
     image_size = protocol.image_size or job.data.image_size
-    db, queries = job.split("train"), job.split("test")
+    db, queries = job.split("train"), job.split(queries)  # a trial's queries are val
     db_emb = embed(model, db, job.data, image_size, protocol.eval_batch_size, job.device, tap, job.numerics).to(job.device)
     q_emb = embed(model, queries, job.data, image_size, protocol.eval_batch_size, job.device, tap, job.numerics)
     top_k = min(RETRIEVAL_TOP_K, len(db))
@@ -262,7 +353,7 @@ def _assistant_cost(teacher_dir: Path | None) -> tuple[float | None, int | None]
 def _record(
     job: JobInputs, identity: Identity, method: DistillMethod, model: nn.Module, s_info: ModelInfo,
     result: FitResult, teacher_dir: Path | None, store_manifests: dict[str, str], stores: dict[str, Path],
-    out_dir: Path, wall0: float,
+    out_dir: Path, wall0: float, tuning: dict | None = None,
 ) -> RunRecord:
     """Evaluates the trained student (saving it as a model directory) and assembles the run record."""
     cfg, protocol = job.cfg, job.cfg.protocol
@@ -281,7 +372,7 @@ def _record(
         status="ok",
         identity=identity,
         protocol=protocol,
-        protocol_hash=protocol.hash(),
+        protocol_hash=tuning["protocol_hash"] if tuning else protocol.hash(),  # tuned: the table's, as its rows
         views=Views(count=protocol.views.count, epochs=protocol.epochs, repeats=protocol.epochs > protocol.views.count),
         final=Final(
             test_top1=meta["test_top1"],
@@ -322,4 +413,5 @@ def _record(
         inputs={"data": str(job.data_dir), "teacher_dir": str(teacher_dir) if teacher_dir else None,
                 "stores": {tap: str(d) for tap, d in stores.items()}},
         epochs_file="epochs.jsonl",
+        tuning=tuning,
     )

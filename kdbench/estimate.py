@@ -7,7 +7,9 @@ costs three forwards (forward + backward), a teacher forward or an evaluation on
 * teacher (or assistant) training: epochs x train images x 3 F_teacher, plus one evaluation pass of val per epoch;
 * a store: V views x train images x F_teacher (each stored tap is its own job, so each pays its forwards);
 * a distill job: epochs x train images x 3 F_student, plus F_teacher per image and epoch when the teacher runs
-  live, plus one evaluation pass of val and test per epoch.
+  live, plus one evaluation pass of val and test per epoch;
+* a tuned table (``tune:``, :mod:`kdbench.tuning`): its trials (K x the budget's seeds per cell, each a distill
+  job at the budget's epochs, evaluated on val only) and its final tuned runs (one per distill job).
 
 GPU-hours are those FLOPs at an assumed sustained throughput (``gpu_tflops``, 10 TFLOP/s by default: a V100- or
 A100-class GPU in fp32 / TF32 on small CIFAR nets, far below its peak; a data-loading-bound job is slower). Left
@@ -25,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kdbench.data.sources import source_info, split_sizes
 from kdbench.models import create_model
+from kdbench import tuning
 from kdbench.plan import Plan
 
 DEFAULT_GPU_TFLOPS = 10.0
@@ -76,18 +79,27 @@ def estimate(plan: Plan) -> dict[str, list[Stage]]:
             stage[0], stage[1] = stage[0] + 1, stage[1] + flops
         stores = [s for s in plan.stores.values() if s.table == name]
         store_flops = sum(f(plan.teacher_model(s.teacher)) * cfg.protocol.views.count * sizes["train"] for s in stores)
-        distill = 0.0
-        jobs = [j for j in plan.jobs if j.table == name]
-        for job in jobs:
+        def job_flops(job, epochs: int | None = None, splits: tuple[str, ...] = ("val", "test")) -> float:
             p = cfg.protocol.for_student(job.student)
-            student = f(job.student) * p.epochs * (3 * sizes["train"] + sizes["val"] + sizes["test"])
+            e = epochs or p.epochs
+            student = f(job.student) * e * (3 * sizes["train"] + sum(sizes[s] for s in splits))
             cls, mcfg = plan.method(name, job.label)
             tk = plan.job_teacher(job)
             live = tk is not None and cls.teacher_taps(mcfg) and not plan.job_stores(job)
-            distill += student + (f(plan.teacher_model(tk)) * p.epochs * sizes["train"] if live else 0)
-        out[name] = [Stage("teachers", *trained["teachers"]), Stage("assistants", *trained["assistants"]),
-                     Stage("store shards", sum(len(plan.store_shards(s.dir)) for s in stores), store_flops),
-                     Stage("distill", len(jobs), distill)]
+            return student + (f(plan.teacher_model(tk)) * e * sizes["train"] if live else 0)
+
+        jobs = [j for j in plan.jobs if j.table == name]
+        stages = [Stage("teachers", *trained["teachers"]), Stage("assistants", *trained["assistants"]),
+                  Stage("store shards", sum(len(plan.store_shards(s.dir)) for s in stores), store_flops),
+                  Stage("distill", len(jobs), sum(job_flops(j) for j in jobs))]
+        if cfg.tune is not None:  # K trials x budget seeds per cell (val only), then every seed again, tuned
+            cells = tuning.cells(plan, name)
+            per_cell = cfg.tune.trials * len(cfg.tune.budget.seeds)
+            trial_flops = sum(job_flops(plan.job(name, t, s, m, 0), cfg.tune.budget.epochs, ("val",))
+                              for t, s, m in cells)
+            stages += [Stage("trials", per_cell * len(cells), per_cell * trial_flops),
+                       Stage("tuned", len(jobs), stages[-1].flops)]
+        out[name] = stages
     return out
 
 

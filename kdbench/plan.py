@@ -21,6 +21,9 @@ content-addressed, so two tables that need the same data, teacher or store share
 * assistants:      ``results/assistants/<teacher key>.<label>-<hash of table data, protocol, cache, method>/``
 * stores:          ``results/cache/<teacher or assistant key>/<hash of data, views, cache policy>/<tap>/``
 * runs:            ``results/<table>/runs/<teacher>/<student>/<label>/seed<k>/``
+* tuning (a table with ``tune:``, :mod:`kdbench.tuning`): ``results/<table>/tune/<teacher>/<student>/<label>/``
+  (``trial<k>/seed<s>/``, ``selected.json``, ``study.journal``) and the final tuned runs
+  ``results/<table>/tuned/<teacher>/<student>/<label>/seed<k>/``
 * leaderboards:    ``results/<table>/leaderboard/``; the check against ``results/published/<table>/``:
   ``results/<table>/compare.md``.
 * studies:         ``results/<study>/study.{md,csv,png}``.
@@ -89,6 +92,9 @@ class Layout:
     TABLE = f"{RESULTS}/{{table}}"
     RESOLVED = f"{TABLE}/config-{{config_hash}}.resolved.yaml"
     RUN = f"{TABLE}/runs/{{teacher}}/{{student}}/{{label}}/seed{{seed}}"
+    TUNE = f"{TABLE}/tune/{{teacher}}/{{student}}/{{label}}"  # a tuned cell: selected.json, study.journal
+    TRIAL = f"{TUNE}/trial{{trial}}/seed{{seed}}"  # one trial of a cell (kdbench.tuning), scored on val
+    TUNED_RUN = f"{TABLE}/tuned/{{teacher}}/{{student}}/{{label}}/seed{{seed}}"  # a final run, selected values
     LEADERBOARD = f"{TABLE}/leaderboard"
     COMPARE = f"{TABLE}/compare.md"
     AUDIT = f"{TABLE}/audit/{{teacher}}/{{label}}"  # the audit of a searched assistant: .md and .json

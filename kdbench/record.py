@@ -105,6 +105,10 @@ class RunRecord:
     provenance: Mapping[str, Any] | None = None
     inputs: Mapping[str, Any] | None = None
     epochs_file: str | None = None
+    tuning: Mapping[str, Any] | None = None
+    """A final run of a tuned table (:mod:`kdbench.tuning`): the selection it ran with (trials K, the selected
+    trial and values, the configured values, their val scores, every trial's mean, the tuning time); ``None``
+    for a run with the configured values."""
 
 
 def required_keys(section: str) -> tuple[str, ...]:

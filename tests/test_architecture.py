@@ -14,13 +14,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdbench"
 
 LAYERS: list[set[str]] = [
     {"kdbench", "errors", "_util", "_typed", "registry", "taps", "models", "_staged", "cifar_nets", "meta", "retrieval",
-     "record", "prune"},
+     "record", "prune", "space"},
     {"methods", "methods.*"},
     {"config"},
     {"data", "data.codec", "data.encoded", "data.imagefolder", "data.wds_source", "data.sources", "data.layout",
      "data.views", "numerics"},
     {"plan"},
-    {"data.shards", "data.prepare", "data.stream", "runtime", "evaluate", "cache", "cache.store"},
+    {"data.shards", "data.prepare", "data.stream", "runtime", "evaluate", "cache", "cache.store", "tuning"},
     {"modeldir", "train", "train.optim", "train.loop", "train.checkpoint", "cache.source", "cache.inputs"},
     {"teacher", "cache.build", "cache.check"},
     {"distill"},

@@ -13,7 +13,9 @@ import functools
 import inspect
 import json
 import sys
+import typing
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pytest
@@ -25,6 +27,7 @@ from kdbench.meta import DataInfo
 from kdbench.methods import METHODS
 from kdbench.methods.base import TEACHER_VIEWS, DistillMethod, LossOutput, Requirements, StepContext, Targets
 from kdbench.models import ModelInfo, create_model, model_info
+from kdbench.space import Choice, Distribution, IntUniform, LogUniform, Uniform, check_distribution
 from kdbench.taps import TapDict, UndeclaredTapError, compute_taps, parse_tap
 
 DATA = DataInfo(num_classes=10, in_chans=1, image_size=28, num_train=64, mean=(0.5,), std=(0.5,))
@@ -223,6 +226,140 @@ def test_teacher_view_is_declared_and_clean_runs_the_teacher_live(name):
         assert cls.declarations(cfg)["teacher_view"] == view
         if view == "clean":
             assert cls.requirements(cfg).live_teacher, f"{name}: teacher_view 'clean' needs live_teacher"
+
+
+# --- search spaces: what a table that tunes may change ----------------------------------------------------
+
+# The distributions a numeric Config field may be drawn from (a Choice fits a field of its values' type).
+FIELD_DISTRIBUTIONS = {float: (Uniform, LogUniform), int: (IntUniform,)}
+# Integer parameters are mostly structural (stages, layers, memory sizes, curriculum lengths), and may change
+# nothing the method declares (CRD's nce_k): one is tuned only when listed here as a loss hyper-parameter.
+TUNABLE_INTS: set[tuple[str, str]] = set()
+TUNED_NAMES = [n for n in NAMES if METHODS.get(n).search_space]
+
+
+def _ends(dist: Distribution) -> tuple:
+    """The extreme values a trial can draw: ``(low, high)``, or every value of a Choice."""
+    return tuple(dist.values) if isinstance(dist, Choice) else (dist.low, dist.high)
+
+
+def _tuned_params(cls: type[DistillMethod]) -> list[tuple[str, dict]]:
+    """``(label, params)`` of extreme trials: each tunable parameter at each end of its range (the others at
+    their defaults), then every parameter at its first end and every one at its last end at once."""
+    space = cls.search_space
+    out = [(f"{k}={v!r}", {k: v}) for k, d in space.items() for v in _ends(d)]
+    if len(space) > 1:
+        out.append(("all low", {k: _ends(d)[0] for k, d in space.items()}))
+        out.append(("all high", {k: _ends(d)[-1] for k, d in space.items()}))
+    return out
+
+
+@functools.cache
+def _pair_infos() -> tuple[tuple[ModelInfo, ModelInfo], ...]:
+    return tuple((_pristine(t)[1], _pristine(s)[1]) for t, s in PAIRS)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_search_space_is_declared_over_config_fields(name):
+    """Every tunable parameter is a field of the method's Config, with a well-formed distribution that fits
+    the field's type and holds the paper's default (trial 0)."""
+    cls = METHODS.get(name)
+    assert "search_space" in vars(cls), (
+        f"{name}: declare search_space next to Config (empty: nothing to tune)"
+    )
+    space = cls.search_space
+    assert isinstance(space, Mapping), f"{name}: search_space must be a mapping, got {type(space).__name__}"
+    hints = typing.get_type_hints(cls.Config)
+    default = cls.Config()
+    for param, dist in space.items():
+        assert param in hints, (
+            f"{name}: search_space names {param!r}, not a parameter of {cls.Config.__name__}"
+            f" ({', '.join(hints) or 'none'})"
+        )
+        check_distribution(f"{name}.{param}", dist)
+        value = getattr(default, param)
+        assert dist.contains(value), f"{name}: the default {param} = {value!r} lies outside {dist}"
+        hint = hints[param]
+        if isinstance(dist, Choice):
+            assert all(isinstance(v, hint) for v in dist.values), (
+                f"{name}: {param} is a {hint} field, but {dist} offers other types"
+            )
+        else:
+            assert isinstance(dist, FIELD_DISTRIBUTIONS.get(hint, ())), (
+                f"{name}: {param} is a {hint} field; {type(dist).__name__} does not fit it"
+            )
+        assert not (isinstance(value, (int, float)) and value == 0), (
+            f"{name}: {param} is 0 by default (a term switched off); tuning it would switch the term on"
+        )
+        assert "epoch" not in param, f"{name}: {param} is tied to the epoch count; it must not be tuned"
+        assert not isinstance(value, int) or isinstance(value, bool) or (name, param) in TUNABLE_INTS, (
+            f"{name}: {param} is an integer, usually structural; list it in TUNABLE_INTS only if it is a loss"
+            " hyper-parameter"
+        )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_search_space_is_documented(name):
+    cls = METHODS.get(name)
+    doc = inspect.getdoc(sys.modules[cls.__module__]) or ""
+    assert "Search space:" in doc, (
+        f"{name}: the module docstring needs a 'Search space:' line (ranges and why)"
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tuning_cannot_change_declarations(name):
+    """A trial at any end of the search space declares what the default declares (taps, requirements, teacher
+    view, assistant) and can run the same pairs: it reads the default's stores and assistant."""
+    cls = METHODS.get(name)
+    default = cls.make_config({})
+    declared = cls.declarations(default)
+    runnable = [cls.compatibility(default, t, s) is None for t, s in _pair_infos()]
+    for label, params in _tuned_params(cls):
+        cfg = cls.make_config(params)
+        assert cls.declarations(cfg) == declared, (
+            f"{name}: the trial {label} changes the declarations: {cls.declarations(cfg)} != {declared}"
+            " (a structural parameter or a switched-off term is in search_space)"
+        )
+        got = [cls.compatibility(cfg, t, s) is None for t, s in _pair_infos()]
+        assert got == runnable, (
+            f"{name}: the trial {label} changes which pairs can run ({got} != {runnable} on {PAIR_IDS})"
+        )
+
+
+@pytest.mark.parametrize("name", TUNED_NAMES)
+def test_tuning_keeps_the_method_modules(name):
+    """A trial builds the same adapters and buffers as the default (same names and shapes): the sizes of
+    projectors, embeddings and memories are structural."""
+
+    def shapes(params: dict) -> dict[str, tuple[int, ...]]:
+        method = _setup(name, PAIRS[0], params=params).method
+        return {k: tuple(v.shape) for k, v in method.state_dict().items()}
+
+    default = shapes({})
+    for label, params in _tuned_params(METHODS.get(name)):
+        assert shapes(params) == default, f"{name}: the trial {label} builds other modules than the default"
+
+
+def test_baseline_search_space_is_empty():
+    """The student alone has nothing of its own to tune (its lr and weight decay are the protocol's shared
+    knobs)."""
+    assert dict(METHODS.get("baseline").search_space) == {}
+
+
+@pytest.mark.parametrize("side", [0, -1], ids=["low", "high"])
+@pytest.mark.parametrize("name", TUNED_NAMES)
+def test_forward_backward_at_the_ends_of_the_search_space(name, side):
+    """Every parameter at its low (high) end at once still gives a finite loss whose gradient reaches the
+    student."""
+    params = {k: _ends(d)[side] for k, d in METHODS.get(name).search_space.items()}
+    su = _setup(name, PAIRS[0], params=params)
+    out = _step(su)
+    _check_output(out, name)
+    out.loss.backward()
+    assert any(bool(p.grad.abs().sum() > 0) for p in su.student.parameters() if p.grad is not None), (
+        f"{name} at {params}: no gradient reaches the student"
+    )
 
 
 # --- one training step on real (tiny) models --------------------------------------------------------------

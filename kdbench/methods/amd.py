@@ -28,11 +28,16 @@ Deviations from the paper (its formulas and hyper-parameters could not be verifi
     channel group; kdbench's staged CNN teachers only (conv channels; no ViT head pruning yet).
   * Joint training: the full teacher is not part of the sandwich (it is the frozen reference); the candidates'
     BatchNorm statistics are recomputed on training views after joint training (as slimmable networks do).
+
+Search space: kd_weight and feat_weight log-uniform in [0.1, 10] (one decade either side of our 1) and tau
+uniform in [1, 4] (around our 1), for the TA -> student step only: the searched assistant is built once with
+the configured values, and the grid, sandwich and stage epochs are structural or tied to the epoch count.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,7 @@ from kdbench.methods.base import SEARCHED_ASSISTANT, DistillMethod, LossOutput, 
 from kdbench.methods.fitnet import resize_to
 from kdbench.methods.kd import kd_loss
 from kdbench.models import STAGED_CNNS, ModelInfo, split_pruned_name
+from kdbench.space import Uniform, around
 from kdbench.taps import feature_tap
 
 FEATURE = feature_tap(-1)
@@ -113,6 +119,9 @@ class AMDConfig:
 class AMD(DistillMethod):
     name = "amd"
     Config = AMDConfig
+    search_space = MappingProxyType(
+        {"kd_weight": around(1.0, 10.0), "feat_weight": around(1.0, 10.0), "tau": Uniform(1.0, 4.0)}
+    )
     reference = "Han et al. 2024, AMD: Automatic Multi-step Distillation of Large-scale Vision Models, ECCV 2024, arXiv:2407.04208"
 
     @classmethod

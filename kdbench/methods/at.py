@@ -21,11 +21,16 @@ Deviations from the paper:
     form, which we keep so that the CRD-protocol numbers are comparable.
   * ``mean`` over channels instead of ``sum`` (identical after normalisation), and ``|A|^p`` for any ``p``
     (identical to RepDistiller's ``A^p`` for the default p = 2).
+
+Search space: beta log-uniform in [100, 10000] (one decade either side of the paper's 1000). The stages are
+structural, p selects the attention function (the paper's ablation; p = 2 its choice), ce_weight stays 1
+and the KD term stays off (tuning kd_weight would add a teacher tap), so none of them is tuned.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,7 @@ import torch.nn.functional as F
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
 from kdbench.methods.kd import optional_kd_term
 from kdbench.models import ModelInfo
+from kdbench.space import around
 from kdbench.taps import feature_tap
 
 
@@ -98,6 +104,7 @@ def _stage_taps(cfg: ATConfig) -> list[str]:
 class AT(DistillMethod):
     name = "at"
     Config = ATConfig
+    search_space = MappingProxyType({"beta": around(1000.0, 10.0)})
     reference = "Zagoruyko & Komodakis 2017, Paying More Attention to Attention, ICLR 2017, arXiv:1612.03928"
 
     @classmethod

@@ -21,6 +21,7 @@ from kdbench._typed import coerce_value
 from kdbench.meta import DataInfo
 from kdbench.models import ModelInfo
 from kdbench.registry import Registry
+from kdbench.space import Distribution
 from kdbench.taps import TapDict
 
 
@@ -147,6 +148,10 @@ class DistillMethod(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]
     reference: ClassVar[str]
+    search_space: ClassVar[Mapping[str, Distribution]] = {}
+    """The distributions of the method's tunable ``Config`` parameters, around the paper's defaults
+    (:mod:`kdbench.space`); a table that tunes draws its trials from them (:mod:`kdbench.tuning`). Empty: the
+    method has nothing of its own to tune (the protocol's shared knobs may still be tuned)."""
 
     def __init__(self, cfg: Any, *, teacher: ModelInfo | None, student: ModelInfo, data: DataInfo) -> None:
         super().__init__()

@@ -29,6 +29,11 @@ Deviations from the paper:
     not see the labels of the whole training split (and with mixup a view has two labels).
   * The memory banks are initialised from a generator seeded by the base seed (RepDistiller uses the global
     RNG), with RepDistiller's distribution ``U(-s, s)``, ``s = 1 / sqrt(feat_dim / 3)``.
+
+Search space: weight log-uniform in [0.08, 8] (one decade either side of the paper's 0.8) and nce_t in
+[0.035, 0.14] (a factor 2 either side of 0.07: contrastive temperatures are sensitive; OUR CHOICE). feat_dim
+and nce_k size the embeddings and the memory, nce_m is the memory's update rule, ce_weight stays 1 and the KD
+term stays off (tuning kd_weight would add a teacher tap): none of them is tuned.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn as nn
@@ -50,6 +56,7 @@ from kdbench.methods.base import (
 )
 from kdbench.methods.kd import optional_kd_term
 from kdbench.models import ModelInfo
+from kdbench.space import around
 
 _logger = logging.getLogger(__name__)
 
@@ -134,6 +141,7 @@ _SEED_MASK = (1 << 63) - 1
 class CRD(DistillMethod):
     name = "crd"
     Config = CRDConfig
+    search_space = MappingProxyType({"weight": around(0.8, 10.0), "nce_t": around(0.07, 2.0)})
     reference = "Tian et al. 2020, Contrastive Representation Distillation, ICLR 2020, arXiv:1910.10699"
 
     @classmethod

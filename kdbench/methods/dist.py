@@ -20,15 +20,20 @@ batch; a top-k cache with a uniform residual makes the dropped classes' columns 
 
 Deviations from the paper: none in the loss (Pearson with the official ``eps = 1e-8``). DIST reads no labels,
 so mixup needs no special handling.
+
+Search space: beta and gamma log-uniform in [0.5, 4] (centred on the paper's 1-2, the official default and
+the ImageNet recipe), tau uniform in [1, 4] (around the default 1); ce_weight stays 1.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
 from kdbench.methods.base import DistillMethod, LossOutput, Requirements, cross_entropy, register_method
+from kdbench.space import LogUniform, Uniform
 
 
 def pearson_correlation(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -119,6 +124,9 @@ class DISTConfig:
 class DIST(DistillMethod):
     name = "dist"
     Config = DISTConfig
+    search_space = MappingProxyType(
+        {"beta": LogUniform(0.5, 4.0), "gamma": LogUniform(0.5, 4.0), "tau": Uniform(1.0, 4.0)}
+    )
     reference = (
         "Huang et al. 2022, Knowledge Distillation from A Stronger Teacher, NeurIPS 2022, arXiv:2205.10536"
     )

@@ -26,11 +26,16 @@ Deviations from the paper:
   * Regressor activation: the paper requires the regressor to have the same non-linearity as the teacher's
     hint layer. ``regressor_act = "auto"`` uses ReLU for CNN teachers (as RepDistiller's ``ConvReg`` always
     does) and none for ViT teachers, whose token maps take negative values a ReLU could never match.
+
+Search space: hint_weight log-uniform in [10, 1000] (one decade either side of RepDistiller's 100). The hint
+stage and the regressor are structural, ce_weight stays 1, and the KD term stays off (tuning kd_weight would
+add a teacher tap; tau only matters with it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn as nn
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
 from kdbench.methods.kd import optional_kd_term
 from kdbench.models import ModelInfo
+from kdbench.space import around
 from kdbench.taps import feature_tap
 
 
@@ -111,6 +117,7 @@ def _stage_reason(info: ModelInfo, stage: int, who: str) -> str | None:
 class FitNet(DistillMethod):
     name = "fitnet"
     Config = FitNetConfig
+    search_space = MappingProxyType({"hint_weight": around(100.0, 10.0)})
     reference = "Romero et al. 2015, FitNets: Hints for Thin Deep Nets, ICLR 2015, arXiv:1412.6550"
 
     @classmethod

@@ -54,11 +54,15 @@ Deviations from the paper:
   * No decay on 1-d parameters is the protocol's ``weight_decay_exclude_1d``; big_vision decays only
     ``kernel`` weights, so ViT position embeddings and class tokens (decayed here) are not decayed there.
   * One teacher (big_vision sums the losses of several teachers).
+
+Search space: tau log-uniform in [1, 10] (1 on ImageNet, up to 10 in the paper's small-dataset configs,
+methods.md §2.5); teacher_view is the ablation's variant (it changes the declared view), never tuned.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from kdbench.methods.base import (
     TEACHER_VIEWS,
@@ -69,6 +73,7 @@ from kdbench.methods.base import (
     register_method,
 )
 from kdbench.methods.kd import kd_loss
+from kdbench.space import LogUniform
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class FunMatchConfig:
 class FunMatch(DistillMethod):
     name = "funmatch"
     Config = FunMatchConfig
+    search_space = MappingProxyType({"tau": LogUniform(1.0, 10.0)})
     reference = (
         "Beyer et al. 2022, Knowledge distillation: A good teacher is patient and consistent, CVPR 2022, "
         "arXiv:2106.05237"

@@ -75,6 +75,10 @@ Deviations from the paper:
     adaptive-average-pooled to the smaller (also covers teacher maps that the cache policy pooled).
   * The official embedding is FC1 after ReLU; ours is each model's ``pre_logits`` (global-average-pooled last
     stage for kdbench's CNNs).
+
+Search space: mse_weight log-uniform in [0.1, 10] and pkt_weight in [3000, 300000] (one decade either side
+of 1 and of PKT's 30000). The paired layers and the curriculum (num_layers, a, reference_epochs) are
+structural or tied to the epoch count, and ce_weight stays 0 (tuning it would add the student's logits tap).
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +96,7 @@ from torch.nn.utils import prune
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
 from kdbench.methods.pkt import pkt_loss
 from kdbench.models import STAGED_CNNS, ModelInfo
+from kdbench.space import around
 from kdbench.taps import feature_tap
 
 _logger = logging.getLogger(__name__)
@@ -250,6 +256,7 @@ class InDistillConfig:
 class InDistill(DistillMethod):
     name = "indistill"
     Config = InDistillConfig
+    search_space = MappingProxyType({"mse_weight": around(1.0, 10.0), "pkt_weight": around(30000.0, 10.0)})
     reference = (
         "Sarridis et al. 2025, InDistill: Information flow-preserving knowledge distillation for model "
         "compression, WACV 2025, arXiv:2205.10003"

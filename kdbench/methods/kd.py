@@ -6,17 +6,23 @@ KL averaged over the batch. Defaults are the CRD / RepDistiller CIFAR-100 protoc
 0.9).
 
 Deviations from the paper: none (the paper fixes no weights; we take RepDistiller's).
+
+Search space: tau uniform in [1, 8] (around RepDistiller's 4) and kd_weight log-uniform in [0.09, 9] (one
+decade either side of 0.9); ce_weight stays 0.1, since kd_weight sets the KD/CE balance and the learning rate
+(a shared knob) the overall scale.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Mapping
 
 import torch
 import torch.nn.functional as F
 
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
+from kdbench.space import Uniform, around
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -68,6 +74,7 @@ class KDConfig:
 class KD(DistillMethod):
     name = "kd"
     Config = KDConfig
+    search_space = MappingProxyType({"tau": Uniform(1.0, 8.0), "kd_weight": around(0.9, 10.0)})
     reference = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531"
 
     def loss(self, student, teacher, targets, ctx) -> LossOutput:

@@ -13,16 +13,21 @@ Defaults are RepDistiller's CIFAR-100 recipe (``distiller_zoo/PKT.py``, the auth
 
 Deviations from the paper: none in the loss, which is the authors' cosine-kernel implementation (including its
 ``mean`` rather than ``sum`` over the ``B x B`` entries and ``eps = 1e-7``).
+
+Search space: weight log-uniform in [3000, 300000] (one decade either side of RepDistiller's 30000);
+ce_weight stays 1 and the KD term stays off (tuning kd_weight would add a teacher tap).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
 from kdbench.methods.kd import optional_kd_term
+from kdbench.space import around
 
 
 def cosine_kernel_probs(f: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -75,6 +80,7 @@ class PKTConfig:
 class PKT(DistillMethod):
     name = "pkt"
     Config = PKTConfig
+    search_space = MappingProxyType({"weight": around(30000.0, 10.0)})
     reference = (
         "Passalis & Tefas 2018, Learning Deep Representations with Probabilistic Knowledge Transfer, "
         "ECCV 2018, "

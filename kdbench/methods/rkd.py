@@ -13,17 +13,23 @@ Deviations from the paper: the weights are RepDistiller's (25 / 50); the paper's
 use lambda_D = 1, lambda_A = 2 (same 1 : 2 ratio), and its classification tables also report RKD combined with
 KD (our optional ``kd_weight``, off by default as RepDistiller's ``-a 0``). The paper's classification weights
 were not re-checked here; we keep RepDistiller's so that the numbers are comparable with the CRD benchmark.
+
+Search space: distance_weight log-uniform in [2.5, 250] and angle_weight in [5, 500] (one decade either side
+of RepDistiller's 25 / 50, independently, so the ratio varies too); ``weight`` only multiplies both and is not
+tuned, ce_weight stays 1 and the KD term stays off (tuning kd_weight would add a teacher tap).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 
 from kdbench.methods.base import DistillMethod, LossOutput, cross_entropy, register_method
 from kdbench.methods.kd import optional_kd_term
+from kdbench.space import around
 
 
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -106,6 +112,9 @@ class RKDConfig:
 class RKD(DistillMethod):
     name = "rkd"
     Config = RKDConfig
+    search_space = MappingProxyType(
+        {"distance_weight": around(25.0, 10.0), "angle_weight": around(50.0, 10.0)}
+    )
     reference = "Park et al. 2019, Relational Knowledge Distillation, CVPR 2019, arXiv:1904.05068"
 
     @classmethod

@@ -58,12 +58,17 @@ Deviations from the paper:
   * Ablations: ``tpp = False`` gives the stage-``n - 1`` CAP learned queries against the teacher's stage
     ``n - 1`` (``feature[teacher_stage]``) and the stage-``n`` CAP learned queries; ``alt_view = False`` drops
     the alternative view (and its CAPs).
+
+Search space: alpha_dir, alpha_alt and kd_weight log-uniform one decade either side of the paper's 0.08,
+0.06 and 0.5, tau uniform in [1, 4] (around its 1); ce_weight stays 0.5, and the CAP's sizes and softmax
+scale, the stages and the tpp / alt_view variants are structural, never tuned.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable
 
 import torch
@@ -75,6 +80,7 @@ from kdbench.methods.base import DistillMethod, LossOutput, Requirements, cross_
 from kdbench.methods.fitnet import resize_to
 from kdbench.methods.kd import kd_loss
 from kdbench.models import ModelInfo
+from kdbench.space import Uniform, around
 from kdbench.taps import feature_tap
 
 # --- pure functions --------------------------------------------------------------------------------------
@@ -345,6 +351,12 @@ def _stage_reason(info: ModelInfo, stage: int, key: str, who: str) -> str | None
 class ScaleKD(DistillMethod):
     name = "scalekd"
     Config = ScaleKDConfig
+    search_space = MappingProxyType({
+        "alpha_dir": around(0.08, 10.0),
+        "alpha_alt": around(0.06, 10.0),
+        "kd_weight": around(0.5, 10.0),
+        "tau": Uniform(1.0, 4.0),
+    })
     reference = ("Fan et al. 2024, ScaleKD: Strong Vision Transformers Could Be Excellent Teachers, NeurIPS 2024, "
                  "arXiv:2411.06786")
 

@@ -5,7 +5,9 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+from kdbench import tuning
 from kdbench.plan import Layout as L, Plan, resolve_study, resolve_tables, write_resolved
+from kdbench.tuning import SELECTED_FILE, STUDY_FILE, TRIAL_FILE
 
 # `--configfile` files (default: workflow/config/config.yaml) and `--config` overrides, resolved once. The
 # Snakefile has no `configfile:` directive on purpose: Snakemake would deep-merge the default into every other
@@ -205,6 +207,36 @@ def distill_args(wildcards, output):
         *([f"--teacher-dir {q(tk.dir)}"] if tk else []),
         *(f"--store {q(s.dir)}" for s in PLAN.job_stores(job).values()),
     ])
+
+
+def cell_job(wildcards):
+    """The first-seed job of a tuned cell: a trial reads what the cell's jobs read."""
+    return PLAN.job(wildcards.table, wildcards.teacher, wildcards.student, wildcards.label,
+                    PLAN.tables[wildcards.table].cfg.seeds[0])
+
+
+def trial_inputs(wildcards):
+    return distill_inputs(cell_job(wildcards))
+
+
+def cell_args(wildcards):
+    """The cell's distill arguments without the seed (a trial takes its own)."""
+    job = cell_job(wildcards)
+    return distill_args(job, None).replace(f" --seed {job.seed} ", " ")
+
+
+def select_inputs(wildcards):
+    return tuning.trial_files(PLAN, wildcards.table, wildcards.teacher, wildcards.student, wildcards.label)
+
+
+def tuned_inputs(wildcards):
+    return {**distill_inputs(wildcards),
+            "selected": tuning.selected_file(wildcards.table, wildcards.teacher, wildcards.student, wildcards.label)}
+
+
+def table_records(wildcards):
+    """A table's run records: its runs with the configured values and, when it tunes, its final tuned runs."""
+    return PLAN.records(wildcards.table) + tuning.tuned_records(PLAN, wildcards.table)
 
 
 def compare_inputs(wildcards):

@@ -1,7 +1,7 @@
 rule leaderboard:
     """Gather: a table's run records -> leaderboard (md / csv / html) and plots."""
     input:
-        lambda wildcards: PLAN.records(wildcards.table),
+        table_records,
     output:
         md=report(
             f"{L.LEADERBOARD}/leaderboard.md",
