@@ -419,6 +419,11 @@ def cmd_plan(args) -> None:
         overrides[key] = value  # read as YAML by the plan, as the workflow reads snakemake --config
     plan = Plan.resolve(args.configfile or [], overrides)
     print(plan.render())
+    from kdbench.tuning import render_tuning
+
+    for name in plan.tables:
+        if plan.tables[name].cfg.tune is not None:
+            print(render_tuning(plan, name))
     if args.estimate:
         from kdbench.estimate import DEFAULT_GPU_TFLOPS, estimate, render
 
@@ -458,9 +463,9 @@ def method_rows() -> list[dict[str, Any]]:
     for name in METHODS.names():
         cls = METHODS.get(name)
         cfg = cls.Config()
-        rows.append(
-            {"name": name, "parameters": to_jsonable(cfg), **cls.declarations(cfg), "reference": cls.reference}
-        )
+        space = {k: {"distribution": type(d).__name__, **to_jsonable(d)} for k, d in cls.search_space.items()}
+        rows.append({"name": name, "parameters": to_jsonable(cfg), **cls.declarations(cfg), "search_space": space,
+                     "reference": cls.reference})
     return rows
 
 
@@ -475,6 +480,8 @@ def render_methods(rows: list[dict[str, Any]]) -> str:
             ("teacher view", r["teacher_view"]),
             ("requires", ", ".join(k for k, v in r["requirements"].items() if v)),
             ("assistant", r["assistant"] or ""),
+            ("search space", ", ".join(f"{k} {d['distribution']}" + str([v for f, v in d.items() if f != "distribution"])
+                                       for k, d in r["search_space"].items())),
             ("reference", r["reference"]),
         ]
         blocks.append("\n".join([r["name"], *(f"  {key:<13} {value or '-'}" for key, value in fields)]))

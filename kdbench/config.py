@@ -322,7 +322,9 @@ class TuneBudget:
     """What one trial costs.
 
     Attributes:
-        epochs: Training epochs of a trial (its own cosine or step schedule over them); ``None``: the protocol's.
+        epochs: Training epochs of a trial (the protocol's schedule compressed to them: a cosine over the trial's
+            epochs, a step schedule's milestones scaled by ``epochs / protocol.epochs``); ``None``: the
+            protocol's.
         seeds: The seeds every trial runs with; a trial's score is the mean of its seeds' scores.
     """
 

@@ -165,7 +165,9 @@ def _plain(value: Any) -> Any:
 
 
 def with_values(cfg: Config, student: str, label: str, values: Mapping[str, Any], epochs: int | None = None) -> Config:
-    """``cfg`` with a cell's knobs set to ``values`` (and the protocol's epochs to ``epochs``, a trial's budget).
+    """``cfg`` with a cell's knobs set to ``values`` (and the protocol's epochs to ``epochs``, a trial's budget:
+    a step schedule's milestones are scaled with the epochs, so a 60-epoch trial of a 240-epoch protocol decays
+    at 38, 45 and 52 as the protocol does at 150, 180 and 210; a cosine schedule spans the trial's epochs).
 
     The learning rate is the student's: where ``protocol.student_lr`` lists the student, that entry is set.
     """
@@ -175,7 +177,11 @@ def with_values(cfg: Config, student: str, label: str, values: Mapping[str, Any]
     shared = {k: v for k, v in values.items() if not k.startswith(METHOD_PREFIX)}
     if "lr" in shared and student in protocol.student_lr:
         protocol = dataclasses.replace(protocol, student_lr={**protocol.student_lr, student: shared.pop("lr")})
-    protocol = dataclasses.replace(protocol, **shared, **({"epochs": epochs} if epochs else {}))
+    if epochs and epochs != protocol.epochs:  # a trial's budget: the schedule compressed to its epochs
+        scale = epochs / protocol.epochs
+        shared.update(epochs=epochs, milestones=tuple(max(1, round(m * scale)) for m in protocol.milestones),
+                      warmup_epochs=min(protocol.warmup_epochs, epochs - 1))
+    protocol = dataclasses.replace(protocol, **shared)
     entry = dataclasses.replace(entry, params={**entry.params, **method})
     METHODS.get(entry.method).make_config(entry.params)  # a value its Config refuses fails here, named
     return dataclasses.replace(cfg, protocol=protocol, methods={**cfg.methods, label: entry})
@@ -366,3 +372,15 @@ def apply_selection(cfg: Config, teacher: str, student: str, label: str, path: s
                           f" {cfg.source}; rerun the workflow (its tune_select job rewrites it)")
     summary = {**tuning_summary(selection), "protocol_hash": cfg.protocol.hash()}
     return with_values(cfg, student, label, selection["values"]), summary
+
+
+def render_tuning(plan: Plan, table: str) -> str:
+    """``kdbench plan``'s lines of a tuned table: the budget and its jobs."""
+    tune = _tune(plan.tables[table].cfg)
+    n = len(cells(plan, table))
+    seeds = len(tune.budget.seeds)
+    epochs = tune.budget.epochs or plan.tables[table].cfg.protocol.epochs
+    return (f"  tuning: {n} cells x {tune.trials} trials x {seeds} seed(s) = {n * tune.trials * seeds} trial jobs"
+            f" ({epochs} epochs each, {tune.sampler} sampler, seed {tune.seed}, knobs {', '.join(tune.knobs)},"
+            f" scored on {tune.metric}) -> {Layout.TABLE.format(table=table)}/tune/; {n} selections;"
+            f" {len(tuned_records(plan, table))} tuned runs -> {Layout.TABLE.format(table=table)}/tuned/")

@@ -308,3 +308,24 @@ def test_the_workflow_tunes_on_val_then_runs_the_winner_and_raising_k_runs_only_
     assert "distill" not in counts and "train_teacher" not in counts
     assert re.findall(r"trial(\d)/seed0/trial.json", more.stdout.split("Job stats:")[0]) and all(
         k in ("3", "4") for k in re.findall(r"output: \S+/trial(\d)/seed0/trial.json", more.stdout))
+
+
+def test_plan_and_estimate_count_the_trials(tiny):
+    from kdbench.estimate import estimate
+
+    cfg, _, _ = tiny
+    plan = Plan([Table(cfg=cfg, origin="x")])
+    assert "2 cells x 4 trials x 1 seed(s) = 8 trial jobs (1 epochs each" in tuning.render_tuning(plan, cfg.name)
+    stages = {s.name: s for s in estimate(plan)[cfg.name]}
+    assert stages["trials"].jobs == 8 and stages["tuned"].jobs == stages["distill"].jobs == 2
+    # a trial is 1 of the protocol's 2 epochs and evaluates val only: less than half a distill job each
+    assert 0 < stages["trials"].flops / 8 < stages["distill"].flops / 2 / 2
+
+
+def test_a_trials_step_schedule_is_the_protocols_compressed():
+    cfg = _cfg(protocol={**tiny_raw(Path("/x"))["protocol"], "epochs": 240, "schedule": "step",
+                         "milestones": [150, 180, 210]}, tune={**TUNE, "budget": {"epochs": 60}})
+    tcfg, _ = tuning.trial_config(cfg, "t", "cnn_xs", "kd", 1)
+    assert tcfg.protocol.epochs == 60 and tcfg.protocol.milestones == (38, 45, 52)
+    with pytest.raises(ConfigError, match="trial 4 of t/cnn_xs/kd does not exist"):
+        tuning.trial_config(cfg, "t", "cnn_xs", "kd", 4)
