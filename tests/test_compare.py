@@ -1,7 +1,8 @@
 """Tests of ``kdbench.report.compare``: a regenerated leaderboard against a published one.
 
-The inputs are copies of the committed published snapshot (``results/published/fashion-mnist-default``)
-with some values edited, so the tests read the real ``leaderboard.csv`` format.
+The inputs are copies of the committed published snapshots (``results/published/fashion-mnist-default``,
+top-1 only, and ``results/published/fashion-mnist-indistill``, with retrieval mAP) with some values edited,
+so the tests read the real ``leaderboard.csv`` format.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Callable
 
 import pytest
 
+from kdbench import cli
 from kdbench.errors import USER_ERRORS
 from kdbench.report.compare import (
+    DIFFERS,
     MISSING,
     NEW,
     OUTSIDE,
@@ -24,21 +27,34 @@ from kdbench.report.compare import (
     compare_leaderboards,
 )
 
-SNAPSHOT = Path(__file__).resolve().parent.parent / "results" / "published" / "fashion-mnist-default"
+PUBLISHED = Path(__file__).resolve().parent.parent / "results" / "published"
+SNAPSHOT = PUBLISHED / "fashion-mnist-default"
+RETRIEVAL = PUBLISHED / "fashion-mnist-indistill"
 KD_XS = ("fashion-mnist", "cnn_m", "cnn_xs", "kd")
+INDISTILL = ("fashion-mnist", "cnn_m", "cnn_xs", "indistill")
 
 Rows = list[dict[str, str]]
 
 
-def _copy(tmp_path: Path, name: str, edit: Callable[[Rows], Rows] | None = None) -> Path:
-    """A copy of the snapshot's ``leaderboard.csv`` and ``runs.csv`` with ``edit`` applied to the former."""
+def _copy(
+    tmp_path: Path,
+    name: str,
+    edit: Callable[[Rows], Rows] | None = None,
+    snapshot: Path = SNAPSHOT,
+    drop: Callable[[str], bool] | None = None,
+) -> Path:
+    """A copy of a snapshot's ``leaderboard.csv`` and ``runs.csv`` with ``edit`` applied to the former (and
+    the columns ``drop`` selects removed)."""
     out = tmp_path / name
     out.mkdir()
-    shutil.copy(SNAPSHOT / "runs.csv", out / "runs.csv")
-    with open(SNAPSHOT / "leaderboard.csv", newline="") as f:
+    shutil.copy(snapshot / "runs.csv", out / "runs.csv")
+    with open(snapshot / "leaderboard.csv", newline="") as f:
         reader = csv.DictReader(f)
         columns, rows = reader.fieldnames, list(reader)
     rows = edit(rows) if edit else rows
+    if drop:
+        columns = [c for c in columns if not drop(c)]
+        rows = [{c: r[c] for c in columns} for r in rows]
     with open(out / "leaderboard.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
@@ -61,9 +77,14 @@ def _set(key: tuple[str, str, str, str], **values: str) -> Callable[[Rows], Rows
 
 
 def _published_kd() -> tuple[float, float]:
-    with open(SNAPSHOT / "leaderboard.csv", newline="") as f:
-        row = next(r for r in csv.DictReader(f) if _is(r, KD_XS))
-    return float(row["top1_mean"]), float(row["top1_ci95"])
+    return _published(SNAPSHOT, KD_XS, "top1")
+
+
+def _published(snapshot: Path, key: tuple[str, str, str, str], metric: str) -> tuple[float, float]:
+    """The published mean and 95% half width of ``metric`` (``top1``, ``map_cosine``, ...) of a cell."""
+    with open(snapshot / "leaderboard.csv", newline="") as f:
+        row = next(r for r in csv.DictReader(f) if _is(r, key))
+    return float(row[f"{metric}_mean"]), float(row[f"{metric}_ci95"])
 
 
 @pytest.fixture
@@ -143,3 +164,229 @@ def test_a_directory_without_leaderboard_csv_is_a_user_error(tmp_path: Path, pub
         compare_leaderboards(empty, published)
     assert str(empty / "leaderboard.csv") in str(err.value) and "kdbench leaderboard" in str(err.value)
     assert isinstance(err.value, USER_ERRORS)  # the CLI reports it in one line
+
+
+# --- every metric a table claims: top-1 and, with retrieval, each mAP -----------------------------------
+
+MAPS = ("map_cosine", "map_euclidean")
+LABEL = {"top1": "top-1", "map_cosine": "mAP cosine", "map_euclidean": "mAP Euclidean"}
+
+
+@pytest.fixture
+def published_retrieval(tmp_path: Path) -> Path:
+    return _copy(tmp_path, "published", snapshot=RETRIEVAL)
+
+
+def _retrieval(tmp_path: Path, name: str, edit: Callable[[Rows], Rows] | None = None) -> Path:
+    return _copy(tmp_path, name, edit, snapshot=RETRIEVAL)
+
+
+def test_a_retrieval_table_checks_top1_and_both_maps_of_every_cell(
+    tmp_path: Path, published_retrieval: Path
+) -> None:
+    report = compare_leaderboards(_retrieval(tmp_path, "new"), published_retrieval)
+    assert report.ok and len(report.rows) == 5 and all(r.status == REPRODUCED for r in report.rows)
+    for row in report.rows:
+        assert [c.label for c in row.checks] == ["top-1", "mAP cosine", "mAP Euclidean"]
+        assert all(c.status == REPRODUCED for c in row.checks)
+    assert report.summary() == (
+        "5/5 cells reproduced within the published 95% interval of every metric "
+        "(top-1 5/5, mAP cosine 5/5, mAP Euclidean 5/5)"
+    )
+    text = report.render()
+    # One line per (cell, metric): the cell's status, the metric's, the new mean and the published interval.
+    assert "| Cell | Cell status | Metric | Metric status | New | Published ± 95% CI [interval] |" in text
+    assert (
+        "| fashion-mnist: cnn_m → cnn_xs, indistill | reproduced | mAP cosine | reproduced | 67.67 (n=3) "
+        "| 67.67 ± 0.87 [66.80, 68.54] (n=3) | +2.81 [+0.22, +5.40] (n=3) |"
+    ) in text
+    assert "| fashion-mnist: cnn_m → cnn_xs, indistill | reproduced | mAP Euclidean | reproduced |" in text
+
+
+def test_the_issue_indistill_maps_outside_fail_although_top1_reproduces(
+    tmp_path: Path, published_retrieval: Path, capsys
+) -> None:
+    """The regenerated InDistill table of the issue: top-1 5/5 inside, InDistill's mAPs outside on both
+    distances (cosine 66.75 vs [66.80, 68.54], Euclidean 64.28 vs [64.60, 65.31])."""
+    new = _retrieval(tmp_path, "new", _set(INDISTILL, map_cosine_mean="66.75", map_euclidean_mean="64.28"))
+    report = compare_leaderboards(new, published_retrieval)
+    assert not report.ok
+    row = next(r for r in report.rows if r.key == INDISTILL)
+    assert row.status == OUTSIDE and row.failing == ("mAP cosine", "mAP Euclidean")
+    assert row.check("top-1").status == REPRODUCED
+    summary = report.summary()
+    assert summary == (
+        "4/5 cells reproduced within the published 95% interval of every metric "
+        "(top-1 5/5, mAP cosine 4/5, mAP Euclidean 4/5); 1 outside"
+    )
+    assert not summary.startswith("5/5")
+    out = tmp_path / "compare.md"
+    assert cli.main(["compare", str(new), str(published_retrieval), "--out", str(out)]) == 1
+    lines = out.read_text().strip().splitlines()
+    assert lines[-1] == summary  # the line the workflow prints
+    for row in (
+        "mAP cosine | outside the published interval | 66.75 (n=3) | 67.67 ± 0.87 [66.80, 68.54] (n=3) |",
+        "mAP Euclidean | outside the published interval | 64.28 (n=3) | 64.95 ± 0.35 [64.60, 65.31] (n=3) |",
+    ):
+        prefix = f"| fashion-mnist: cnn_m → cnn_xs, indistill | outside the published interval | {row}"
+        assert any(line.startswith(prefix) for line in lines), prefix
+    capsys.readouterr()
+    assert cli.main(["compare", str(new), str(published_retrieval), "--exit-zero"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == summary
+
+
+@pytest.mark.parametrize("metric", MAPS)
+def test_a_planted_map_outside_its_interval_fails_the_cell(
+    tmp_path: Path, published_retrieval: Path, metric: str
+) -> None:
+    """(a) cosine, (b) Euclidean: top-1 and the other mAP inside, one mAP just outside -> the cell fails."""
+    mean, ci = _published(RETRIEVAL, KD_XS, metric)
+    edge = _retrieval(tmp_path, "edge", _set(KD_XS, **{f"{metric}_mean": repr(mean + ci)}))
+    assert compare_leaderboards(edge, published_retrieval).ok  # ends included
+    new = _retrieval(tmp_path, "new", _set(KD_XS, **{f"{metric}_mean": str(mean + ci + 0.01)}))
+    report = compare_leaderboards(new, published_retrieval)
+    assert not report.ok
+    kd = next(r for r in report.rows if r.key == KD_XS)
+    assert kd.status == OUTSIDE and kd.failing == (LABEL[metric],)
+    assert {c.label: c.status for c in kd.checks} == {
+        **{LABEL[m]: REPRODUCED for m in ("top1", *MAPS)},
+        LABEL[metric]: OUTSIDE,
+    }
+    counts = {m: "4/5" if m == metric else "5/5" for m in MAPS}
+    assert report.summary() == (
+        "4/5 cells reproduced within the published 95% interval of every metric "
+        f"(top-1 5/5, mAP cosine {counts['map_cosine']}, mAP Euclidean {counts['map_euclidean']}); 1 outside"
+    )
+    assert (
+        f"| fashion-mnist: cnn_m → cnn_xs, kd | outside the published interval | {LABEL[metric]} "
+        "| outside the published interval |"
+    ) in report.render()
+    assert cli.main(["compare", str(new), str(published_retrieval)]) == 1
+    assert cli.main(["compare", str(new), str(published_retrieval), "--exit-zero"]) == 0
+
+
+@pytest.mark.parametrize("metric", ("top1", *MAPS))
+def test_the_published_interval_decides_not_the_new_one(tmp_path: Path, metric: str) -> None:
+    """(c) Published and new intervals of unequal widths, set so that reading the new table's interval
+    (is the published mean inside it? is the new mean inside the new interval?) gives the other verdict."""
+    key = INDISTILL
+    mean, _ = _published(RETRIEVAL, key, metric)
+    # Narrow published interval [mean - 0.2, mean + 0.2]; the new mean 0.5 above it, the new interval wide
+    # (±3), so it holds the published mean: outside, although the new interval covers both means.
+    narrow = _retrieval(tmp_path, "narrow", _set(key, **{f"{metric}_ci95": "0.2"}))
+    wide_new = _retrieval(
+        tmp_path, "wide_new", _set(key, **{f"{metric}_mean": f"{mean + 0.5:.6f}", f"{metric}_ci95": "3.0"})
+    )
+    row = next(r for r in compare_leaderboards(wide_new, narrow).rows if r.key == key)
+    assert row.check(metric).status == OUTSIDE and row.status == OUTSIDE
+    # Wide published interval (±2); the new mean 1.0 above, its own interval narrow (±0.1), so it excludes
+    # the published mean: reproduced, although the new interval misses the published mean.
+    wide = _retrieval(tmp_path, "wide", _set(key, **{f"{metric}_ci95": "2.0"}))
+    narrow_new = _retrieval(
+        tmp_path, "narrow_new", _set(key, **{f"{metric}_mean": f"{mean + 1.0:.6f}", f"{metric}_ci95": "0.1"})
+    )
+    report = compare_leaderboards(narrow_new, wide)
+    row = next(r for r in report.rows if r.key == key)
+    assert row.check(metric).status == REPRODUCED and report.ok
+    assert "± 2.00 [" in next(
+        line
+        for line in report.render().splitlines()
+        if "indistill |" in line and f"| {LABEL[metric]} |" in line
+    )
+
+
+def _one_seed(key: tuple[str, str, str, str], **means: str) -> Callable[[Rows], Rows]:
+    """The cell as a single-seed one: no std or interval for any metric, and the given means."""
+    blank = {f"{m}_{s}": "" for m in ("top1", *MAPS) for s in ("std", "ci95")}
+    return _set(key, seeds="1", seed_list="0", **blank, **means)
+
+
+def test_a_single_seed_published_retrieval_cell_compares_each_metric_exactly(tmp_path: Path) -> None:
+    """(d) Published single-seed: every metric compared exactly; an mAP off by 0.01 differs."""
+    means = {"top1_mean": "80.5", "map_cosine_mean": "66.123456", "map_euclidean_mean": "64.654321"}
+    published = _retrieval(tmp_path, "published", _one_seed(KD_XS, **means))
+    same = compare_leaderboards(_retrieval(tmp_path, "same", _one_seed(KD_XS, **means)), published)
+    kd = next(r for r in same.rows if r.key == KD_XS)
+    assert same.ok and kd.status == REPRODUCED_EXACTLY
+    assert all(c.status == REPRODUCED_EXACTLY for c in kd.checks) and len(kd.checks) == 3
+    assert "published has 1 seed (no interval): compared exactly" in kd.notes
+    assert same.summary().endswith("; 1 single-seed compared exactly")
+    for metric in MAPS:
+        off = dict(means, **{f"{metric}_mean": f"{float(means[f'{metric}_mean']) + 0.01:.6f}"})
+        report = compare_leaderboards(
+            _retrieval(tmp_path, f"off_{metric}", _one_seed(KD_XS, **off)), published
+        )
+        kd = next(r for r in report.rows if r.key == KD_XS)
+        assert not report.ok and kd.status == DIFFERS and kd.failing == (LABEL[metric],)
+        assert kd.check("top-1").status == REPRODUCED_EXACTLY
+
+
+def test_a_single_seed_new_cell_is_checked_against_the_published_interval(
+    tmp_path: Path, published_retrieval: Path
+) -> None:
+    """(d) New single-seed (no interval of its own) against a multi-seed published cell: each metric's new
+    value must lie in the published interval."""
+    values = {m: _published(RETRIEVAL, KD_XS, m) for m in ("top1", *MAPS)}
+    inside = {f"{m}_mean": f"{mean - 0.9 * ci:.6f}" for m, (mean, ci) in values.items()}
+    report = compare_leaderboards(
+        _retrieval(tmp_path, "inside", _one_seed(KD_XS, **inside)), published_retrieval
+    )
+    kd = next(r for r in report.rows if r.key == KD_XS)
+    assert report.ok and kd.status == REPRODUCED and all(c.new.ci95 is None for c in kd.checks)
+    for metric in MAPS:
+        mean, ci = values[metric]
+        outside = dict(inside, **{f"{metric}_mean": f"{mean - ci - 0.01:.6f}"})
+        report = compare_leaderboards(
+            _retrieval(tmp_path, f"outside_{metric}", _one_seed(KD_XS, **outside)), published_retrieval
+        )
+        kd = next(r for r in report.rows if r.key == KD_XS)
+        assert not report.ok and kd.status == OUTSIDE and kd.failing == (LABEL[metric],)
+
+
+def test_a_published_map_the_new_table_lacks_is_missing(tmp_path: Path, published_retrieval: Path) -> None:
+    blank = _retrieval(tmp_path, "blank", _set(KD_XS, map_euclidean_mean="", map_euclidean_ci95=""))
+    report = compare_leaderboards(blank, published_retrieval)
+    kd = next(r for r in report.rows if r.key == KD_XS)
+    assert not report.ok and kd.status == MISSING and kd.check("mAP Euclidean").status == MISSING
+    assert kd.check("mAP cosine").status == REPRODUCED and "the new table has no mAP Euclidean" in kd.notes
+    assert "mAP Euclidean 4/5" in report.summary() and report.summary().endswith("; 1 missing")
+    # A new table written without the mAP columns at all: every published mAP is missing.
+    no_columns = _copy(tmp_path, "no_columns", snapshot=RETRIEVAL, drop=lambda c: c.startswith("map_"))
+    report = compare_leaderboards(no_columns, published_retrieval)
+    assert not report.ok and all(r.status == MISSING for r in report.rows)
+    assert report.summary() == (
+        "0/5 cells reproduced within the published 95% interval of every metric "
+        "(top-1 5/5, mAP cosine 0/5, mAP Euclidean 0/5); 5 missing"
+    )
+
+
+def test_a_table_without_retrieval_is_checked_on_top1_alone_as_before(
+    tmp_path: Path, published: Path
+) -> None:
+    """(e) The default table (empty retrieval columns, or none: written before they existed) claims top-1
+    alone: one check per cell, the one-line-per-cell layout and the summary of old."""
+    mean, ci = _published_kd()
+    new = _copy(tmp_path, "new", _set(KD_XS, top1_mean=str(mean + ci + 0.01)))
+    report = compare_leaderboards(new, published)
+    assert [[c.label for c in r.checks] for r in report.rows] == [["top-1"]] * 4
+    assert report.summary() == "3/4 cells reproduced within the published 95% interval; 1 outside"
+    text = report.render()
+    assert "| Cell | Status | New top-1 | Published top-1 ± 95% CI [interval] |" in text
+    assert "Metric" not in text
+    # The InDistill snapshot with its mAP columns removed (an old snapshot): top-1 alone, also against a new
+    # table that has the mAPs (not claimed, so not checked).
+    old = _copy(tmp_path, "old", snapshot=RETRIEVAL, drop=lambda c: c.startswith("map_"))
+    for new in (_retrieval(tmp_path, "with_maps", _set(INDISTILL, map_cosine_mean="0.0")), old):
+        report = compare_leaderboards(new, old)
+        assert report.ok and all([c.label for c in r.checks] == ["top-1"] for r in report.rows)
+        assert report.summary() == "5/5 cells reproduced within the published 95% interval"
+        assert "| Cell | Status | New top-1 |" in report.render()
+    # Empty mAP columns (a protocol without retrieval_tap): likewise.
+    empty = _copy(
+        tmp_path,
+        "empty",
+        lambda rows: [dict(r, **{c: "" for c in r if c.startswith("map_")}) for r in rows],
+        snapshot=RETRIEVAL,
+    )
+    report = compare_leaderboards(_retrieval(tmp_path, "full", None), empty)
+    assert report.ok and report.summary() == "5/5 cells reproduced within the published 95% interval"

@@ -1,18 +1,27 @@
-"""Does a regenerated leaderboard reproduce a published one? A cell-by-cell check of ``leaderboard.csv``.
+"""Does a regenerated leaderboard reproduce a published one? A cell-by-cell, metric-by-metric check of
+``leaderboard.csv``.
 
 Cells are matched on (dataset, teacher, student, method label), not on the protocol hash: a re-run on
 another machine may differ in provenance only. When the matched cells' protocol hashes differ, the row
-and the summary say so. For every cell of the *published* table:
+and the summary say so.
 
-* the regenerated mean top-1 must lie in the published 95% interval ``[top1_mean - top1_ci95,
-  top1_mean + top1_ci95]`` (ends included) to count as *reproduced*;
+A published cell *claims* every metric of :data:`METRICS` that its ``leaderboard.csv`` row has a mean for:
+top-1 always (the headline), each retrieval mAP (cosine, Euclidean) where the protocol measured it (a table
+without retrieval leaves those columns empty, and a snapshot written before they existed lacks them: then
+the metric is not claimed). For every claimed metric of every cell of the *published* table:
+
+* the regenerated mean must lie in the *published* 95% interval ``[mean - ci95, mean + ci95]`` (ends
+  included) to count as *reproduced*; the new table's own interval plays no part;
 * a published cell with a single seed has no interval: it is compared exactly (up to the 6 decimals
   ``leaderboard.csv`` keeps) and flagged;
-* a published cell missing from the new table (or without a finished seed there) is *missing*;
-* a published cell without a finished seed itself is not compared.
+* a metric the new table has no value for (its cell is absent, has no finished seed, or lacks that
+  metric) is *missing*.
 
-Both paired gains over the baseline are shown for context; they do not decide anything. Cells of the
-new table that the published one lacks are listed as *new (not published)* and do not fail the check.
+A cell is reproduced only when every metric it claims is; its status is the worst of its metrics' (missing,
+then outside, then differs). A published cell without a finished seed itself is not compared.
+
+The paired gains over the baseline are shown for context; they do not decide anything. Cells of the new
+table that the published one lacks are listed as *new (not published)* and do not fail the check.
 """
 
 from __future__ import annotations
@@ -24,7 +33,14 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from kdbench.report import _format as fmt
-from kdbench.report.aggregate import DELTA_COLUMNS, TOP1_COLUMNS
+from kdbench.report.aggregate import (
+    DELTA_COLUMNS,
+    HEADLINE,
+    PAIRED_METRICS,
+    TOP1_COLUMNS,
+    delta_columns,
+    summary_columns,
+)
 from kdbench.report.markdown import md_table
 from kdbench.report.records import RecordError
 from kdbench.report.stats import PairedDelta, Summary
@@ -32,8 +48,9 @@ from kdbench.report.stats import PairedDelta, Summary
 _logger = logging.getLogger(__name__)
 
 LEADERBOARD_CSV = "leaderboard.csv"
-# Columns of leaderboard.csv the comparison reads (a subset of LEADERBOARD_COLUMNS, so that a snapshot
-# written before later columns were added can still be compared).
+# Columns of leaderboard.csv the comparison needs (a subset of LEADERBOARD_COLUMNS, so that a snapshot
+# written before later columns were added can still be compared). The other metrics' columns are optional:
+# a file without them does not claim (published) or does not have (new) that metric.
 _COLUMNS = (
     "dataset",
     "protocol_hash",
@@ -48,6 +65,32 @@ _COLUMNS = (
 # leaderboard.csv keeps 6 decimals: a single-seed cell is "exact" within half of the last one.
 _EXACT_TOLERANCE = 5e-7
 
+
+@dataclass(frozen=True)
+class Metric:
+    """A metric the comparison checks: a :data:`kdbench.report.aggregate.PAIRED_METRICS` column.
+
+    Attributes:
+        name: Its name in ``leaderboard.csv`` (``top1``, ``map_cosine``, ``map_euclidean``).
+        label: Its name in the report (``top-1``, ``mAP cosine``, ``mAP Euclidean``).
+        columns: Its ``leaderboard.csv`` columns of mean, std and 95% half width.
+        delta_columns: Its paired-gain columns (mean, interval ends, paired seeds, note).
+    """
+
+    name: str
+    label: str
+    columns: tuple[str, str, str]
+    delta_columns: tuple[str, str, str, str, str]
+
+
+_LABELS = {HEADLINE: "top-1", "map_cosine": "mAP cosine", "map_euclidean": "mAP Euclidean"}
+#: Every metric checked, the headline (top-1) first.
+METRICS = tuple(
+    Metric(PAIRED_METRICS[c], _LABELS.get(c, PAIRED_METRICS[c]), summary_columns(c), delta_columns(c))
+    for c in PAIRED_METRICS
+)
+TOP1 = METRICS[0].name
+
 REPRODUCED = "reproduced"
 REPRODUCED_EXACTLY = "reproduced exactly (1 seed)"
 OUTSIDE = "outside the published interval"
@@ -56,6 +99,8 @@ MISSING = "missing"
 NOT_COMPARED = "not compared (no finished seed in published)"
 NEW = "new (not published)"
 _FAILING = (OUTSIDE, DIFFERS, MISSING)
+# A cell's status is the first of these that one of its metrics has.
+_PRECEDENCE = (MISSING, OUTSIDE, DIFFERS, REPRODUCED_EXACTLY, REPRODUCED)
 
 
 class LeaderboardError(RecordError):
@@ -69,8 +114,45 @@ class _Entry:
     key: tuple[str, str, str, str]
     protocol_hash: str
     seed_list: str
-    top1: Summary
-    delta: PairedDelta
+    stats: Mapping[str, Summary]
+    deltas: Mapping[str, PairedDelta]
+
+    @property
+    def top1(self) -> Summary:
+        return self.stats[TOP1]
+
+    @property
+    def delta(self) -> PairedDelta:
+        return self.deltas[TOP1]
+
+
+@dataclass(frozen=True)
+class MetricCheck:
+    """The comparison of one metric of one cell.
+
+    Attributes:
+        metric: The metric's ``leaderboard.csv`` name (:attr:`Metric.name`).
+        label: Its name in the report.
+        status: :data:`REPRODUCED`, :data:`REPRODUCED_EXACTLY`, :data:`OUTSIDE`, :data:`DIFFERS`,
+            :data:`MISSING` or (for a cell the published table lacks) :data:`NEW`.
+        new: The regenerated value over seeds (``None`` when missing).
+        published: The published value (``None`` for a new cell); its ``ci95`` is the half width of the
+            interval the new mean is checked against.
+        new_delta: The regenerated paired gain over the baseline (context only).
+        published_delta: The published one (context only).
+    """
+
+    metric: str
+    label: str
+    status: str
+    new: Summary | None
+    published: Summary | None
+    new_delta: PairedDelta | None = None
+    published_delta: PairedDelta | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status not in _FAILING
 
 
 @dataclass(frozen=True)
@@ -80,7 +162,7 @@ class CompareRow:
     Attributes:
         key: ``(dataset, teacher, student, method label)``.
         status: One of :data:`REPRODUCED`, :data:`REPRODUCED_EXACTLY`, :data:`OUTSIDE`, :data:`DIFFERS`,
-            :data:`MISSING`, :data:`NOT_COMPARED`, :data:`NEW`.
+            :data:`MISSING`, :data:`NOT_COMPARED`, :data:`NEW`: the worst of its metrics' statuses.
         new_top1: The regenerated top-1 over seeds (``None`` when the cell is missing from the new table).
         published_top1: The published top-1 (``None`` for a new cell); its ``ci95`` is the half width of the
             interval the new mean is checked against.
@@ -88,6 +170,8 @@ class CompareRow:
             the number of paired seeds, not the seeds, so ``seeds`` is empty.
         published_delta: The published paired gain over the baseline (context only), likewise.
         notes: Remarks: differing protocol hash or seeds, single-seed comparison, ...
+        checks: One per metric the published cell claims (top-1 first); for a new cell, one per metric it
+            has; none for a cell not compared.
     """
 
     key: tuple[str, str, str, str]
@@ -97,11 +181,21 @@ class CompareRow:
     new_delta: PairedDelta | None
     published_delta: PairedDelta | None
     notes: tuple[str, ...] = ()
+    checks: tuple[MetricCheck, ...] = ()
 
     @property
     def ok(self) -> bool:
         """Whether the cell does not fail the check."""
         return self.status not in _FAILING
+
+    @property
+    def failing(self) -> tuple[str, ...]:
+        """The labels of the metrics that fail the check (``("mAP cosine",)``)."""
+        return tuple(c.label for c in self.checks if not c.ok)
+
+    def check(self, metric: str) -> MetricCheck | None:
+        """The check of ``metric`` (a name or a label), ``None`` when the cell has none."""
+        return next((c for c in self.checks if metric in (c.metric, c.label)), None)
 
     @property
     def protocol_differs(self) -> bool:
@@ -129,17 +223,46 @@ class CompareReport:
 
     @property
     def ok(self) -> bool:
-        """False when a published cell is missing or outside its interval (differs, with a single seed)."""
+        """False when a metric of a published cell is missing or outside its interval (differs, with a
+        single seed)."""
         return all(r.ok for r in self.rows)
 
     def _count(self, *statuses: str) -> int:
         return sum(r.status in statuses for r in self.rows)
 
+    @property
+    def _compared(self) -> list[CompareRow]:
+        return [r for r in self.rows if r.status not in (NOT_COMPARED, NEW)]
+
+    @property
+    def multi_metric(self) -> bool:
+        """Whether a row checks (or, new, has) a metric besides top-1: the report then lists each metric."""
+        return any(c.metric != TOP1 for r in self.rows for c in r.checks)
+
+    def metric_counts(self) -> list[tuple[str, int, int]]:
+        """``(label, reproduced, claimed)`` per metric a compared cell claims, in :data:`METRICS` order."""
+        out = []
+        for metric in METRICS:
+            checks = [c for r in self._compared if (c := r.check(metric.name)) is not None]
+            if checks:
+                reproduced = sum(c.status in (REPRODUCED, REPRODUCED_EXACTLY) for c in checks)
+                out.append((metric.label, reproduced, len(checks)))
+        return out
+
     def summary(self) -> str:
-        """``"4/4 cells reproduced within the published 95% interval"`` and what else happened."""
-        compared = [r for r in self.rows if r.status not in (NOT_COMPARED, NEW)]
+        """``"4/4 cells reproduced within the published 95% interval"`` and what else happened.
+
+        A table with retrieval counts each metric too: ``"4/5 cells reproduced within the published 95%
+        interval of every metric (top-1 5/5, mAP cosine 4/5, mAP Euclidean 5/5); 1 outside"``.
+        """
+        compared = self._compared
         reproduced = self._count(REPRODUCED, REPRODUCED_EXACTLY)
-        parts = [f"{reproduced}/{len(compared)} cells reproduced within the published 95% interval"]
+        head = f"{reproduced}/{len(compared)} cells reproduced within the published 95% interval"
+        counts = self.metric_counts()
+        if any(label != METRICS[0].label for label, _, _ in counts):
+            per_metric = ", ".join(f"{label} {k}/{n}" for label, k, n in counts)
+            head += f" of every metric ({per_metric})"
+        parts = [head]
         counts = (
             (self._count(MISSING), "missing"),
             (self._count(OUTSIDE), "outside"),
@@ -152,7 +275,19 @@ class CompareReport:
         return "; ".join(parts)
 
     def render(self) -> str:
-        """A markdown table of every row, under the two directories compared."""
+        """A markdown table of every row, under the two directories compared.
+
+        A table with top-1 alone has one line per cell; a table with retrieval has one line per (cell,
+        metric), with the cell's status (the worst of its metrics') beside the metric's.
+        """
+        lines = [f"New:       {self.new}", f"Published: {self.published}", ""]
+        if self.multi_metric:
+            table = self._render_metrics()
+        else:
+            table = self._render_top1()
+        return "\n".join(lines + table) + "\n"
+
+    def _render_top1(self) -> list[str]:
         headers = [
             "Cell",
             "Status",
@@ -174,8 +309,40 @@ class CompareReport:
             ]
             for r in self.rows
         ]
-        lines = [f"New:       {self.new}", f"Published: {self.published}", ""]
-        return "\n".join(lines + md_table(headers, rows)) + "\n"
+        return md_table(headers, rows)
+
+    def _render_metrics(self) -> list[str]:
+        headers = [
+            "Cell",
+            "Cell status",
+            "Metric",
+            "Metric status",
+            "New",
+            "Published ± 95% CI [interval]",
+            "New Δ vs baseline",
+            "Published Δ vs baseline",
+            "Notes",
+        ]
+        rows = []
+        for r in self.rows:
+            checks = r.checks or (
+                MetricCheck(TOP1, METRICS[0].label, r.status, r.new_top1, r.published_top1),
+            )
+            for i, c in enumerate(checks):
+                rows.append(
+                    [
+                        r.label,
+                        r.status,
+                        c.label,
+                        c.status,
+                        _top1_text(c.new),
+                        _published_text(c.published),
+                        fmt.delta(c.new_delta),
+                        fmt.delta(c.published_delta),
+                        "; ".join(r.notes) if i == 0 else "",
+                    ]
+                )
+        return md_table(headers, rows)
 
 
 def _top1_text(s: Summary | None) -> str:
@@ -190,27 +357,26 @@ def _published_text(s: Summary | None) -> str:
     return f"{fmt.num(s.mean)} ± {fmt.num(s.ci95)} [{fmt.num(s.low)}, {fmt.num(s.high)}] (n={s.n})"
 
 
-def _float(text: str) -> float | None:
+def _float(text: str | None) -> float | None:
     return float(text) if text not in ("", None) else None
 
 
-def _entry(row: Mapping[str, str]) -> _Entry:
-    low, high = _float(row["delta_ci95_low"]), _float(row["delta_ci95_high"])
+def _paired_delta(row: Mapping[str, str], columns: Sequence[str]) -> PairedDelta:
+    mean, low, high, n, note = (row.get(c) or "" for c in columns)
+    low, high = _float(low), _float(high)
     half = (high - low) / 2 if low is not None and high is not None else None
-    delta_n = int(row["delta_n"]) if row["delta_n"] else 0
+    return PairedDelta((), Summary(int(n) if n else 0, _float(mean), None, half), note)
+
+
+def _entry(row: Mapping[str, str]) -> _Entry:
+    seeds = int(row["seeds"] or 0)
     return _Entry(
         key=(row["dataset"], row["teacher"], row["student"], row["method"]),
         protocol_hash=row["protocol_hash"],
         seed_list=row["seed_list"],
-        top1=Summary(
-            int(row["seeds"] or 0),
-            _float(row["top1_mean"]),
-            _float(row["top1_std"]),
-            _float(row["top1_ci95"]),
-        ),
-        delta=PairedDelta(
-            (), Summary(delta_n, _float(row["delta_vs_baseline"]), None, half), row["delta_note"]
-        ),
+        # A metric whose columns the file lacks (written before they existed) reads as empty: mean None.
+        stats={m.name: Summary(seeds, *(_float(row.get(c)) for c in m.columns)) for m in METRICS},
+        deltas={m.name: _paired_delta(row, m.delta_columns) for m in METRICS},
     )
 
 
@@ -221,11 +387,11 @@ def _read_leaderboard(directory: Path) -> list[_Entry]:
         directory: A directory written by ``kdbench leaderboard``.
 
     Returns:
-        One entry per row, in file order.
+        One entry per row, in file order (a metric whose columns the file lacks is empty).
 
     Raises:
         LeaderboardError: The directory or its ``leaderboard.csv`` is missing, or a column the comparison
-            reads is absent (the message names the path and the fix).
+            needs is absent (the message names the path and the fix).
     """
     path = Path(directory) / LEADERBOARD_CSV
     fix = "pass a directory written by `kdbench leaderboard --out DIR` (with leaderboard.csv and runs.csv)"
@@ -256,14 +422,15 @@ def _match(published: _Entry, candidates: Sequence[_Entry]) -> tuple[_Entry | No
     return None, []
 
 
-def _verdict(new: Summary, published: Summary) -> tuple[str, list[str]]:
-    """The status of a cell both tables have results for, and notes."""
+def _verdict(new: Summary | None, published: Summary) -> str:
+    """The status of one metric of a cell, checked against the *published* interval only."""
+    if new is None or new.mean is None:
+        return MISSING
     if published.ci95 is None:
         exact = abs(new.mean - published.mean) <= _EXACT_TOLERANCE
-        note = "published has 1 seed (no interval): compared exactly"
-        return (REPRODUCED_EXACTLY if exact else DIFFERS), [note]
+        return REPRODUCED_EXACTLY if exact else DIFFERS
     inside = published.low <= new.mean <= published.high
-    return (REPRODUCED if inside else OUTSIDE), []
+    return REPRODUCED if inside else OUTSIDE
 
 
 def _compare_row(published: _Entry, candidates: Sequence[_Entry]) -> CompareRow:
@@ -274,15 +441,35 @@ def _compare_row(published: _Entry, candidates: Sequence[_Entry]) -> CompareRow:
         candidates: The new table's cells with the same (dataset, teacher, student, method label).
     """
     new, notes = _match(published, candidates)
-    if published.top1.mean is None:
+    claimed = [m for m in METRICS if published.stats[m.name].mean is not None]
+    checks: list[MetricCheck] = []
+    if published.top1.mean is None or not claimed:
         status = NOT_COMPARED
-    elif new is None or new.top1.mean is None:
-        status = MISSING
-        if new is not None:
-            notes.append("no finished seed in the new table")
     else:
-        status, more = _verdict(new.top1, published.top1)
-        notes += more
+        if new is not None and new.top1.mean is None:
+            notes.append("no finished seed in the new table")
+        for m in claimed:
+            pub, fresh = published.stats[m.name], (new.stats[m.name] if new else None)
+            checks.append(
+                MetricCheck(
+                    m.name,
+                    m.label,
+                    _verdict(fresh, pub),
+                    fresh if fresh is not None and fresh.mean is not None else None,
+                    pub,
+                    new.deltas[m.name] if new else None,
+                    published.deltas[m.name],
+                )
+            )
+        if any(c.new is None for c in checks) and new is not None and new.top1.mean is not None:
+            absent = ", ".join(c.label for c in checks if c.new is None)
+            notes.append(f"the new table has no {absent}")
+        status = next(s for s in _PRECEDENCE if any(c.status == s for c in checks))
+        if any(c.status in (REPRODUCED_EXACTLY, DIFFERS) for c in checks):
+            notes.append("published has 1 seed (no interval): compared exactly")
+        failing = [c.label for c in checks if not c.ok]
+        if failing and len(checks) > 1:
+            notes.append(f"failing: {', '.join(failing)}")
     if new is not None and new.seed_list != published.seed_list:
         seeds = f"new {new.seed_list or 'none'}, published {published.seed_list or 'none'}"
         notes.append(f"seeds differ: {seeds}")
@@ -294,22 +481,34 @@ def _compare_row(published: _Entry, candidates: Sequence[_Entry]) -> CompareRow:
         new.delta if new else None,
         published.delta,
         tuple(notes),
+        tuple(checks),
     )
 
 
+def _new_row(entry: _Entry) -> CompareRow:
+    """The row of a cell the published table lacks (listed, never failing)."""
+    checks = tuple(
+        MetricCheck(m.name, m.label, NEW, entry.stats[m.name], None, entry.deltas[m.name], None)
+        for m in METRICS
+        if m.name == TOP1 or entry.stats[m.name].mean is not None
+    )
+    return CompareRow(entry.key, NEW, entry.top1, None, entry.delta, None, (), checks)
+
+
 def compare_leaderboards(new: Path, published: Path) -> CompareReport:
-    """Checks that a regenerated leaderboard reproduces a published one, cell by cell.
+    """Checks that a regenerated leaderboard reproduces a published one, cell by cell and metric by metric.
 
     Args:
         new: The regenerated leaderboard directory (holding ``leaderboard.csv``).
         published: The published leaderboard directory.
 
     Returns:
-        The :class:`CompareReport`; its ``ok`` is False when a published cell is missing or its new mean
-        falls outside the published 95% interval (differs, for a single-seed cell).
+        The :class:`CompareReport`; its ``ok`` is False when a metric a published cell claims (top-1, each
+        retrieval mAP it has) is missing from the new table or its new mean falls outside the published 95%
+        interval (differs, for a single-seed cell).
 
     Raises:
-        LeaderboardError: A directory lacks ``leaderboard.csv`` or a column of it.
+        LeaderboardError: A directory lacks ``leaderboard.csv`` or a column of it the comparison needs.
     """
     new, published = Path(new), Path(published)
     new_entries, published_entries = _read_leaderboard(new), _read_leaderboard(published)
@@ -318,8 +517,7 @@ def compare_leaderboards(new: Path, published: Path) -> CompareReport:
         by_key.setdefault(entry.key, []).append(entry)
     rows = [_compare_row(p, by_key.get(p.key, [])) for p in published_entries]
     published_keys = {p.key for p in published_entries}
-    unpublished = [e for e in new_entries if e.key not in published_keys]
-    rows += [CompareRow(e.key, NEW, e.top1, None, e.delta, None) for e in unpublished]
+    rows += [_new_row(e) for e in new_entries if e.key not in published_keys]
     report = CompareReport(new, published, tuple(rows))
     _logger.info("%s vs %s: %s", new, published, report.summary())
     return report
