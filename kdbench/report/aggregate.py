@@ -31,6 +31,16 @@ paired-below another cell of the same rank, and no cell ranks better than a cell
 worse rank means that, walking down the means, some paired difference excluded 0 (not necessarily against
 every cell above it). A cell with a single finished seed pairs with nothing, so it is not ranked (its
 note says so) rather than being given a rank no data supports.
+
+Tuned tables (:mod:`kdbench.tuning`): a table (dataset, protocol hash) with at least one final tuned run has
+two *variants* of every cell, told apart where rows are grouped (:func:`build_cells`, the only place): the
+tuned runs keep the method label and are the headline; the untuned runs (the configured values) become the
+cell ``<label> (untuned)`` (:data:`UNTUNED_SUFFIX`). Each variant is a leaderboard of its own inside the
+group: its own baseline (``baseline`` vs ``baseline (untuned)``: the student alone is tuned too), its own
+paired gains and its own ranks. A tuned cell and its untuned *twin* are linked (:attr:`LeaderboardCell.twin`)
+for the tuning delta (tuned minus untuned mean top-1) and :func:`tuning_effect` (how many methods beat the
+student alone before and after tuning, which moved most, Kendall's tau between the two orders). Tables
+without tuned runs have no variants: every cell's ``variant`` is ``None`` and nothing changes.
 """
 
 from __future__ import annotations
@@ -44,7 +54,8 @@ from typing import Any
 
 from kdbench.report import _format as fmt
 from kdbench.report.published import Published, published_result, published_teacher
-from kdbench.report.stats import PairedDelta, Summary, paired_delta, summarize
+from kdbench.report.records import TUNED, trial_means
+from kdbench.report.stats import Kendall, PairedDelta, Summary, kendall_tau, paired_delta, summarize
 
 _logger = logging.getLogger(__name__)
 
@@ -53,6 +64,11 @@ HEADLINE = "test_top1"
 #: Runs-table column -> its name in ``leaderboard.csv``: the metrics with mean ± std and a paired gain over the
 #: baseline (the headline first; the others only where runs have them).
 PAIRED_METRICS = {HEADLINE: "top1", "map_cosine": "map_cosine", "map_euclidean": "map_euclidean"}
+#: The variants of a cell in a tuned table: the final tuned runs (the headline) and the untuned runs.
+TUNED_VARIANT = "tuned"
+UNTUNED_VARIANT = "untuned"
+#: Appended to the label of the untuned cells of a tuned table (their ``method`` in ``leaderboard.csv``).
+UNTUNED_SUFFIX = " (untuned)"
 
 
 @dataclass(eq=False)
@@ -67,8 +83,10 @@ class LeaderboardCell:
         best_val_top1: Test top-1 at the best-validation epoch (secondary).
         deltas: Paired gain over the group's baseline of each :data:`PAIRED_METRICS` column (none for the
             baseline itself and when the group has no baseline; ``delta`` is the headline's).
-        rank: Rank in the group (``None`` with fewer than two finished seeds).
+        rank: Rank in the group (``None`` with fewer than two finished seeds), among the cells of its variant.
         notes: Human-readable remarks (skips, missing pairs, differing provenance, ...).
+        variant: :data:`TUNED_VARIANT` or :data:`UNTUNED_VARIANT` in a tuned table, ``None`` otherwise.
+        twin: The other variant of the same (teacher, student, label), if the group has it.
     """
 
     key: tuple[str, str, str, str, str]
@@ -80,6 +98,8 @@ class LeaderboardCell:
     rank: int | None = None
     published: Published | None = None
     notes: list[str] = field(default_factory=list)
+    variant: str | None = None
+    twin: LeaderboardCell | None = None
 
     @property
     def dataset(self) -> str:
@@ -100,6 +120,40 @@ class LeaderboardCell:
     @property
     def method(self) -> str:
         return self.key[4]
+
+    @property
+    def label(self) -> str:
+        """The method label of the config (``method`` without :data:`UNTUNED_SUFFIX`)."""
+        return self.first("method") or self.method
+
+    @property
+    def tuned(self) -> bool:
+        """Whether the cell holds final tuned runs."""
+        return self.variant == TUNED_VARIANT
+
+    def tuning(self, name: str) -> Any:
+        """A field of a tuned cell's selection (``trials``, ``selected_trial``, ``values``, ... : the runs
+        table's ``tuning.<name>``); ``None`` for an untuned cell."""
+        return self.first(f"tuning.{name}") if self.tuned else None
+
+    @property
+    def selected_values(self) -> dict[str, Any] | None:
+        """The values the tuned runs ran with (knob -> value), ``None`` for an untuned cell."""
+        values = self.tuning("values")
+        return json.loads(values) if isinstance(values, str) else values
+
+    @property
+    def trial_means(self) -> list[float]:
+        """Every trial's mean validation score, in trial order (trial 0: the configured values); ``[]`` if
+        none."""
+        return next((m for r in (self.runs if self.tuned else ()) if (m := trial_means(r))), [])
+
+    @property
+    def tuning_delta(self) -> float | None:
+        """Tuned minus untuned mean test top-1 of the cell (on the tuned cell; ``None`` without both)."""
+        if not self.tuned or self.twin is None or self.top1.mean is None or self.twin.top1.mean is None:
+            return None
+        return self.top1.mean - self.twin.top1.mean
 
     @property
     def all_runs(self) -> list[Mapping[str, Any]]:
@@ -240,6 +294,21 @@ class Group:
     teacher_published: Published | None
     baseline: LeaderboardCell | None
     notes: list[str] = field(default_factory=list)
+    baselines: dict[str | None, LeaderboardCell | None] = field(default_factory=dict)
+    variant_notes: dict[str | None, list[str]] = field(default_factory=dict)
+
+    @property
+    def tuned(self) -> bool:
+        """Whether the group belongs to a tuned table (its cells have variants)."""
+        return any(c.variant is not None for c in self.cells)
+
+    def baseline_for(self, cell: LeaderboardCell) -> LeaderboardCell | None:
+        """The baseline ``cell``'s gains are over: the one of its own variant."""
+        return self.baselines.get(cell.variant) if self.baselines else self.baseline
+
+    def variant_cells(self, variant: str | None) -> list[LeaderboardCell]:
+        """The cells of one variant, in display order."""
+        return [c for c in self.cells if c.variant == variant]
 
     @property
     def teacher_model(self) -> str:
@@ -280,10 +349,18 @@ def build_cells(rows: Sequence[Mapping[str, Any]]) -> list[LeaderboardCell]:
         The cells, in the order of their keys.
     """
     cells: dict[tuple, LeaderboardCell] = {}
+    tuned_tables = {(r["dataset"], r["protocol_hash"]) for r in rows if r.get(TUNED)}
     for row in rows:
-        key = (row["dataset"], row["protocol_hash"], row["teacher"], row["student"], row["method"])
-        cell = cells.setdefault(key, LeaderboardCell(key))
+        label, variant = row["method"], None
+        if (row["dataset"], row["protocol_hash"]) in tuned_tables:  # the one place variants are told apart
+            variant = TUNED_VARIANT if row.get(TUNED) else UNTUNED_VARIANT
+            label += UNTUNED_SUFFIX if variant == UNTUNED_VARIANT else ""
+        key = (row["dataset"], row["protocol_hash"], row["teacher"], row["student"], label)
+        cell = cells.setdefault(key, LeaderboardCell(key, variant=variant))
         (cell.runs if row["status"] == "ok" else cell.skipped).append(row)
+    for key, cell in cells.items():
+        if cell.variant == TUNED_VARIANT and (twin := cells.get((*key[:4], key[4] + UNTUNED_SUFFIX))):
+            cell.twin, twin.twin = twin, cell
     for cell in cells.values():
         cell.runs.sort(key=lambda r: r["seed"])
         cell.skipped.sort(key=lambda r: r["seed"])
@@ -306,6 +383,8 @@ def _cell_notes(cell: LeaderboardCell) -> None:
     names = {r["method_name"] for r in cell.all_runs}
     if len(names) > 1:
         cell.notes.append(f"label used by several methods: {', '.join(sorted(names))}")
+    if cell.tuned and len({str(r.get("tuning.values")) for r in cell.runs}) > 1:
+        cell.notes.append("selected values differ across seeds")
     differing = sorted(
         {c for r in cell.all_runs for c in (r.get("provenance_differs") or "").split(";") if c}
     )
@@ -358,7 +437,7 @@ def _pick_baseline(cells: Sequence[LeaderboardCell], group_notes: list[str]) -> 
     if not baselines:
         return None
     if len(baselines) > 1:
-        chosen = next((c for c in baselines if c.method == BASELINE), baselines[0])
+        chosen = next((c for c in baselines if c.label == BASELINE), baselines[0])
         group_notes.append(
             f"several baseline cells ({', '.join(c.method for c in baselines)}); "
             f"deltas are against {chosen.method!r}"
@@ -384,42 +463,66 @@ def _teacher_summary(cells: Sequence[LeaderboardCell], group_notes: list[str]) -
     return summarize(values)
 
 
+def _variant_order(variant: str | None) -> int:
+    return 1 if variant == UNTUNED_VARIANT else 0
+
+
 def build_group(
-    key: tuple[str, str, str, str], cells: list[LeaderboardCell], fallback: LeaderboardCell | None = None
+    key: tuple[str, str, str, str],
+    cells: list[LeaderboardCell],
+    fallback: LeaderboardCell | Mapping[str | None, LeaderboardCell] | None = None,
 ) -> Group:
     """Ranks the cells of a group and computes each cell's paired gain over the group's baseline.
+
+    In a tuned table each variant is handled on its own (its own baseline, gains and ranks);
+    ``Group.baseline`` is the headline variant's.
 
     Args:
         key: ``(dataset, protocol_hash, teacher, student)``.
         cells: The group's cells.
-        fallback: A baseline cell of the same dataset, protocol and student under another teacher, used
-            (and named in a note) when the group has none: the student alone does not depend on the
-            teacher.
+        fallback: A baseline cell of the same dataset, protocol and student under another teacher (per
+            variant: a mapping variant -> cell), used (and named in a note) when the group has none: the
+            student alone does not depend on the teacher.
     """
-    notes: list[str] = []
-    baseline = _pick_baseline(cells, notes)
-    if baseline is None and fallback is not None:
-        baseline = fallback
-        notes.append(
-            f"no baseline run under teacher {key[2]}; deltas are against the baseline of teacher "
-            f"{fallback.teacher} "
-            "(same student, protocol and seeds; the student alone does not depend on the teacher)"
-        )
-    if baseline is None:
-        notes.append("no baseline cell (method 'baseline'): no deltas")
-    else:
-        for cell in cells:
-            if cell is not baseline:
-                cell.deltas = {
-                    column: paired_delta(cell.by_seed(column), baseline.by_seed(column))
-                    for column in PAIRED_METRICS
-                    if column == HEADLINE or cell.stat(column).n
-                }
-    rank_cells(cells)
-    cells = sorted(cells, key=lambda c: (c.rank is None, c.rank or 0, -(c.top1.mean or 0.0), c.method))
+    fallbacks = {None: fallback} if isinstance(fallback, LeaderboardCell) else dict(fallback or {})
+    variants = sorted({c.variant for c in cells}, key=_variant_order)
+    baselines: dict[str | None, LeaderboardCell | None] = {}
+    variant_notes: dict[str | None, list[str]] = {}
+    for variant in variants:
+        members = [c for c in cells if c.variant == variant]
+        notes = variant_notes.setdefault(variant, [])
+        baseline = _pick_baseline(members, notes)
+        if baseline is None and fallbacks.get(variant) is not None:
+            baseline = fallbacks[variant]
+            notes.append(
+                f"no baseline run under teacher {key[2]}; deltas are against the baseline of teacher "
+                f"{baseline.teacher} "
+                "(same student, protocol and seeds; the student alone does not depend on the teacher)"
+            )
+        if baseline is None:
+            notes.append("no baseline cell (method 'baseline'): no deltas")
+        else:
+            for cell in members:
+                if cell is not baseline:
+                    cell.deltas = {
+                        column: paired_delta(cell.by_seed(column), baseline.by_seed(column))
+                        for column in PAIRED_METRICS
+                        if column == HEADLINE or cell.stat(column).n
+                    }
+        rank_cells(members)
+        baselines[variant] = baseline
+    cells = sorted(
+        cells,
+        key=lambda c: (
+            _variant_order(c.variant), c.rank is None, c.rank or 0, -(c.top1.mean or 0.0), c.method
+        ),
+    )
+    notes = [f"{v} runs: {n}" if v == UNTUNED_VARIANT else n for v in variants for n in variant_notes[v]]
     teacher = _teacher_summary(cells, notes)
     dataset, teacher_model = key[0], cells[0].teacher_model
-    return Group(key, cells, teacher, published_teacher(dataset, teacher_model), baseline, notes)
+    headline = baselines.get(variants[0]) if variants else None
+    return Group(key, cells, teacher, published_teacher(dataset, teacher_model), headline, notes, baselines,
+                 variant_notes)
 
 
 def build_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
@@ -436,11 +539,13 @@ def build_tables(rows: Sequence[Mapping[str, Any]]) -> list[Table]:
         groups.setdefault(cell.key[:4], []).append(cell)
     baselines: dict[tuple, list[LeaderboardCell]] = {}
     for key, cells in sorted(groups.items()):
-        student_key = (key[0], key[1], key[3])
-        baselines.setdefault(student_key, []).extend(c for c in cells if c.method_name == BASELINE and c.runs)
+        for c in cells:  # per variant: a tuned cell's gain is over a tuned baseline, an untuned one's untuned
+            if c.method_name == BASELINE and c.runs:
+                baselines.setdefault((key[0], key[1], key[3], c.variant), []).append(c)
     tables: dict[tuple[str, str], list[Group]] = {}
     for key, cells in sorted(groups.items()):
-        fallback = next(iter(baselines.get((key[0], key[1], key[3]), [])), None)
+        variants = sorted({c.variant for c in cells}, key=_variant_order)
+        fallback = {v: found[0] for v in variants if (found := baselines.get((key[0], key[1], key[3], v)))}
         tables.setdefault(key[:2], []).append(build_group(key, cells, fallback))
     out = [Table(ds, ph, gs) for (ds, ph), gs in sorted(tables.items())]
     per_dataset = Counter(t.dataset for t in out)
@@ -494,6 +599,19 @@ RETRIEVAL_COLUMNS = (
     "p100_euclidean",
 )
 
+# A tuned table's columns (empty in an untuned table; appended last so older snapshots still line up).
+TUNING_COLUMNS = (
+    "tuned",
+    "trials",
+    "selected_trial",
+    "selected_values",
+    "tuning_time_s",
+    "untuned_top1_mean",
+    "tuning_delta",
+    "val_default",
+    "val_selected",
+)
+
 LEADERBOARD_COLUMNS = (
     "dataset",
     "protocol_hash",
@@ -539,6 +657,7 @@ LEADERBOARD_COLUMNS = (
     "published_top1",
     "published_source",
     "notes",
+    *TUNING_COLUMNS,
 )
 
 
@@ -596,6 +715,29 @@ def cell_row(cell: LeaderboardCell, group: Group) -> dict[str, Any]:
         "published_top1": cell.published.top1 if cell.published else None,
         "published_source": cell.published.source if cell.published else "",
         "notes": "; ".join(cell.notes),
+        **tuning_values(cell),
+    }
+
+
+def tuning_values(cell: LeaderboardCell) -> dict[str, Any]:
+    """The tuning columns of ``leaderboard.csv`` (:data:`TUNING_COLUMNS`).
+
+    ``tuned`` is ``true``/``false`` in a tuned table and empty elsewhere; the others are filled on tuned rows
+    only: the K trials, the selected trial (0: the configured values won) and values (compact JSON, knob ->
+    value), the tuning cost (the cell's trial wall time summed, as the selection records it), the untuned
+    twin's mean test top-1, the tuning delta (tuned minus untuned mean test top-1 of the cell) and the val
+    scores (mean over the budget's seeds) of the configured and the selected values.
+    """
+    return {
+        "tuned": None if cell.variant is None else cell.tuned,
+        "trials": cell.tuning("trials"),
+        "selected_trial": cell.tuning("selected_trial"),
+        "selected_values": cell.tuning("values"),
+        "tuning_time_s": cell.tuning("tuning_time_s"),
+        "untuned_top1_mean": cell.twin.top1.mean if cell.tuned and cell.twin is not None else None,
+        "tuning_delta": cell.tuning_delta,
+        "val_default": cell.tuning("default_score"),
+        "val_selected": cell.tuning("selected_score"),
     }
 
 
@@ -608,7 +750,7 @@ def _paired_values(cell: LeaderboardCell, group: Group, column: str) -> dict[str
     elif column != HEADLINE and not s.n:
         note = ""  # not measured
     else:
-        note = "baseline" if cell is group.baseline else "no baseline in group"
+        note = "baseline" if cell is group.baseline_for(cell) else "no baseline in group"
     gain = (d.diff.mean, d.diff.low, d.diff.high, len(d.seeds)) if d else (None, None, None, None)
     return dict(zip(summary_columns(column) + delta_columns(column), (s.mean, s.std, s.ci95, *gain, note)))
 
@@ -616,3 +758,57 @@ def _paired_values(cell: LeaderboardCell, group: Group, column: str) -> dict[str
 def leaderboard_rows(tables: Sequence[Table]) -> list[dict[str, Any]]:
     """Every cell of every table as a :func:`cell_row`, in display order."""
     return [cell_row(c, g) for t in tables for g in t.groups for c in g.cells]
+
+
+# --- what tuning changed -----------------------------------------------------------------------------------
+
+
+def beats_baseline(cell: LeaderboardCell) -> bool:
+    """Whether a method beats the student alone of its own variant: mean paired gain over the baseline > 0
+    and its paired 95% t-interval entirely above 0."""
+    d = cell.delta
+    return d is not None and d.diff.mean is not None and d.diff.mean > 0 and (d.diff.low or 0.0) > 0
+
+
+@dataclass
+class TuningEffect:
+    """What tuning changed in one group of a tuned table.
+
+    Attributes:
+        beat_untuned, beat_tuned: The methods (labels; the student alone is not one) that beat the student
+            alone (:func:`beats_baseline`) before and after tuning.
+        methods_untuned, methods_tuned: The methods with a finished run in each variant (the denominators).
+        moved: ``(label, tuned - untuned mean test top-1)`` of the cell that moved most (largest absolute
+            change; the student alone included), ``None`` without a cell in both variants.
+        kendall: Kendall's tau-b between the untuned and the tuned order by mean test top-1, over the labels
+            with a finished run in both variants (the student alone included).
+    """
+
+    beat_untuned: list[str]
+    beat_tuned: list[str]
+    methods_untuned: int
+    methods_tuned: int
+    moved: tuple[str, float] | None
+    kendall: Kendall
+
+
+def tuning_effect(group: Group) -> TuningEffect | None:
+    """The :class:`TuningEffect` of a group of a tuned table (``None`` for an untuned table)."""
+    if not group.tuned:
+        return None
+    methods = {
+        v: [c for c in group.variant_cells(v) if c.runs and c.method_name != BASELINE]
+        for v in (UNTUNED_VARIANT, TUNED_VARIANT)
+    }
+    beat = {v: sorted(c.label for c in cells if beats_baseline(c)) for v, cells in methods.items()}
+    pairs = [c for c in group.variant_cells(TUNED_VARIANT) if c.tuning_delta is not None]
+    moved = max(pairs, key=lambda c: (abs(c.tuning_delta), c.label), default=None)
+    kendall = kendall_tau({c.label: c.twin.top1.mean for c in pairs}, {c.label: c.top1.mean for c in pairs})
+    return TuningEffect(
+        beat[UNTUNED_VARIANT],
+        beat[TUNED_VARIANT],
+        len(methods[UNTUNED_VARIANT]),
+        len(methods[TUNED_VARIANT]),
+        (moved.label, moved.tuning_delta) if moved else None,
+        kendall,
+    )

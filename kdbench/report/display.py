@@ -1,6 +1,9 @@
 """The human-readable leaderboard: captions, headers and text cells shared by markdown and HTML.
 
 Markdown and HTML render exactly the same :class:`DisplayTable` per group, so the two can never disagree.
+A group of a tuned table (:mod:`kdbench.tuning`) shows two: the tuned cells (the headline; their tuning, the
+untuned result beside, the tuning delta and the tuning time), then the untuned cells (the configured values,
+gains over the untuned student alone); its table opens with a "Tuning" paragraph (:func:`tuning_paragraph`).
 """
 
 from __future__ import annotations
@@ -12,16 +15,21 @@ from pathlib import Path
 from kdbench import __version__
 from kdbench.report import _format as fmt
 from kdbench.report.aggregate import (
+    BASELINE,
     HEADLINE,
     PAIRED_METRICS,
+    TUNED_VARIANT,
+    UNTUNED_VARIANT,
     Group,
     LeaderboardCell,
     Table,
     protocols_per_dataset,
+    tuning_effect,
 )
 from kdbench.report.provenance import ProvenanceField
 from kdbench.report.published import Published
 from kdbench.report.records import DIRTY_FILES, split_dirty_files
+from kdbench.report.stats import Kendall
 
 TEACHER_FWD = "Teacher fwd (images)"
 
@@ -85,29 +93,44 @@ _LEGEND_TAIL = (
 )
 
 
+_LEGEND_TUNED = (
+    "**Tuned tables**: every method, the student alone included, got the same K trials on the validation "
+    "split (trial 0 = the configured values); the selected values then ran every seed on test. Those rows "
+    "are the headline (**Tuning**: `tuned, K trials` and the selected values, `configured values` when trial "
+    "0 won; gains over the tuned student alone; ranks among tuned rows). **Untuned top-1** is the same cell "
+    "with the configured values, **Tuning Δ** tuned minus untuned mean top-1, **Tuning time** the cell's "
+    "trial wall time summed (on top of its wall time). Rows `<label> (untuned)`, in the second table of each "
+    "group, are the configured values, with gains over the untuned student alone."
+)
+
+
 def legend(tables: Sequence[Table]) -> list[str]:
-    """The "How to read these tables" items; those on retrieval, published numbers and live teacher tails only
-    when a table shows them."""
+    """The "How to read these tables" items; those on retrieval, published numbers, live teacher tails and
+    tuning only when a table shows them."""
     groups = [g for t in tables for g in t.groups]
     shows_published = any(g.teacher_published or any(c.published for c in g.cells) for g in groups)
     shows_retrieval = any(_paired_columns(g) for g in groups)
     shows_tail = any(c.live_teacher_tail for g in groups for c in g.cells)
+    shows_tuning = any(g.tuned for g in groups)
     return [
         *_LEGEND,
         *[_LEGEND_RETRIEVAL] * shows_retrieval,
         *[_LEGEND_PUBLISHED] * shows_published,
         *[_LEGEND_TAIL] * shows_tail,
+        *[_LEGEND_TUNED] * shows_tuning,
     ]
 
 
-def _paired_columns(group: Group) -> list[str]:
-    """The paired metrics beside the headline that some run of ``group`` has (retrieval mAP)."""
-    return [m for m in PAIRED_METRICS if m != HEADLINE and any(c.stat(m).n for c in group.cells)]
+def _paired_columns(group: Group, cells: Sequence[LeaderboardCell] | None = None) -> list[str]:
+    """The paired metrics beside the headline that some run of ``group`` (of its ``cells``) has (retrieval
+    mAP)."""
+    cells = group.cells if cells is None else cells
+    return [m for m in PAIRED_METRICS if m != HEADLINE and any(c.stat(m).n for c in cells)]
 
 
 def _delta(cell: LeaderboardCell, group: Group, column: str) -> str:
     """The paired gain of ``column`` over the baseline as text (``(baseline)`` for the baseline itself)."""
-    if cell is group.baseline:
+    if cell is group.baseline_for(cell):
         return "(baseline)"
     return fmt.delta(cell.deltas.get(column)) if cell.stat(column).n else ""
 
@@ -133,7 +156,7 @@ class DisplayTable:
 
 def _method_label(cell: LeaderboardCell) -> str:
     name = cell.method_name
-    return cell.method if name in (None, cell.method) else f"{cell.method} ({name})"
+    return cell.method if name in (None, cell.label) else f"{cell.method} ({name})"
 
 
 def _seeds(cell: LeaderboardCell) -> str:
@@ -215,28 +238,70 @@ def _caption(group: Group, views: set[str], footnotes: list[str]) -> str:
     return ". ".join(parts) + "."
 
 
-def group_display(group: Group) -> DisplayTable:
-    """The text table of one group."""
-    cells = group.cells
+_KNOB_NAMES = {"lr": "lr", "weight_decay": "wd"}
+
+
+def short_value(value: object) -> str:
+    """A tuned value in short form: 3 significant digits (integral from 1000), ``3.12e-4`` below 1e-3 and from
+    1e5."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    a = abs(value)
+    if a and (a < 1e-3 or a >= 1e5):
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:.0f}" if a >= 1e3 else f"{value:.3g}"
+
+
+def short_values(values: dict[str, object]) -> str:
+    """``"lr 0.0712, wd 3.12e-4, tau 2.35"``: the protocol's knobs first (``lr``, ``wd``), then the method's,
+    as it names them."""
+    order = [k for k in _KNOB_NAMES if k in values] + sorted(k for k in values if k not in _KNOB_NAMES)
+    names = {k: _KNOB_NAMES.get(k, k.removeprefix("method.")) for k in order}
+    return ", ".join(f"{names[k]} {short_value(values[k])}" for k in order)
+
+
+def tuning_text(cell: LeaderboardCell) -> str:
+    """A tuned cell's Tuning column: ``"tuned, 8 trials: lr 0.0712, tau 2.35"`` (``configured values`` when
+    trial 0 won); ``""`` for an untuned cell."""
+    if not cell.tuned or cell.tuning("trials") is None:
+        return ""
+    if cell.tuning("selected_trial") == 0:
+        chosen = "configured values"
+    else:
+        chosen = short_values(cell.selected_values or {})
+    return f"tuned, {cell.tuning('trials')} trials: {chosen or 'no tuned knobs'}"
+
+
+def group_display(group: Group, variant: str | None = None) -> DisplayTable:
+    """The text table of one group (of one variant of a tuned table's group: the headline's by default).
+
+    The tuned variant adds the Tuning, Untuned top-1, Tuning Δ and Tuning time columns.
+    """
+    variant = variant if variant is not None or not group.tuned else TUNED_VARIANT
+    cells = group.variant_cells(variant) if group.tuned else group.cells
+    tuned = variant == TUNED_VARIANT
     views = {c.views_note for c in cells if c.views_note}
-    retrieval = _paired_columns(group)
+    retrieval = _paired_columns(group, cells)
     show_pub = any(c.published for c in cells)
-    headers = [
-        "Rank",
-        "Method",
-        "Seeds",
-        "Top-1 (last epoch)",
-        "95% CI",
-        "Δ vs baseline [95% CI]",
-        "Top-1 @ best-val epoch†",
-        "Agreement",
-    ]
+    headers = ["Rank", "Method", *["Tuning"] * tuned, "Seeds", "Top-1 (last epoch)", "95% CI"]
+    headers += ["Δ vs baseline [95% CI]"]
+    headers += ["Untuned top-1", "Tuning Δ"] * tuned
+    headers += ["Top-1 @ best-val epoch†", "Agreement"]
     for m in retrieval:
         headers += [METRIC_HEADERS.get(m, m), f"Δ {METRIC_HEADERS.get(m, m)} [95% CI]"]
     headers += ["Published"] * show_pub
-    headers += ["Wall time", TEACHER_FWD, "Cache read", "Extra params", "Teacher", "Notes"]
+    headers += ["Wall time", *["Tuning time"] * tuned]
+    headers += [TEACHER_FWD, "Cache read", "Extra params", "Teacher", "Notes"]
     footnotes: list[str] = []
     caption = _caption(group, views, footnotes)
+    if variant == UNTUNED_VARIANT:
+        caption = (
+            "Untuned: the configured (paper) values, without tuning; Δ over the untuned student alone, ranks"
+            " among these rows. " + caption
+        )
     taps = sorted({str(c.first("retrieval_tap")) for c in cells if c.first("retrieval_tap")})
     if retrieval and taps:
         caption += f" Retrieval embedding: {', '.join(taps)}."
@@ -254,22 +319,20 @@ def group_display(group: Group) -> DisplayTable:
             ci = f"±{fmt.num(cell.top1.ci95)}" if cell.top1.ci95 is not None else "n/a (1 seed)"
         else:
             top1, ci = f"skipped: {cell.skip_reason}", ""
-        row = [
-            str(cell.rank) if cell.rank is not None else fmt.DASH,
-            _method_label(cell),
-            _seeds(cell),
-            top1,
-            ci,
-            _delta(cell, group, HEADLINE),
-            fmt.mean_std(cell.best_val_top1),
-            fmt.num(cell.mean_of("teacher_agreement"), 1),
-        ]
+        row = [str(cell.rank) if cell.rank is not None else fmt.DASH, _method_label(cell)]
+        row += [tuning_text(cell)] * tuned
+        row += [_seeds(cell), top1, ci, _delta(cell, group, HEADLINE)]
+        if tuned:
+            untuned = fmt.mean_std(cell.twin.top1) if cell.twin else ""
+            row += [untuned, fmt.num(cell.tuning_delta, 2, sign=True)]
+        row += [fmt.mean_std(cell.best_val_top1), fmt.num(cell.mean_of("teacher_agreement"), 1)]
         for m in retrieval:
             row += [fmt.mean_std(cell.stat(m)), _delta(cell, group, m)]
         if show_pub:
-            row.append(_published(cell.published, cell.method, footnotes) if cell.published else "")
+            row.append(_published(cell.published, cell.label, footnotes) if cell.published else "")
+        row.append(fmt.seconds(cell.mean_of("wall_time_s")))
+        row += [fmt.seconds(cell.tuning("tuning_time_s"))] * tuned
         row += [
-            fmt.seconds(cell.mean_of("wall_time_s")),
             _teacher_forward(cell, footnotes),
             fmt.si(cell.mean_of("cache_bytes_read"), "B"),
             fmt.si(cell.first("extra_params")),
@@ -277,8 +340,100 @@ def group_display(group: Group) -> DisplayTable:
             "; ".join(notes),
         ]
         rows.append(row)
-    footnotes = [f"[{i}] {text}" for i, text in enumerate(footnotes, 1)] + group.notes
-    return DisplayTable(group.title, caption, headers, rows, footnotes)
+    notes = group.notes if not group.tuned else _variant_notes(group, variant)
+    footnotes = [f"[{i}] {text}" for i, text in enumerate(footnotes, 1)] + notes
+    title = group.title + (" — untuned (configured values)" if variant == UNTUNED_VARIANT else "")
+    return DisplayTable(title, caption, headers, rows, footnotes)
+
+
+def _variant_notes(group: Group, variant: str | None) -> list[str]:
+    """The group notes a variant's table shows: its own, and under the headline the group-wide ones (the
+    teacher's) and the labels with no tuned run."""
+    own = group.variant_notes.get(variant, [])
+    if variant != TUNED_VARIANT:
+        return list(own)
+    variant_wide = {n for v in group.variant_notes.values() for n in v}
+    shared = [
+        n for n in group.notes if n not in variant_wide and not n.startswith(f"{UNTUNED_VARIANT} runs: ")
+    ]
+    tuned_labels = {c.label for c in group.variant_cells(TUNED_VARIANT)}
+    untuned_only = [c.label for c in group.variant_cells(UNTUNED_VARIANT) if c.label not in tuned_labels]
+    missing = [f"no tuned run of {', '.join(untuned_only)}: see the untuned table"] if untuned_only else []
+    return [*own, *shared, *missing]
+
+
+def group_displays(group: Group) -> list[DisplayTable]:
+    """The text tables of a group: one, or the tuned and the untuned variant's of a tuned table's group."""
+    if not group.tuned:
+        return [group_display(group)]
+    return [group_display(group, v) for v in (TUNED_VARIANT, UNTUNED_VARIANT) if group.variant_cells(v)]
+
+
+def _kendall_text(k: Kendall) -> str:
+    if k.tau is None:
+        return f"not defined (n = {k.n}: it needs at least 2 methods in both orders, not all tied)"
+    p = "n/a" if k.p is None else f"{k.p:.2g}"
+    return f"{k.tau:.2f} (p = {p}, n = {k.n})"
+
+
+def _budget_text(cells: Sequence[LeaderboardCell]) -> str:
+    """The tuning budget of a table's tuned cells, one clause per distinct budget."""
+    budgets = dict.fromkeys(
+        (c.tuning("trials"), c.tuning("sampler"), c.tuning("budget_epochs"), c.tuning("budget_seeds"),
+         c.tuning("metric"), c.tuning("rule"))
+        for c in cells if c.tuned and c.tuning("trials") is not None
+    )
+    out = []
+    for trials, sampler, epochs, seeds, metric, rule in budgets:
+        seeds_text = f"seed {seeds}" if seeds is not None and " " not in str(seeds) else f"seeds {seeds}"
+        rule_text = ("best mean val score over the budget's seeds, ties to the configured values"
+                     if rule == "best_mean" else str(rule))
+        epochs_text = "the protocol's epochs" if epochs is None else f"{epochs} epoch{'s' * (epochs != 1)}"
+        out.append(
+            f"K = {trials} trials ({sampler} sampler, trial 0 = the configured values), each {epochs_text}"
+            f" x {seeds_text}, scored on {metric}; selection: {rule_text}"
+        )
+    return "; ".join(out)
+
+
+def _names(labels: Sequence[str]) -> str:
+    return f" ({', '.join(labels)})" if labels else ""
+
+
+def tuning_paragraph(table: Table) -> list[str]:
+    """The "Tuning" paragraph of a tuned table (``[]`` for an untuned one): the budget and the criterion, then
+    per group what tuning changed (:func:`kdbench.report.aggregate.tuning_effect`)."""
+    groups = [g for g in table.groups if g.tuned]
+    if not groups:
+        return []
+    lines = [
+        (
+            "Every method, the student alone included, got the same tuning budget:"
+            f" {_budget_text(table.cells)}. The tuned rows ran every seed of the table with the selected values,"
+            " on test. A method *beats the student alone* when its mean paired gain over the student alone of the"
+            " same variant (tuned over tuned, untuned over untuned) is > 0 and its paired 95% t-interval excludes"
+            " 0. Kendall's tau"
+            " (tau-b, scipy.stats.kendalltau, two-sided p) compares the untuned and the tuned order of the"
+            " methods (the student alone included) by mean test top-1."
+        )
+    ]
+    for g in groups:
+        effect = tuning_effect(g)
+        before = f"{len(effect.beat_untuned)} of {effect.methods_untuned}"
+        after = f"{len(effect.beat_tuned)} of {effect.methods_tuned}"
+        text = (f"{g.key[2]} → {g.key[3]}: {before} methods beat the student alone before tuning"
+                f"{_names(effect.beat_untuned)}, {after} after{_names(effect.beat_tuned)}.")
+        if effect.moved and effect.moved[1] == 0:
+            text += " Tuning changed no mean test top-1."
+        elif effect.moved:
+            label, delta = effect.moved
+            cell = next(c for c in g.variant_cells(TUNED_VARIANT) if c.label == label)
+            who = "the student alone" if cell.method_name == BASELINE else label
+            text += (f" Moved most: {who}, {fmt.num(delta, 2, sign=True)} points (untuned"
+                     f" {fmt.num(cell.twin.top1.mean)} → tuned {fmt.num(cell.top1.mean)}).")
+        text += f" Kendall's tau between the untuned and the tuned order: {_kendall_text(effect.kendall)}."
+        lines.append(text)
+    return lines
 
 
 def protocol_warnings(tables: Sequence[Table]) -> list[str]:
@@ -293,6 +448,13 @@ def protocol_warnings(tables: Sequence[Table]) -> list[str]:
             )
     return out
 
+
+EXPECTED_VAL_CAPTION = (
+    "Expected best validation score after k of the K trials, per method (Dodge et al. 2019, expected"
+    " validation performance): the unbiased estimator for k trials drawn without replacement from the K"
+    " observed trial scores (each the mean over the budget's seeds). k = 1 is the mean trial, k = K the best"
+    " one. Trial 0 is the configured values and is counted like the others."
+)
 
 PROVENANCE_HEADERS = ["Item", "Scope", "Value", "Runs"]
 _DIGEST_CHARS = 16
@@ -356,18 +518,30 @@ def dirty_warning(fields: Sequence[ProvenanceField]) -> str:
 
 
 @dataclass
+class FigureView:
+    """A plot shown under a text table: its file, alt text and an optional caption."""
+
+    path: Path
+    alt: str
+    caption: str = ""
+
+
+@dataclass
 class TableView:
     """One (dataset, protocol) table as text, with its plots.
 
     Attributes:
         heading: ``"<dataset> — protocol <hash>"``.
-        groups: The text table of each group and the path of its training-curve plot (or ``None``).
+        groups: Each text table of each group (two per group of a tuned table) and the figures under it (the
+            group's training curves; a tuned group's expected-validation plot).
         plots: The table's own plots (accuracy vs size, gain vs baseline).
+        tuning: The "Tuning" paragraph of a tuned table (:func:`tuning_paragraph`), ``[]`` otherwise.
     """
 
     heading: str
-    groups: list[tuple[DisplayTable, Path | None]]
+    groups: list[tuple[DisplayTable, list[FigureView]]]
     plots: list[Path]
+    tuning: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -430,9 +604,21 @@ def report_view(
     for t in tables:
         groups = []
         for g in t.groups:
-            curves = plots.get(f"{t.slug}/{g.key[2]}/{g.key[3]}") or [None]
-            groups.append((group_display(g), curves[0]))
-        views.append(TableView(f"{t.dataset} — protocol {t.protocol_hash}", groups, plots.get(t.slug, [])))
+            # Under a tuned group's headline table its expected-validation plot; under its last table the
+            # training curves (of every cell of the group).
+            displays = [(d, []) for d in group_displays(g)]
+            if g.variant_cells(TUNED_VARIANT):
+                displays[0][1].extend(
+                    FigureView(p, f"expected best validation score {g.title}", EXPECTED_VAL_CAPTION)
+                    for p in plots.get(f"{t.slug}/{g.key[2]}/{g.key[3]}/expected-val", [])
+                )
+            displays[-1][1].extend(
+                FigureView(p, f"training curves {displays[0][0].title}")
+                for p in plots.get(f"{t.slug}/{g.key[2]}/{g.key[3]}", [])[:1]
+            )
+            groups += displays
+        views.append(TableView(f"{t.dataset} — protocol {t.protocol_hash}", groups, plots.get(t.slug, []),
+                               tuning_paragraph(t)))
     return ReportView(
         title, summary, legend(tables), warnings, views, provenance_display(fields), flagged_display(flagged)
     )

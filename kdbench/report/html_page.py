@@ -55,9 +55,10 @@ def html_table(headers: Sequence[str], rows: Sequence[Sequence[str]], skipped_co
     return f'<div class="scroll">{table}</div>'
 
 
-def _figure(path: Path, alt: str) -> str:
+def _figure(path: Path, alt: str, caption: str = "") -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{data}"></figure>'
+    figcaption = f'<figcaption class="caption">{escape(caption)}</figcaption>' if caption else ""
+    return f'<figure><img alt="{escape(alt)}" src="data:image/png;base64,{data}">{figcaption}</figure>'
 
 
 def _inline_markup(text: str) -> str:
@@ -84,7 +85,12 @@ def render_html(view: ReportView) -> str:
     )
     for table in view.tables:
         parts.append(f"<h2>{escape(table.heading)}</h2>")
-        for disp, curves in table.groups:
+        if table.tuning:
+            parts.append(f'<h3>Tuning</h3><p class="caption">{_inline_markup(table.tuning[0])}</p>')
+            if len(table.tuning) > 1:
+                items = "".join(f"<li>{escape(t)}</li>" for t in table.tuning[1:])
+                parts.append(f'<ul class="notes">{items}</ul>')
+        for disp, figures in table.groups:
             parts.append(f"<h3>{escape(disp.title)}</h3>")
             parts.append(f'<p class="caption">{escape(disp.caption)}</p>')
             top1_col = disp.headers.index("Top-1 (last epoch)")
@@ -93,8 +99,7 @@ def render_html(view: ReportView) -> str:
                 parts.append(
                     '<ul class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in disp.footnotes) + "</ul>"
                 )
-            if curves:
-                parts.append(_figure(curves, f"training curves {disp.title}"))
+            parts += [_figure(fig.path, fig.alt, fig.caption) for fig in figures]
         if table.plots:
             parts.append(f"<h3>All groups of {escape(table.heading)}</h3>")
             parts += [_figure(p, p.stem) for p in table.plots]

@@ -8,6 +8,11 @@ curves read the ``epochs_file`` each row names) and the provenance footer. Outpu
 * ``leaderboard.md`` and ``index.html`` (self-contained): the same tables for people, with plots;
 * ``plots/*.png``.
 
+A tuned table (:mod:`kdbench.tuning`) is given both its untuned and its final tuned run records: every cell
+then has two rows, the tuned one (the headline, its label as configured) and ``<label> (untuned)``, each with
+gains over the student alone of its own variant; the tuning columns, the "Tuning" paragraph and a plot of the
+expected best validation score after k trials come with them (:mod:`kdbench.report.aggregate`).
+
 See :mod:`kdbench.report.aggregate` for the rank rule and :mod:`kdbench.report.stats` for the formulas.
 """
 
@@ -43,7 +48,8 @@ def write_leaderboard(
     """Builds the whole leaderboard of a set of run records.
 
     Args:
-        record_paths: ``record.json`` files (one per teacher, student, method label and seed).
+        record_paths: ``record.json`` files (one per teacher, student, method label and seed; a tuned table's
+            final tuned runs beside its untuned ones).
         out_dir: Output directory (created).
         title: Title of the markdown and HTML pages.
         unscheduled: Records (status ``skipped``, with the reason) of the cells the plan did not schedule

@@ -31,14 +31,17 @@ def render_markdown(view: ReportView, out_dir: Path) -> str:
     lines += ["", "## How to read these tables", ""] + [f"- {item}" for item in view.legend] + [""]
     for table in view.tables:
         lines += [f"## {table.heading}", ""]
-        for disp, curves in table.groups:
+        if table.tuning:
+            lines += ["### Tuning", ""] + [f"{_escape(p)}" for p in table.tuning[:1]] + [""]
+            lines += [f"- {_escape(p)}" for p in table.tuning[1:]] + [""] * (len(table.tuning) > 1)
+        for disp, figures in table.groups:
             lines += [f"### {disp.title}", "", disp.caption, ""]
             lines += md_table(disp.headers, disp.rows) + [""]
             lines += [f"- {note}" for note in disp.footnotes]
             if disp.footnotes:
                 lines.append("")
-            if curves:
-                lines += [image(curves, f"training curves {disp.title}"), ""]
+            for fig in figures:
+                lines += [fig.caption, ""] * bool(fig.caption) + [image(fig.path, fig.alt), ""]
         if table.plots:
             lines += (
                 [f"### All groups of {table.heading}", ""] + [image(p, p.stem) for p in table.plots] + [""]

@@ -3,9 +3,12 @@
 * accuracy vs student parameters: one point per cell, 95% CI error bars, one figure per table;
 * gain over the baseline: paired mean difference with its 95% CI per cell, one figure per table;
 * training curves: test (solid) and validation (dashed) top-1 per epoch, mean over seeds, one panel per
-  cell, one figure per group; each panel also shows the baseline's test curve for reference.
+  cell, one figure per group; each panel also shows the baseline's test curve for reference;
+* a tuned table's groups (:mod:`kdbench.tuning`): the expected best validation score after k of the K trials
+  per method (:func:`kdbench.report.stats.expected_max`), one figure per group.
 
-Each method label keeps one colour in every plot of a report.
+Each method label keeps one colour in every plot of a report (a tuned cell and its untuned twin share it; the
+untuned one is drawn hollow). In a tuned table the accuracy-vs-size plot shows the tuned cells (the headline).
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from matplotlib.ticker import MaxNLocator
 
 from kdbench._util import atomic_path
 from kdbench.report import _format as fmt
-from kdbench.report.aggregate import BASELINE, Group, LeaderboardCell, Table
+from kdbench.report.aggregate import BASELINE, TUNED_VARIANT, UNTUNED_VARIANT, Group, LeaderboardCell, Table
 from kdbench.report.records import read_epochs
-from kdbench.report.stats import summarize
+from kdbench.report.stats import expected_max_curve, summarize
 
 _logger = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _colour(cell: LeaderboardCell, colors: Mapping[str, Any]) -> Any:
-    return colors.get(BASELINE if cell.method_name == BASELINE else cell.method, _BASELINE_COLOR)
+    return colors.get(BASELINE if cell.method_name == BASELINE else cell.label, _BASELINE_COLOR)
 
 
 def plot_accuracy_vs_params(table: Table, path: Path, colors: Mapping[str, Any]) -> Path | None:
@@ -69,7 +72,9 @@ def plot_accuracy_vs_params(table: Table, path: Path, colors: Mapping[str, Any])
     Returns:
         ``path``, or ``None`` when no cell of the table has a finished run.
     """
-    cells = [c for c in table.cells if c.top1.n and c.first("student_params")]
+    cells = [
+        c for c in table.cells if c.top1.n and c.first("student_params") and c.variant != UNTUNED_VARIANT
+    ]
     if not cells:
         return None
     teachers = sorted({c.teacher for c in cells})
@@ -157,7 +162,8 @@ def plot_gain(table: Table, path: Path, colors: Mapping[str, Any]) -> Path | Non
     for i, (_, c) in enumerate(entries):
         y = len(entries) - 1 - i
         s = c.delta.diff
-        ax.errorbar(s.mean, y, xerr=s.ci95, fmt="o", color=_colour(c, colors), capsize=4)
+        hollow = "white" if c.variant == UNTUNED_VARIANT else None
+        ax.errorbar(s.mean, y, xerr=s.ci95, fmt="o", color=_colour(c, colors), capsize=4, mfc=hollow)
         ax.annotate(
             f"{s.mean:+.2f} (n={s.n})",
             (s.mean, y),
@@ -174,9 +180,11 @@ def plot_gain(table: Table, path: Path, colors: Mapping[str, Any]) -> Path | Non
     ax.set_ylim(-0.7, len(entries) - 0.3)
     ax.margins(x=0.15)
     ax.set_xlabel("gain over the student alone (top-1 points, paired by seed)")
+    untuned = "\nfilled: tuned, hollow: untuned (each over the student alone of its variant)"
     ax.set_title(
         f"Gain vs baseline — {table.dataset}, protocol {table.protocol_hash}\n"
-        "mean paired difference, bars = paired 95% t-interval\n"
+        "mean paired difference, bars = paired 95% t-interval"
+        f"{untuned if any(c.variant for _, c in entries) else ''}\n"
         "(cells with fewer than 2 paired seeds are not shown)",
         fontsize=10,
     )
@@ -224,9 +232,12 @@ def plot_curves(group: Group, path: Path, colors: Mapping[str, Any]) -> Path | N
     if not curves:
         return None
     cells = [c for c in group.cells if c.method in curves]
-    base = curves.get(group.baseline.method) if group.baseline else None
-    if group.baseline and base is None and group.baseline.runs:  # borrowed from another teacher's group
-        base = mean_curves(group.baseline)
+    bases: dict[str, Any] = {}  # baseline label -> its curves (each variant has its own baseline)
+    for b in {id(b): b for c in cells if (b := group.baseline_for(c)) is not None}.values():
+        found = curves.get(b.method) if b in group.cells else None
+        if found is None and b.runs:  # borrowed from another teacher's group
+            found = mean_curves(b)
+        bases[b.method] = found
     ncols = min(3, len(cells))
     nrows = math.ceil(len(cells) / ncols)
     n_epochs = max(len(cv["test_top1"]) for cv in curves.values())
@@ -236,7 +247,9 @@ def plot_curves(group: Group, path: Path, colors: Mapping[str, Any]) -> Path | N
     for ax, cell in zip(axes, cells):
         color = _colour(cell, colors)
         cv = curves[cell.method]
-        if base and cell is not group.baseline and base["test_top1"]:
+        baseline = group.baseline_for(cell)
+        base = bases.get(baseline.method) if baseline else None
+        if base and cell is not baseline and base["test_top1"]:
             e, m, _ = zip(*base["test_top1"])
             ax.plot(e, m, color=_BASELINE_COLOR, lw=1, ls=":")
         if cv["test_top1"]:
@@ -270,12 +283,51 @@ def plot_curves(group: Group, path: Path, colors: Mapping[str, Any]) -> Path | N
         Line2D([], [], color="black", lw=1.8, label="test (mean ± std over seeds)"),
         Line2D([], [], color="black", lw=1.3, ls="--", label="validation (mean)"),
     ]
-    if base:
-        handles.append(
-            Line2D([], [], color=_BASELINE_COLOR, lw=1, ls=":", label=f"{group.baseline.method} test")
-        )
+    shown = [m for m, b in bases.items() if b]
+    if shown:
+        label = f"{shown[0]} test" if len(shown) == 1 else "test of the baseline of the same variant"
+        handles.append(Line2D([], [], color=_BASELINE_COLOR, lw=1, ls=":", label=label))
     fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     fig.suptitle(f"Training curves — {group.title}  ({group.key[0]}, protocol {group.key[1]})", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_expected_val(group: Group, path: Path, colors: Mapping[str, Any]) -> Path | None:
+    """The expected best validation score after k of the K trials (k = 1..K), one line per tuned cell.
+
+    Each cell's K trial scores (the mean over the tuning budget's seeds, trial 0 the configured values) go
+    through the unbiased estimator of :func:`kdbench.report.stats.expected_max` (sampling without
+    replacement): k = 1 is their mean, k = K their maximum (the selected trial's score).
+
+    Returns:
+        ``path``, or ``None`` when no tuned cell of the group records its trial scores.
+    """
+    cells = [c for c in group.variant_cells(TUNED_VARIANT) if c.trial_means]
+    if not cells:
+        return None
+    metric = next((c.tuning("metric") for c in cells if c.tuning("metric")), "val score")
+    fig = Figure(figsize=(7.6, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    max_k = 1
+    for i, cell in enumerate(sorted(cells, key=lambda c: (c.method_name != BASELINE, c.label))):
+        curve = expected_max_curve(cell.trial_means)
+        ks = range(1, len(curve) + 1)
+        max_k = max(max_k, len(curve))
+        marker = _MARKERS[i % len(_MARKERS)] if len(curve) <= 30 else None
+        ax.plot(ks, curve, color=_colour(cell, colors), marker=marker, ms=4, lw=1.6, label=cell.label)
+    ax.set_xlim(0.8, max_k + 0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("k, number of trials")
+    ax.set_ylabel(f"expected best {metric} (%)")
+    ax.set_title(
+        f"Expected best validation score after k trials — {group.title}\n"
+        f"({group.key[0]}, protocol {group.key[1]}; unbiased estimator over the K observed trials,"
+        " Dodge et al. 2019)\n"
+        "trial 0 = the configured values, counted like the others",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return _save(fig, path)
 
 
@@ -288,15 +340,17 @@ def write_plots(tables: Sequence[Table], plot_dir: Path) -> dict[str, list[Path]
 
     Returns:
         Paths per table slug and group (``"<slug>"`` for table plots, ``"<slug>/<teacher>/<student>"`` for
-        curves); a plot without data is left out. PNG files already in ``plot_dir`` are removed first, so
-        the directory holds exactly this report's plots.
+        curves, ``"<slug>/<teacher>/<student>/expected-val"`` for a tuned group's expected validation score
+        after k trials: ``<slug>_<teacher>_<student>-expected-val.png``); a plot without data is left out.
+        PNG files already in ``plot_dir`` are removed first, so the directory holds exactly this report's
+        plots.
     """
     stale = sorted(plot_dir.glob("*.png"))
     if stale:  # plots of an earlier report of this directory would survive next to the new ones
         _logger.info("removing %d plot(s) of an earlier report in %s", len(stale), plot_dir)
         for p in stale:
             p.unlink()
-    colors = method_colors([c.method for t in tables for c in t.cells])
+    colors = method_colors([c.label for t in tables for c in t.cells])
     out: dict[str, list[Path]] = {}
     for t in tables:
         table_plots = [
@@ -308,6 +362,10 @@ def write_plots(tables: Sequence[Table], plot_dir: Path) -> dict[str, list[Path]
             name = _safe(f"{t.slug}_{g.key[2]}_{g.key[3]}_curves")
             p = plot_curves(g, plot_dir / f"{name}.png", colors)
             out[f"{t.slug}/{g.key[2]}/{g.key[3]}"] = [p] if p else []
+            if g.tuned:
+                name = _safe(f"{t.slug}_{g.key[2]}_{g.key[3]}-expected-val")
+                p = plot_expected_val(g, plot_dir / f"{name}.png", colors)
+                out[f"{t.slug}/{g.key[2]}/{g.key[3]}/expected-val"] = [p] if p else []
     return out
 
 

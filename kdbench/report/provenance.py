@@ -3,8 +3,9 @@
 Every provenance column of the runs table (``prov.*``, ``pkg.*``, ``store.*``, ``protocol_hash``) is
 compared within its scope: environment columns (kdbench version, git commit and the uncommitted files of
 a ``+dirty`` checkout, python, packages, device, CPU model and capability, threads) across all runs, the
-config hash within a (dataset, protocol, method label) since it covers the method's entry, the data
-manifest within a dataset, the teacher digest and the store manifests within a (dataset, protocol,
+config hash within a (dataset, protocol, method label) since it covers the method's entry (a final tuned
+run's, which covers its selected values, within the tuned runs of its label), the data manifest within a
+dataset, the teacher digest and the store manifests within a (dataset, protocol,
 teacher), except for runs distilled from their own assistant (``assistant_time_s`` set, TAKD), which are
 scoped per run; the protocol hash is listed per table (records of different protocols are never
 compared, so it is never flagged). Config-file paths and per-run model digests are kept in the runs table
@@ -46,7 +47,10 @@ def _scope(column: str, row: Mapping[str, Any]) -> tuple[str, ...]:
             return (*(str(row[k]) for k in keys), f"{row['method']} seed {row['seed']} (assistant)")
     else:
         keys = _SCOPES.get(column, ())
-    return tuple(str(row[k]) for k in keys)
+    scope = tuple(str(row[k]) for k in keys)
+    if column == "prov.config_hash" and row.get("tuned"):  # a tuned run's config holds its selected values
+        scope += ("tuned",)
+    return scope
 
 
 @dataclass

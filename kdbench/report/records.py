@@ -9,6 +9,13 @@ provenance (``prov.*``, ``pkg.<package>``, ``store.<tap>``; the list ``prov.dirt
 plot is derived from these rows; nothing downstream reads a record again (training curves read the
 ``epochs_file`` a row names).
 
+A final run of a tuned table (:mod:`kdbench.tuning`, a record with a ``tuning`` mapping) has the same
+cell key and seed as the untuned run of its cell: its row is marked ``tuned`` (``True``) and carries its
+selection in :data:`TUNING_COLUMNS` (``tuning.*``); rows of untuned records have none of these keys, so the
+runs table of an untuned table is unchanged. Which label a row shows on the leaderboard (the tuned run is the
+headline, the untuned one ``<label> (untuned)``) is decided where rows are grouped into cells
+(:func:`kdbench.report.aggregate.build_cells`).
+
 A record that is not valid JSON or lacks a key the report needs raises :class:`RecordError` naming the
 file and the dotted key.
 """
@@ -79,6 +86,24 @@ IDENTITY_COLUMNS = (
     "seed",
 )
 CELL_KEY = ("dataset", "protocol_hash", "teacher", "student", "method")
+# A final tuned run (the record's ``tuning``): ``True``; absent on every other row.
+TUNED = "tuned"
+# The selection of a tuned run (kdbench.tuning.tuning_summary), flattened; lists and dicts as compact JSON.
+TUNING_COLUMNS = (
+    "tuning.metric",
+    "tuning.rule",
+    "tuning.sampler",
+    "tuning.trials",
+    "tuning.budget_epochs",
+    "tuning.budget_seeds",
+    "tuning.default",
+    "tuning.default_score",
+    "tuning.selected_trial",
+    "tuning.values",
+    "tuning.selected_score",
+    "tuning.tuning_time_s",
+    "tuning.trial_means",
+)
 TRAILING_COLUMNS = ("epochs_file", "provenance_differs")
 # Files modified or untracked under kdbench/ and workflow/ when the commit is "+dirty", one cell.
 DIRTY_FILES = "prov.dirty_files"
@@ -223,9 +248,47 @@ def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
     )
     row.update({f"pkg.{k}": v for k, v in sorted((_opt(rec, "provenance.packages") or {}).items())})
     row.update({f"store.{k}": v for k, v in sorted((_opt(rec, "provenance.store_manifests") or {}).items())})
+    tuning = rec.get("tuning")
+    if isinstance(tuning, Mapping):
+        row.update(_tuning_columns(tuning))
     epochs = rec.get("epochs_file")
     row["epochs_file"] = str(Path(path).parent / epochs) if epochs else ""
     return row
+
+
+def _tuning_columns(tuning: Mapping[str, Any]) -> dict[str, Any]:
+    """:data:`TUNED` and :data:`TUNING_COLUMNS` of a tuned run's ``tuning`` mapping (missing keys empty)."""
+    budget = tuning.get("budget") or {}
+    seeds = budget.get("seeds")
+    flat = {
+        "metric": tuning.get("metric"),
+        "rule": tuning.get("rule"),
+        "sampler": tuning.get("sampler"),
+        "trials": tuning.get("trials"),
+        "budget_epochs": budget.get("epochs"),
+        "budget_seeds": " ".join(str(s) for s in seeds) if seeds is not None else None,
+        "default": tuning.get("default"),
+        "default_score": tuning.get("default_score"),
+        "selected_trial": tuning.get("selected_trial"),
+        "values": tuning.get("values"),
+        "selected_score": tuning.get("selected_score"),
+        "tuning_time_s": tuning.get("tuning_time_s"),
+        "trial_means": tuning.get("trial_means"),
+    }
+    return {TUNED: True, **{f"tuning.{k}": _scalar(v) for k, v in flat.items()}}
+
+
+def trial_means(row: Mapping[str, Any]) -> list[float]:
+    """The mean validation score of each trial of a tuned run's row (trial order; ``[]`` when absent)."""
+    value = row.get("tuning.trial_means")
+    if value in (None, ""):
+        return []
+    return [float(x) for x in (json.loads(value) if isinstance(value, str) else value)]
+
+
+def run_key(row: Mapping[str, Any]) -> tuple:
+    """What makes a run unique: its cell, its seed and whether it is a final tuned run."""
+    return (*(row[k] for k in CELL_KEY), row["seed"], bool(row.get(TUNED)))
 
 
 def load_runs(record_paths: Iterable[Path]) -> list[dict[str, Any]]:
@@ -244,12 +307,13 @@ def load_runs(record_paths: Iterable[Path]) -> list[dict[str, Any]]:
     seen: dict[tuple, str] = {}
     for path in record_paths:
         row = flatten_record(read_record(Path(path)), Path(path))
-        key = tuple(row[k] for k in CELL_KEY) + (row["seed"],)
+        key = run_key(row)
         if key in seen:
             raise RecordError(
                 f"run records {seen[key]} and {path} are the same run "
-                f"{dict(zip((*CELL_KEY, 'seed'), key))}; "
-                "pass only one of them"
+                f"{dict(zip((*CELL_KEY, 'seed'), key))}"
+                + (" (both tuned)" if key[-1] else "")
+                + "; pass only one of them"
             )
         seen[key] = str(path)
         rows.append(row)
@@ -259,8 +323,8 @@ def load_runs(record_paths: Iterable[Path]) -> list[dict[str, Any]]:
 
 
 def sort_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows in the runs table's order: by cell, then seed."""
-    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in CELL_KEY) + (r["seed"],))
+    """Rows in the runs table's order: by cell, then seed (an untuned run before the tuned one)."""
+    return sorted(rows, key=lambda r: tuple(str(r[k]) for k in CELL_KEY) + (r["seed"], bool(r.get(TUNED))))
 
 
 def runs_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:

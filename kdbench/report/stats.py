@@ -10,6 +10,15 @@ Formulas (``n`` values ``x_1..x_n``; all intervals are two-sided 95%):
   paired seeds. The rank rule (:mod:`kdbench.report.aggregate`) uses the same paired difference between
   any two cells: one is *below* the other when the interval of ``d`` lies entirely below 0.
 
+Tuning (:mod:`kdbench.tuning`) adds two statistics:
+
+* the expected best validation score after ``k`` of ``K`` trials (Dodge et al. 2019, "Show your work"),
+  with the unbiased estimator for ``k`` trials drawn without replacement from the ``K`` observed scores:
+  sort ``v(1) <= ... <= v(K)``; ``E[max of k] = sum_{i=k..K} v(i) * C(i-1, k-1) / C(K, k)``
+  (:func:`expected_max`): ``k = 1`` gives the mean, ``k = K`` the maximum;
+* Kendall's tau-b between two orders of the same methods, with its two-sided p-value
+  (:func:`kendall_tau`, ``scipy.stats.kendalltau``).
+
 The t critical values come from a small table for df 1..30 (three decimals, as printed in every
 statistics textbook); beyond 30 degrees of freedom the normal value 1.960 is used, which makes the
 interval at most 4% narrower than the exact one (df = 31).
@@ -136,3 +145,65 @@ def paired_delta(
         note = f"fewer than {min_pairs} seeds paired with the baseline (n={len(seeds)})"
         return PairedDelta(seeds, Summary(len(seeds), None, None, None), note)
     return PairedDelta(seeds, summarize([method[s] - baseline[s] for s in seeds]))
+
+
+def expected_max(scores: Sequence[float], k: int) -> float:
+    """The expected maximum of ``k`` scores drawn without replacement from ``scores`` (Dodge et al. 2019).
+
+    Every ``k``-subset of the ``K`` scores is equally likely; the ``i``-th smallest score ``v(i)`` is the
+    maximum of ``C(i-1, k-1)`` of the ``C(K, k)`` subsets, so ``E = sum_{i=k..K} v(i) C(i-1, k-1) / C(K, k)``.
+
+    Args:
+        scores: The ``K`` observed scores (e.g. the mean validation score of each trial).
+        k: Number of trials, ``1 <= k <= K``.
+
+    Returns:
+        The expected best score; ``k = 1`` is the mean of ``scores``, ``k = K`` their maximum.
+
+    Raises:
+        ValueError: ``scores`` is empty or ``k`` is outside ``1..K``.
+    """
+    v = sorted(float(x) for x in scores)
+    n = len(v)
+    if not 1 <= k <= n:
+        raise ValueError(f"expected_max needs 1 <= k <= {n} (the number of scores), got k={k}")
+    total = math.comb(n, k)
+    # Integer weights (exact), so the weights sum to exactly C(K, k) and k = K returns the maximum itself.
+    return math.fsum(v[i - 1] * math.comb(i - 1, k - 1) for i in range(k, n + 1)) / total
+
+
+def expected_max_curve(scores: Sequence[float]) -> list[float]:
+    """:func:`expected_max` of ``scores`` for ``k = 1..K`` (the expected-validation-performance curve)."""
+    return [expected_max(scores, k) for k in range(1, len(scores) + 1)]
+
+
+@dataclass(frozen=True)
+class Kendall:
+    """Kendall's tau-b between two orders of the same ``n`` items, with its two-sided p-value.
+
+    ``tau`` and ``p`` are ``None`` when fewer than two items are shared or either order is constant.
+    """
+
+    tau: float | None
+    p: float | None
+    n: int
+
+
+def kendall_tau(first: Mapping[str, float], second: Mapping[str, float]) -> Kendall:
+    """Kendall's tau-b between the orders ``first`` and ``second`` give to the items both have
+    (``scipy.stats.kendalltau``: tau-b, exact p-value for small ``n`` without ties).
+
+    A single swap of two adjacent items among ``n`` gives ``1 - 4 / (n (n - 1))``.
+    """
+    items = sorted(set(first) & set(second))
+    n = len(items)
+    if n < 2:
+        return Kendall(None, None, n)
+    # Imported on use: scipy is slow to import, and only tuned tables need it.
+    from scipy.stats import kendalltau
+
+    result = kendalltau([first[i] for i in items], [second[i] for i in items])
+    tau, p = float(result.statistic), float(result.pvalue)
+    if math.isnan(tau):
+        return Kendall(None, None, n)
+    return Kendall(tau, None if math.isnan(p) else p, n)
