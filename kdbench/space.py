@@ -18,26 +18,28 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 
+class _FloatRange:
+    low: float
+    high: float
+
+    def contains(self, value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+
+
 @dataclass(frozen=True)
-class Uniform:
+class Uniform(_FloatRange):
     """A float drawn uniformly from ``[low, high]``."""
 
     low: float
     high: float
 
-    def contains(self, value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
-
 
 @dataclass(frozen=True)
-class LogUniform:
+class LogUniform(_FloatRange):
     """A float drawn uniformly in log space from ``[low, high]`` (``0 < low``): loss weights, learning rates."""
 
     low: float
     high: float
-
-    def contains(self, value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
 
 
 @dataclass(frozen=True)
