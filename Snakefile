@@ -2,6 +2,7 @@
 #   snakemake --cores 2                                                 # the default table (Fashion-MNIST)
 #   snakemake --cores 2 --configfile workflow/config/all-tables.yaml    # every table that fits a 2-core machine
 #   snakemake --cores 2 --config seeds=[0,1,2,3,4]                      # overrides (dotted keys too)
+#   snakemake --cores 2 --config 'select={methods: [kd], seeds: [0]}'   # part of a table: its own jobs, reused later
 #   snakemake --workflow-profile workflow/profiles/slurm                # on a SLURM cluster
 #
 # `snakemake --lint` asks for a conda environment or container per rule. kdbench deliberately has none: every

@@ -13,6 +13,7 @@ import types
 import typing
 from typing import Any, Mapping
 
+from kdbench._util import did_you_mean
 from kdbench.errors import ConfigError
 
 
@@ -105,6 +106,7 @@ def build_dataclass(cls: type, raw: Any, where: str, source: str, base: Any = No
     if unknown:
         raise ConfigError(
             f"{source}: unknown key '{where}.{unknown[0]}'; valid keys of '{where}': {', '.join(sorted(fields))}"
+            f"{did_you_mean(unknown[0], fields)}"
         )
     values: dict[str, Any] = {}
     for name, value in raw.items():

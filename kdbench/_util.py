@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 #: ``dataclasses.field(metadata=OMIT_WHEN_DEFAULT)``: an optional setting that is off by default (e.g. a metric
 #: the protocol can switch on). :func:`to_jsonable` leaves it out while it has its default, so adding such a
@@ -42,6 +43,13 @@ def to_jsonable(obj: Any) -> Any:
 def field_default(f: dataclasses.Field) -> Any:
     """A dataclass field's default value (its ``default_factory``'s product for a mutable default)."""
     return f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING else f.default
+
+
+def did_you_mean(name: Any, choices: Iterable[Any]) -> str:
+    """``"; did you mean 'kd'?"``: the closest of ``choices`` to a misspelt ``name`` (up to three, by
+    :func:`difflib.get_close_matches`), to end an error message with; ``""`` when none is close."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=3)
+    return "; did you mean " + " or ".join(repr(c) for c in close) + "?" if close else ""
 
 
 def stable_hash(obj: Any, length: int = 12) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import kdbench
+from kdbench.errors import one_line
 
 if TYPE_CHECKING:
     from kdbench.config import Config
@@ -63,11 +64,6 @@ class _DeprecatedAlias(argparse.Action):
             return
         _deprecated(option_string or f"the positional {self.metavar or self.dest}", self.use)
         setattr(namespace, self.target, values)
-
-
-def _one_line(error: BaseException) -> str:
-    """An error message on one line (a multi-line message is joined with spaces)."""
-    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def _broken_pipe() -> int:
@@ -379,6 +375,20 @@ def cmd_amd_audit(args) -> None:
     _done(f"AMD audit: npsd-approx selected candidate {result['selected']}; {picks} ({out})")
 
 
+def _selection(text: str, cfg: Config):
+    """``--selection``: a table's ``select:`` as YAML or JSON (the workflow passes JSON), checked against it."""
+    import yaml
+
+    from kdbench.config import ConfigError
+    from kdbench.selection import parse_selection
+
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--selection {text!r} is not valid YAML or JSON ({str(e).splitlines()[0]})") from None
+    return parse_selection(raw, cfg, f"{cfg.source}: --selection")
+
+
 def cmd_leaderboard(args) -> None:
     from kdbench._util import to_jsonable
     from kdbench.config import config_hash
@@ -389,13 +399,17 @@ def cmd_leaderboard(args) -> None:
 
     cfg = _config(args)
     title = f"{cfg.name} (config {config_hash(cfg)})"
+    selection = _selection(args.selection, cfg) if args.selection else None
+    seeds = [s for s in cfg.seeds if selection is None or selection.seeds is None or s in selection.seeds]
     unscheduled = [
         to_jsonable(RunRecord(status="skipped", skip_reason=reason, identity=run_identity(cfg, t, s, m, seed),
                               protocol=cfg.protocol, protocol_hash=cfg.protocol.hash()))
-        for (_, t, s, m), reason in Plan.of_config(cfg).skipped.items()
-        for seed in cfg.seeds
+        for (_, t, s, m), reason in Plan.of_config(cfg, selection).skipped.items()
+        for seed in seeds
     ]
-    summary = write_leaderboard([Path(p) for p in args.runs], Path(args.out), title=title, unscheduled=unscheduled)
+    shows = {"selection": selection.render()} if selection else {}  # only then: the keyword is new
+    summary = write_leaderboard([Path(p) for p in args.runs], Path(args.out), title=title, unscheduled=unscheduled,
+                                **shows)
     _done(f"leaderboard {title}: {summary['cells']} cells from {summary['runs']} runs -> {args.out}")
 
 
@@ -418,6 +432,9 @@ def cmd_plan(args) -> None:
             raise SystemExit(f"kdbench: error: --config takes KEY=VALUE, got {item!r}")
         overrides[key] = value  # read as YAML by the plan, as the workflow reads snakemake --config
     plan = Plan.resolve(args.configfile or [], overrides)
+    from kdbench import preflight
+
+    preflight.check(plan)  # what the workflow checks before its DAG: a plan it would refuse is refused here too
     print(plan.render())
     from kdbench.tuning import render_tuning
 
@@ -425,9 +442,9 @@ def cmd_plan(args) -> None:
         if plan.tables[name].cfg.tune is not None:
             print(render_tuning(plan, name))
     if args.estimate:
-        from kdbench.estimate import DEFAULT_GPU_TFLOPS, estimate, render
+        from kdbench.estimate import DEFAULT_GPU_TFLOPS, assumptions, estimate, render
 
-        print(render(estimate(plan), args.gpu_tflops or DEFAULT_GPU_TFLOPS))
+        print(render(estimate(plan), args.gpu_tflops or DEFAULT_GPU_TFLOPS, assumptions(plan)))
     study = resolve_study(args.configfile or [], list(plan.tables.values()))
     if study:
         print(f"study {study.name} over {len(study.tables)} tables -> {study.dir}/study.md")
@@ -663,6 +680,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("leaderboard", cmd_leaderboard, "run records -> leaderboard tables, page and plots")
     p.add_argument("--runs", nargs="+", required=True, help="record.json files")
     p.add_argument("--out", required=True, help="leaderboard directory to write")
+    p.add_argument("--selection", metavar="MAPPING",
+                   help="the part of the table the runs are (its 'select:', as YAML or JSON, e.g. '{methods: [kd],"
+                   " seeds: [0]}'): the leaderboard says it shows a selection, and lists only the selected cells"
+                   " that cannot run")
 
     p = add("study", cmd_study, "a suite's study: the run records of all its tables -> one table (study.md, .csv),"
             " one plot of accuracy vs store bytes (study.png) and the live-vs-cache lossless check", config=False)
@@ -706,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"kdbench: error: {_one_line(e)}", file=sys.stderr)
+        print(f"kdbench: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

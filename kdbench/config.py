@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from kdbench._typed import build_dataclass
-from kdbench._util import OMIT_WHEN_DEFAULT, field_default, stable_hash, to_jsonable
+from kdbench._util import OMIT_WHEN_DEFAULT, did_you_mean, field_default, stable_hash, to_jsonable
 from kdbench.errors import ConfigError
 from kdbench.methods import METHODS
 from kdbench.models import check_model_name
@@ -490,10 +490,14 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     """
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: the config must be a mapping at the top level")
-    top = {"name", "data", "protocol", "cache", "teachers", "students", "pairs", "methods", "seeds", "runtime", "tune"}
+    # (`select`: the part of the table the workflow plans, kdbench.selection; read by kdbench.plan, which takes it
+    # out before this parse: not part of the table)
+    top = {"name", "data", "protocol", "cache", "teachers", "students", "pairs", "methods", "seeds", "runtime", "tune",
+           "select"}
     unknown = sorted(set(raw) - top)
     if unknown:
-        raise ConfigError(f"{source}: unknown top-level key '{unknown[0]}'; valid keys: {', '.join(sorted(top))}")
+        raise ConfigError(f"{source}: unknown top-level key '{unknown[0]}'; valid keys: {', '.join(sorted(top))}"
+                          f"{did_you_mean(unknown[0], top)}")
     for key in ("name", "teachers", "methods", "seeds"):
         if key not in raw:
             raise ConfigError(f"{source}: missing required key '{key}'")
@@ -564,6 +568,7 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
         if mname not in METHODS:
             raise ConfigError(
                 f"{source}: key 'methods.{label}': unknown method {mname!r}; valid choices: {', '.join(METHODS.names())}"
+                f"{did_you_mean(mname, METHODS.names())}"
             )
         if teacher_source not in TEACHER_SOURCES:
             raise ConfigError(f"{source}: key 'methods.{label}.teacher_source' must be one of"
@@ -652,7 +657,7 @@ def _parse_pairs(raw: Any, teachers: Mapping[str, TeacherConfig], source: str) -
         teacher, student = pair
         if teacher not in teachers:
             raise ConfigError(f"{source}: key 'pairs[{i}]': teacher {teacher!r} is not under 'teachers'"
-                              f" ({', '.join(teachers)}); add it there or fix the name")
+                              f" ({', '.join(teachers)}); add it there or fix the name{did_you_mean(teacher, teachers)}")
         _check_model(check_model_name, student, f"pairs[{i}]", source)
         if (teacher, student) in pairs:
             raise ConfigError(f"{source}: key 'pairs[{i}]': [{teacher}, {student}] is listed twice; remove one")

@@ -42,3 +42,9 @@ class NonFiniteLossError(KdbenchError, FloatingPointError):
 
 
 USER_ERRORS = (KdbenchError, FileNotFoundError)
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line (a multi-line message is joined with spaces): what the CLI and the workflow
+    print for a user error."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__

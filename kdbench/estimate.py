@@ -103,11 +103,30 @@ def estimate(plan: Plan) -> dict[str, list[Stage]]:
     return out
 
 
-def render(estimates: dict[str, list[Stage]], gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> str:
-    """A plain-text table per table: jobs, PFLOPs and GPU-hours per stage, and the total."""
+def assumptions(plan: Plan) -> dict[str, str]:
+    """Per table, one line: the images its estimate counts (the sizes of the data at ``data.root``: a smaller
+    copy, or ``train_limit`` / ``test_limit``, gives smaller figures), their resolution, epochs and views."""
+    out = {}
+    for name, table in plan.tables.items():
+        cfg = table.cfg
+        sizes = split_sizes(cfg.data)
+        size = cfg.protocol.image_size or source_info(cfg.data).image_size
+        limits = ", ".join(f"{k} {getattr(cfg.data, k)}" for k in ("train_limit", "test_limit") if getattr(cfg.data, k))
+        out[name] = (f"assumes {sizes['train']} training, {sizes['val']} val and {sizes['test']} test images of"
+                     f" {cfg.data.source} at {cfg.data.root} ({size} px{', ' + limits if limits else ''}),"
+                     f" {cfg.protocol.epochs} epochs, {cfg.protocol.views.count} views per image")
+    return out
+
+
+def render(estimates: dict[str, list[Stage]], gpu_tflops: float = DEFAULT_GPU_TFLOPS,
+           notes: dict[str, str] | None = None) -> str:
+    """A plain-text table per table: jobs, PFLOPs and GPU-hours per stage, and the total; under its title, the
+    table's note (:func:`assumptions`), if given."""
     lines = []
     for name, stages in estimates.items():
         lines.append(f"table {name}: compute estimate at {gpu_tflops:g} TFLOP/s sustained per GPU")
+        if notes and name in notes:
+            lines.append(f"  {notes[name]}")
         lines.append(f"  {'stage':<13}{'jobs':>6}{'PFLOP':>12}{'GPU-hours':>11}")
         for s in stages + [Stage("total", sum(s.jobs for s in stages), sum(s.flops for s in stages))]:
             lines.append(f"  {s.name:<13}{s.jobs:>6}{s.flops / 1e15:>12.1f}{s.gpu_hours(gpu_tflops):>11.1f}")

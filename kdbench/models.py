@@ -55,6 +55,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from kdbench import cifar_nets
 from kdbench._staged import StagedNet, conv_bn, ignore_kwargs, no_pretrained
+from kdbench._util import did_you_mean
 
 _logger = logging.getLogger(__name__)
 
@@ -313,8 +314,11 @@ def check_model_name(name: str) -> str | None:
         return str(e)
     if timm.is_model(name):
         return None
-    close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
-    return f"unknown timm model {name!r}" + (f"; did you mean one of: {', '.join(close)}" if close else "")
+    hint = did_you_mean(name, timm.list_models())  # kdbench's own models are in timm's registry too
+    if not hint:  # nothing close: the models that share its family name (resnet, vit, ...), if any
+        family = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f"; models named like it: {', '.join(family)}" if family else ""
+    return f"unknown timm model {name!r}{hint}"
 
 
 def create_model(name: str, num_classes: int, in_chans: int, img_size: int) -> nn.Module:

@@ -7,7 +7,8 @@ and training data, written out in full), and a suite file (``tables: [a.yaml, b.
 listed config (or derived from one: ``{config: a.yaml, set: {...}, methods: [...]}``), with an optional
 ``study`` over all of them (:func:`resolve_study`). Every table's resolved config is written to
 ``results/<table>/config-<hash>.resolved.yaml`` (a new file for every distinct config, so a record's config
-file never changes under it) and every job of that table reads that file.
+file never changes under it) and every job of that table reads that file. A ``select:`` (:mod:`kdbench.selection`)
+is not part of the table: :class:`Plan` plans the full table and keeps the selected jobs.
 
 :class:`Plan` turns the tables into jobs and is the only place that knows an output path. Upstream work is
 content-addressed, so two tables that need the same data, teacher or store share one job:
@@ -55,12 +56,14 @@ from kdbench.config import (
     to_raw,
 )
 from kdbench.data.layout import PART_NAME, data_identity, group_count
-from kdbench.data.sources import check_data_config, is_encoded, shard_counts, source_info
+from kdbench.data.sources import check_data_config, is_encoded, location_key, shard_counts, source_info
+from kdbench.errors import DatasetError
 from kdbench.methods import METHODS
 from kdbench.methods.base import SEARCHED_ASSISTANT
 from kdbench.models import ModelInfo, create_model, model_info
 from kdbench.numerics import Numerics
 from kdbench.prune import Candidate, assistant_grid
+from kdbench.selection import Selection, parse_selection
 from kdbench.taps import normalize_tap, tap_dirname
 
 RESULTS = "results"
@@ -203,10 +206,13 @@ class Table:
     Attributes:
         cfg: The parsed config (its ``source`` is the resolved file every job reads).
         origin: The config files and overrides it was resolved from, for the resolved file's header.
+        selection: The part of the table to plan (``select:``, :mod:`kdbench.selection`); ``None``: all of it.
+            Not part of the table: ``cfg``, the resolved file and every hash are the full table's.
     """
 
     cfg: Config
     origin: str
+    selection: Selection | None = None
 
     @property
     def raw(self) -> dict[str, Any]:
@@ -271,15 +277,28 @@ def _suite_entry(suite: Path, i: int, item: Any) -> SuiteEntry:
     return SuiteEntry(config, dict(sets), tuple(methods) if methods is not None else None, where)
 
 
+def _defining(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The overrides that define the table: all but a selection (``select``, ``select.<key>``), which is not part
+    of the table (nor of its resolved file's header, so a selection rewrites no file of the full table)."""
+    return {k: v for k, v in overrides.items() if str(k).split(".")[0] != "select"}
+
+
 def _table(files: Sequence[Path], overrides: Mapping[str, Any], entry: SuiteEntry | None = None) -> Table:
     raw = _merged(files)
     origin = " + ".join(str(f) for f in files)
     if entry is not None and entry.overrides:
         raw = apply_overrides(raw, entry.overrides, where=f"{entry.where}.set:")
-        origin += f" + {entry.where}.set " + " ".join(f"{k}={v!r}" for k, v in entry.overrides.items())
+        if _defining(entry.overrides):
+            origin += f" + {entry.where}.set " + " ".join(f"{k}={v!r}" for k, v in _defining(entry.overrides).items())
     raw = apply_overrides(raw, overrides)
-    if overrides:
-        origin += " + --config " + " ".join(f"{k}={v!r}" for k, v in overrides.items())
+    if _defining(overrides):
+        origin += " + --config " + " ".join(f"{k}={v!r}" for k, v in _defining(overrides).items())
+    select = raw.pop("select", None)  # applied to the resolved table's jobs (Plan), never part of the table
+    selected_by = origin  # (for the selection's messages: with the overrides that select)
+    for where, given in [(f"{entry.where}.set", entry.overrides) if entry else ("", {}), ("--config", overrides)]:
+        chosen = {k: v for k, v in given.items() if k not in _defining(given)}
+        if chosen:
+            selected_by += f" + {where} " + " ".join(f"{k}={v!r}" for k, v in chosen.items())
     if entry is not None and entry.methods is not None:
         labels = raw.get("methods") if isinstance(raw.get("methods"), Mapping) else {}
         missing = [m for m in entry.methods if m not in labels]
@@ -295,11 +314,14 @@ def _table(files: Sequence[Path], overrides: Mapping[str, Any], entry: SuiteEntr
             topk = default_topk(cfg)
         except ConfigError as e:  # a data key the source needs (the class count comes from the source)
             raise ConfigError(f"{origin}: {e}") from None
+        except DatasetError as e:  # an image folder or shards that are not there
+            raise DatasetError(f"{origin}: key 'data.{location_key(cfg.data)}': {e}") from None
         cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, topk=topk))
     if cfg.name in RESERVED:
         raise ConfigError(f"{origin}: key 'name' must not be one of {', '.join(sorted(RESERVED))} (result folders)")
     source = Layout.RESOLVED.format(table=cfg.name, config_hash=config_hash(cfg))
-    return Table(cfg=parse_config(to_raw(cfg), source=source), origin=origin)  # as the jobs will read it
+    resolved = parse_config(to_raw(cfg), source=source)  # as the jobs will read it
+    return Table(cfg=resolved, origin=origin, selection=parse_selection(select, resolved, selected_by))
 
 
 def resolve_tables(files: Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> list[Table]:
@@ -471,7 +493,8 @@ def _reading(data: DataConfig) -> list[dict]:
 
 
 def _check_data(table: Table) -> None:
-    """The data configs of a table (its own and its teachers') have the keys their sources need."""
+    """The data configs of a table (its own and its teachers') have the keys their sources need, and the table's
+    source tells its classes (an image folder's are listed; every model of the table is built for them)."""
     cfg = table.cfg
     datas = [("data", cfg.data)] + [(f"teachers.{n}.data", t.data) for n, t in cfg.teachers.items() if t.data]
     for where, data in datas:
@@ -479,6 +502,10 @@ def _check_data(table: Table) -> None:
             check_data_config(data, where)
         except ConfigError as e:
             raise ConfigError(f"{table.origin}: {e}") from None
+    try:
+        source_info(cfg.data)
+    except DatasetError as e:  # an image folder or shards that are not there
+        raise DatasetError(f"{table.origin}: key 'data.{location_key(cfg.data)}': {e}") from None
 
 
 class Plan:
@@ -522,11 +549,45 @@ class Plan:
         for job in self.jobs:
             for sk in self.job_stores(job).values():
                 self.stores.setdefault(sk.dir, sk)
+        if any(t.selection for t in tables):
+            self._select()
+
+    def _select(self) -> None:
+        """Keeps the jobs of each table's selection and what they need (data, teachers, assistants, stores).
+
+        Everything was first planned for the full tables, so each kept job, key and path, and the table that
+        defines each shared job (whose resolved file its command reads), is the full plan's.
+        """
+        def kept(table: str, teacher: str, student: str, label: str, seed: int | None = None) -> bool:
+            sel = self.tables[table].selection
+            return sel is None or (sel.keeps_cell(teacher, student, label) if seed is None
+                                   else sel.keeps(teacher, student, label, seed))
+
+        self.jobs = [j for j in self.jobs if kept(j.table, j.teacher, j.student, j.label, j.seed)]
+        self.skipped = {k: why for k, why in self.skipped.items() if kept(*k)}
+        for name, t in self.tables.items():
+            if t.selection is not None and not any(j.table == name for j in self.jobs):
+                skipped = sum(1 for k in self.skipped if k[0] == name)
+                raise ConfigError(f"{t.origin}: key 'select' ({t.selection.render()}) keeps no job of table {name!r}"
+                                  + (f": its {skipped} selected cells cannot run (see 'kdbench plan')" if skipped
+                                     else ": no pair, method and seed of the table matches every key given"))
+        teachers = {tk.key for j in self.jobs if (tk := self.job_teacher(j))}
+        stores = {sk.dir for j in self.jobs for sk in self.job_stores(j).values()}
+        for name, t in self.tables.items():
+            if t.selection is None:  # a table without a selection keeps all its teachers, as before
+                teachers |= {self.teacher_key(name, teacher).key for teacher in t.cfg.teachers}
+            for teacher, label in self.assistants(name):
+                teachers |= {self.teacher_key(name, teacher).key, self.assistant_key(name, teacher, label).key}
+                stores |= {sk.dir for sk in self.assistant_stores(name, teacher, label).values()}
+        data = {self.data_key(name) for name in self.tables} | {self.teacher_data_key(k) for k in teachers}
+        self.teachers = {k: tk for k, tk in self.teachers.items() if k in teachers}
+        self.stores = {d: sk for d, sk in self.stores.items() if d in stores}
+        self.data = {k: v for k, v in self.data.items() if k in data}
 
     @classmethod
-    def of_config(cls, cfg: Config) -> Plan:
-        """The plan of one already resolved config (what a job reads)."""
-        return cls([Table(cfg=cfg, origin=cfg.source)])
+    def of_config(cls, cfg: Config, selection: Selection | None = None) -> Plan:
+        """The plan of one already resolved config (what a job reads), or of a selection of its jobs."""
+        return cls([Table(cfg=cfg, origin=cfg.source, selection=selection)])
 
     @classmethod
     def resolve(cls, files: Sequence[str | Path], overrides: Mapping[str, Any] | None = None) -> Plan:
@@ -768,9 +829,10 @@ class Plan:
         lines = []
         for name, table in self.tables.items():
             jobs = [j for j in self.jobs if j.table == name]
+            selected = f" of a selection ({table.selection.render()})" if table.selection else ""
             lines += [f"table {name} (config {table.config_hash}) <- {table.origin}",
                       f"  resolved config: {table.resolved_path}",
-                      f"  {len(jobs)} distill jobs -> {Layout.TABLE.format(table=name)}/runs/",
+                      f"  {len(jobs)} distill jobs{selected} -> {Layout.TABLE.format(table=name)}/runs/",
                       f"  leaderboard: {self.leaderboard_dir(name)}/"]
         lines += [f"data {self.data_dir(k)}" for k in self.data]
         lines += [f"{'assistant' if t.label else 'teacher'} {t.dir}" for t in self.teachers.values()]

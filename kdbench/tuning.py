@@ -230,9 +230,12 @@ def tuned_run_dir(table: str, teacher: str, student: str, label: str, seed: int)
 
 
 def tuned_records(plan: Plan, table: str) -> list[str]:
-    """The record of every final tuned run of a table (every seed of every cell)."""
-    seeds = plan.tables[table].cfg.seeds
-    return [f"{tuned_run_dir(table, t, s, m, seed)}/record.json" for t, s, m in cells(plan, table) for seed in seeds]
+    """The record of every final tuned run of a table: one per planned job (every seed of every cell, or of the
+    table's selection)."""
+    if plan.tables[table].cfg.tune is None:
+        return []
+    return [f"{tuned_run_dir(table, j.teacher, j.student, j.label, j.seed)}/record.json"
+            for j in plan.jobs if j.table == table]
 
 
 def trial_hash(plan: Plan, table: str, teacher: str, student: str, label: str, trial: int) -> str:

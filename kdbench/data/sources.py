@@ -252,6 +252,12 @@ def is_encoded(cfg: DataConfig) -> bool:
     return isinstance(SOURCES.get(cfg.source), EncodedSource)
 
 
+def location_key(cfg: DataConfig) -> str:
+    """The data key that says where the source's raw data is: ``train_shards`` for ``webdataset``, else ``root``
+    (what a missing dataset's error names)."""
+    return "train_shards" if cfg.source == "webdataset" else "root"
+
+
 def source_info(cfg: DataConfig) -> SourceInfo:
     """The :class:`SourceInfo` of a data config (cheap: an image folder's class folders are listed, no file)."""
     check_data_config(cfg)
@@ -267,12 +273,16 @@ def source_sizes(cfg: DataConfig) -> tuple[int, int]:
     return src.sizes(cfg) if isinstance(src, EncodedSource) else src.sizes(Path(cfg.root))
 
 
-def split_sizes(cfg: DataConfig) -> dict[str, int]:
-    """Sample counts of train / val / test implied by the config, without reading the images."""
-    check_data_config(cfg)
+def split_sizes(cfg: DataConfig, where: str = "data") -> dict[str, int]:
+    """Sample counts of train / val / test implied by the config, without reading the images.
+
+    ``where`` names the data config in errors (``teachers.<t>.data`` for a teacher's own).
+    """
+    check_data_config(cfg, where)
     n_train_all, n_test = source_sizes(cfg)
     if not 0 < cfg.val_size < n_train_all:
-        raise ConfigError(f"data.val_size={cfg.val_size} must be between 1 and {n_train_all - 1} for {cfg.source}")
+        raise ConfigError(f"key '{where}.val_size' is {cfg.val_size}, but the {cfg.source} training set has"
+                          f" {n_train_all} images. Fix: set '{where}.val_size' between 1 and {n_train_all - 1}")
     n_train = n_train_all - cfg.val_size
     if cfg.train_limit is not None:
         n_train = min(n_train, cfg.train_limit)

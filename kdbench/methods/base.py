@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdbench._typed import coerce_value
+from kdbench._util import did_you_mean
 from kdbench.meta import DataInfo
 from kdbench.models import ModelInfo
 from kdbench.registry import Registry
@@ -200,6 +201,7 @@ class DistillMethod(nn.Module):
         if unknown:
             raise ValueError(
                 f"method {cls.name!r} has no parameter {unknown[0]!r}; valid parameters: {', '.join(names) or '(none)'}"
+                f"{did_you_mean(unknown[0], names)}"
             )
         hints = typing.get_type_hints(cls.Config)
         values = {}

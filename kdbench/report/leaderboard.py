@@ -43,7 +43,8 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def write_leaderboard(
-    record_paths: Sequence[Path], out_dir: Path, title: str, unscheduled: Sequence[Mapping[str, Any]] = ()
+    record_paths: Sequence[Path], out_dir: Path, title: str, unscheduled: Sequence[Mapping[str, Any]] = (),
+    selection: str | None = None,
 ) -> dict[str, Any]:
     """Builds the whole leaderboard of a set of run records.
 
@@ -54,6 +55,8 @@ def write_leaderboard(
         title: Title of the markdown and HTML pages.
         unscheduled: Records (status ``skipped``, with the reason) of the cells the plan did not schedule
             because the method cannot run on the pair; they are listed like skipped runs.
+        selection: What part of the table the records are (the config's ``select:``, in words); ``None``: the
+            whole table.
 
     Returns:
         A summary: ``runs`` and ``skipped`` (records), ``cells``, ``tables`` (dataset × protocol),
@@ -83,6 +86,8 @@ def write_leaderboard(
     write_csv(files["leaderboard.csv"], cells, LEADERBOARD_COLUMNS)
 
     plots = write_plots(tables, out_dir / "plots")
+    if selection is not None:  # a run of part of the table (`select:`): the title says which part
+        title = f"{title}, a selection of the table: {selection}"
     view = report_view(title, tables, plots, fields, flagged, n_runs=len(rows))
     files["leaderboard.md"] = out_dir / "leaderboard.md"
     _write_text(files["leaderboard.md"], render_markdown(view, out_dir))

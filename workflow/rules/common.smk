@@ -1,11 +1,14 @@
 # Resolve the config once into the plan (kdbench.plan) and expose it to the rules. No rules here, and no
 # path is built here: every output path, key and rerun trigger comes from the plan.
+import json
 import shlex
+import sys
 from pathlib import Path
 
 from snakemake.utils import validate
 
-from kdbench import tuning
+from kdbench import preflight, tuning
+from kdbench.errors import USER_ERRORS, one_line
 from kdbench.plan import Layout as L, Plan, resolve_study, resolve_tables, write_resolved
 from kdbench.tuning import SELECTED_FILE, STUDY_FILE, TRIAL_FILE
 
@@ -14,11 +17,23 @@ from kdbench.tuning import SELECTED_FILE, STUDY_FILE, TRIAL_FILE
 # config (a copy's `methods` would gain the default's), so kdbench reads the files itself.
 DEFAULT_CONFIG = Path(workflow.basedir) / "workflow" / "config" / "config.yaml"
 CONFIGFILES = [str(f) for f in workflow.config_settings.configfiles] or [str(DEFAULT_CONFIG)]
-TABLES = resolve_tables(CONFIGFILES, dict(workflow.config_settings.config))
-PLAN = Plan(TABLES)
-STUDY = resolve_study(CONFIGFILES, TABLES)  # a suite's `study:` (one report over all its tables), or None
-for _table in TABLES:
-    write_resolved(_table)  # every job of a table reads this file
+try:
+    TABLES = resolve_tables(CONFIGFILES, dict(workflow.config_settings.config))
+    PLAN = Plan(TABLES)
+    STUDY = resolve_study(CONFIGFILES, TABLES)  # a suite's `study:` (one report over all its tables), or None
+    if not (workflow.remote_exec or workflow.subprocess_exec):  # (a job on a node: its main Snakemake checked)
+        preflight.check(PLAN)  # every input function's and param's work, for every job, before the DAG
+except USER_ERRORS as _error:
+    # A config that cannot be planned stops every command (-n, a run, the SLURM profile) here, whatever outputs
+    # exist, with the one line that names the file and the key (`snakemake --verbose`: with its traceback). Raised
+    # later, in an input function, it would come with a traceback, or be hidden by an old output.
+    if workflow.output_settings.verbose:
+        raise
+    print(f"kdbench: error: {one_line(_error)}", file=sys.stderr)
+    sys.exit(1)
+if not workflow.output_settings.dryrun:  # a dry run writes nothing
+    for _table in TABLES:
+        write_resolved(_table)  # every job of a table reads this file
 
 
 wildcard_constraints:
@@ -232,6 +247,14 @@ def select_inputs(wildcards):
 def tuned_inputs(wildcards):
     return {**distill_inputs(wildcards),
             "selected": tuning.selected_file(wildcards.table, wildcards.teacher, wildcards.student, wildcards.label)}
+
+
+def leaderboard_config(wildcards):
+    """`--config` of a table's leaderboard, and, when the table is planned in part (`select:`), its `--selection`:
+    the leaderboard then says that it shows a selection (in this param, not a new one, so a full table's params are
+    those of before and its leaderboard is not rerun for it)."""
+    sel = PLAN.tables[wildcards.table].selection
+    return config_of(wildcards.table) + (f" --selection {q(json.dumps(sel.to_raw()))}" if sel else "")
 
 
 def table_records(wildcards):

@@ -20,7 +20,7 @@ rule leaderboard:
         ),
     params:
         spec=lambda wildcards: PLAN.table_hash(wildcards.table),  # rerun trigger: protocol, grid, name
-        config=lambda wildcards: config_of(wildcards.table),
+        config=leaderboard_config,  # (and --selection, for a selection of the table)
         out=lambda wildcards, output: Path(output.md).parent,
     log:
         f"{L.TABLE_LOGS}/leaderboard.log",
