@@ -444,7 +444,10 @@ def cmd_plan(args) -> None:
     if args.estimate:
         from kdbench.estimate import DEFAULT_GPU_TFLOPS, assumptions, estimate, render
 
+        from kdbench.resources import render_limits
+
         print(render(estimate(plan), args.gpu_tflops or DEFAULT_GPU_TFLOPS, assumptions(plan)))
+        print(render_limits(plan))
     study = resolve_study(args.configfile or [], list(plan.tables.values()))
     if study:
         print(f"study {study.name} over {len(study.tables)} tables -> {study.dir}/study.md")
@@ -560,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overrides as snakemake --config takes them (values read as YAML); dotted keys reach nested values")
     p.add_argument("--estimate", action="store_true",
                    help="also print each table's jobs, FLOPs and GPU-hours per stage (each model's FLOPs per image are"
-                        " counted on one forward pass; needs the data's sizes, so the raw data must be on disk)")
+                        " counted on one forward pass; needs the data's sizes, so the raw data must be on disk), and"
+                        " the largest memory and time limit a job of each stage asks a cluster for")
     p.add_argument("--gpu-tflops", type=float, default=None, metavar="T",
                    help="sustained TFLOP/s per GPU of the estimate (default 10)")
 

@@ -303,10 +303,13 @@ class Runtime:
     Attributes:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         threads: torch intra-op threads per job.
+        tflops: Sustained TFLOP/s a job gets from its device; sets each job's time limit on a cluster
+            (:mod:`kdbench.resources`). 10 is a V100- or A100-class GPU on small nets; one CPU core gives ~0.02.
     """
 
     device: str = "auto"
     threads: int = 1
+    tflops: float = field(default=10.0, metadata=OMIT_WHEN_DEFAULT)
 
 
 #: The protocol's shared knobs a table may tune for every method (the student alone included), and ``method``:
@@ -513,6 +516,9 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     _check_protocol(protocol, "protocol", source)
     cache = build_dataclass(CachePolicy, raw.get("cache"), "cache", source)
     runtime = build_dataclass(Runtime, raw.get("runtime"), "runtime", source)
+    if isinstance(runtime.tflops, bool) or not isinstance(runtime.tflops, (int, float)) or runtime.tflops <= 0:
+        raise ConfigError(f"{source}: key 'runtime.tflops' must be a number > 0 (the sustained TFLOP/s a job gets"
+                          f" from its device), got {runtime.tflops!r}")
 
     if not isinstance(raw["teachers"], Mapping) or not raw["teachers"]:
         raise ConfigError(f"{source}: key 'teachers' must be a non-empty mapping of name -> {{model: ...}}")

@@ -367,6 +367,13 @@ def _record(
     best = max(range(len(hist)), key=lambda i: hist[i]["val_top1"])
     t_pred = np.load(teacher_dir / "predictions.npy") if teacher_dir else None
     tmeta = job.tmeta
+    t_top1 = tmeta["test_top1"] if tmeta else None
+    if t_pred is not None and len(t_pred) != len(test_logits):
+        # The teacher was evaluated on another test_limit (a teacher shared from a table with all test images):
+        # test keys are the source's test positions, so both saw a prefix; compare them on the shorter one.
+        n = min(len(t_pred), len(test_logits))
+        t_pred, test_logits = t_pred[:n], test_logits[:n]
+        t_top1 = 100.0 * float(np.mean(t_pred == np.asarray(job.split("test").labels[:n])))
     assistant_time, candidates = _assistant_cost(teacher_dir)
     return RunRecord(
         status="ok",
@@ -382,7 +389,7 @@ def _record(
             best_val_top1=hist[best]["val_top1"],
             test_top1_at_best_val=hist[best]["test_top1"],
             teacher_agreement=agreement(test_logits, torch.from_numpy(t_pred).long()) if t_pred is not None else None,
-            teacher_test_top1=tmeta["test_top1"] if tmeta else None,
+            teacher_test_top1=t_top1,
             **retrieval,
         ),
         cost=Cost(

@@ -28,19 +28,52 @@ from torch.utils.flop_counter import FlopCounterMode
 from kdbench.data.sources import source_info, split_sizes
 from kdbench.models import create_model
 from kdbench import tuning
-from kdbench.plan import Plan
+from kdbench.config import Protocol
+from kdbench.plan import DistillJob, Plan, StoreKey, TeacherKey
 
 DEFAULT_GPU_TFLOPS = 10.0
 
 
+@dataclass(frozen=True)
+class ModelCost:
+    """What one image costs a model, measured on one real forward pass (eval mode, the protocol's resolution).
+
+    Attributes:
+        flops: Forward FLOPs (``torch.utils.flop_counter``: the matrix multiplications and convolutions).
+        activations: Elements of every leaf module's output (what a training step keeps for its backward).
+        peak: Elements of the largest leaf module's output (what a forward without gradients holds at once,
+            with its input).
+        params: Parameters.
+    """
+
+    flops: int
+    activations: int
+    peak: int
+    params: int
+
+
 @functools.lru_cache(maxsize=None)
-def forward_flops(model: str, num_classes: int, in_chans: int, image_size: int) -> int:
-    """Forward FLOPs of one image through a timm model (eval mode), counted on a real forward pass."""
+def model_cost(model: str, num_classes: int, in_chans: int, image_size: int) -> ModelCost:
+    """The :class:`ModelCost` of one image through a timm model, counted on a real forward pass."""
     net = create_model(model, num_classes, in_chans, image_size).eval()
+    outputs = []
+
+    def count(_module, _inputs, out) -> None:
+        outputs.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else [out]) if torch.is_tensor(t))
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         net(torch.zeros(1, in_chans, image_size, image_size))
-    return counter.get_total_flops()
+    for h in hooks:
+        h.remove()
+    return ModelCost(counter.get_total_flops(), sum(outputs), max(outputs, default=0),
+                     sum(p.numel() for p in net.parameters()))
+
+
+def forward_flops(model: str, num_classes: int, in_chans: int, image_size: int) -> int:
+    """Forward FLOPs of one image through a timm model (eval mode), counted on a real forward pass."""
+    return model_cost(model, num_classes, in_chans, image_size).flops
 
 
 @dataclass(frozen=True)
@@ -55,47 +88,76 @@ class Stage:
         return self.flops / (gpu_tflops * 1e12) / 3600
 
 
+class TableCosts:
+    """The FLOPs of each job of one table, from its models' counted forwards and its data's sizes."""
+
+    def __init__(self, plan: Plan, table: str) -> None:
+        self.plan, self.table, self.cfg = plan, table, plan.tables[table].cfg
+        self.src = source_info(self.cfg.data)
+        self.sizes = split_sizes(self.cfg.data)
+        self.image_size = self.cfg.protocol.image_size or self.src.image_size
+
+    def model(self, model: str, image_size: int | None = None) -> ModelCost:
+        return model_cost(model, self.src.num_classes, self.src.in_chans, image_size or self.image_size)
+
+    def trained(self, tk: TeacherKey) -> bool:
+        """Whether a teacher key is trained by the workflow (a checkpoint teacher is not)."""
+        return bool(tk.label) or not self.cfg.teachers[tk.teacher].checkpoint
+
+    def teacher_protocol(self, tk: TeacherKey) -> Protocol:
+        return self.cfg.protocol if tk.label else self.cfg.teachers[tk.teacher].train
+
+    def teacher_sizes(self, tk: TeacherKey) -> dict[str, int]:
+        """The split sizes of the data a teacher (or an assistant) trains on (a teacher's own data, if it has one)."""
+        return split_sizes(self.plan.data_config(self.plan.teacher_data_key(tk.key)))
+
+    def teacher(self, tk: TeacherKey) -> float:
+        """Training a teacher or an assistant: epochs x (3 forwards per training image + one per val image)."""
+        train, own = self.teacher_protocol(tk), self.teacher_sizes(tk)
+        return self.model(self.plan.teacher_model(tk), train.image_size).flops * train.epochs * (
+            3 * own["train"] + own["val"])
+
+    def store(self, sk: StoreKey) -> float:
+        """A whole store: every view of every training image through the teacher (its shards share it evenly)."""
+        return self.model(self.plan.teacher_model(sk.teacher)).flops * self.cfg.protocol.views.count * self.sizes["train"]
+
+    def live(self, job: DistillJob) -> bool:
+        """Whether a job runs its teacher (or assistant) online, every epoch."""
+        cls, mcfg = self.plan.method(self.table, job.label)
+        tk = self.plan.job_teacher(job)
+        return tk is not None and bool(cls.teacher_taps(mcfg)) and not self.plan.job_stores(job)
+
+    def distill(self, job: DistillJob, epochs: int | None = None, splits: tuple[str, ...] = ("val", "test")) -> float:
+        """A distill job (or a trial: fewer ``epochs``, ``splits`` val only): epochs x (3 student forwards per
+        training image + one per evaluated image), plus a teacher forward per training image when it runs live."""
+        e = epochs or self.cfg.protocol.epochs
+        student = self.model(job.student).flops * e * (3 * self.sizes["train"] + sum(self.sizes[s] for s in splits))
+        tk = self.plan.job_teacher(job)
+        return student + (self.model(self.plan.teacher_model(tk)).flops * e * self.sizes["train"] if self.live(job) else 0)
+
+
 def estimate(plan: Plan) -> dict[str, list[Stage]]:
     """Per table: the stages ``teachers`` (trained ones; checkpoints cost nothing), ``assistants``, ``store shards``
     (one job per tap and data shard) and ``distill``, each with its jobs and FLOPs."""
     out = {}
     for name, table in plan.tables.items():
-        cfg = table.cfg
-        src = source_info(cfg.data)
-        sizes = split_sizes(cfg.data)
-        size = cfg.protocol.image_size or src.image_size
-
-        def f(model: str, image_size: int | None = None) -> int:
-            return forward_flops(model, src.num_classes, src.in_chans, image_size or size)
-
+        cfg, costs = table.cfg, TableCosts(plan, name)
         trained = {"teachers": [0, 0.0], "assistants": [0, 0.0]}
         for tk in plan.teachers.values():
-            if tk.table != name or (not tk.label and cfg.teachers[tk.teacher].checkpoint):
+            if tk.table != name or not costs.trained(tk):
                 continue
-            train = cfg.protocol if tk.label else cfg.teachers[tk.teacher].train
-            own = split_sizes(plan.data_config(plan.teacher_data_key(tk.key)))  # a teacher's own data, if it has one
-            flops = f(plan.teacher_model(tk), train.image_size) * train.epochs * (3 * own["train"] + own["val"])
             stage = trained["assistants" if tk.label else "teachers"]
-            stage[0], stage[1] = stage[0] + 1, stage[1] + flops
+            stage[0], stage[1] = stage[0] + 1, stage[1] + costs.teacher(tk)
         stores = [s for s in plan.stores.values() if s.table == name]
-        store_flops = sum(f(plan.teacher_model(s.teacher)) * cfg.protocol.views.count * sizes["train"] for s in stores)
-        def job_flops(job, epochs: int | None = None, splits: tuple[str, ...] = ("val", "test")) -> float:
-            p = cfg.protocol.for_student(job.student)
-            e = epochs or p.epochs
-            student = f(job.student) * e * (3 * sizes["train"] + sum(sizes[s] for s in splits))
-            cls, mcfg = plan.method(name, job.label)
-            tk = plan.job_teacher(job)
-            live = tk is not None and cls.teacher_taps(mcfg) and not plan.job_stores(job)
-            return student + (f(plan.teacher_model(tk)) * e * sizes["train"] if live else 0)
-
         jobs = [j for j in plan.jobs if j.table == name]
         stages = [Stage("teachers", *trained["teachers"]), Stage("assistants", *trained["assistants"]),
-                  Stage("store shards", sum(len(plan.store_shards(s.dir)) for s in stores), store_flops),
-                  Stage("distill", len(jobs), sum(job_flops(j) for j in jobs))]
+                  Stage("store shards", sum(len(plan.store_shards(s.dir)) for s in stores),
+                        sum(costs.store(s) for s in stores)),
+                  Stage("distill", len(jobs), sum(costs.distill(j) for j in jobs))]
         if cfg.tune is not None:  # K trials x budget seeds per cell (val only), then every seed again, tuned
             cells = tuning.cells(plan, name)
             per_cell = cfg.tune.trials * len(cfg.tune.budget.seeds)
-            trial_flops = sum(job_flops(plan.job(name, t, s, m, 0), cfg.tune.budget.epochs, ("val",))
+            trial_flops = sum(costs.distill(plan.job(name, t, s, m, 0), cfg.tune.budget.epochs, ("val",))
                               for t, s, m in cells)
             stages += [Stage("trials", per_cell * len(cells), per_cell * trial_flops),
                        Stage("tuned", len(jobs), stages[-1].flops)]

@@ -64,7 +64,7 @@ from kdbench.models import ModelInfo, create_model, model_info
 from kdbench.numerics import Numerics
 from kdbench.prune import Candidate, assistant_grid
 from kdbench.selection import Selection, parse_selection
-from kdbench.taps import normalize_tap, tap_dirname
+from kdbench.taps import normalize_tap, parse_tap, tap_dirname
 
 RESULTS = "results"
 DEFAULT_CONFIG = "workflow/config/config.yaml"
@@ -679,9 +679,21 @@ class Plan:
         """CPUs (the rule's ``threads``) of a job that reads data directory ``key`` and asks for ``threads``: on
         data its jobs may stream (``data.stream`` true, or ``auto`` on a source whose images may differ in size,
         which only its manifest tells), at least one per ``data.workers`` loader worker plus the main process."""
+        return max(threads, self.data_config(key).workers + 1) if self.may_stream(key) else threads
+
+    def may_stream(self, key: str) -> bool:
+        """Whether jobs may stream data directory ``key`` (``data.stream`` true, or ``auto`` on encoded images)
+        rather than hold it in memory."""
         data = self.data_config(key)
-        may_stream = data.stream is True or (data.stream == "auto" and is_encoded(data))
-        return max(threads, data.workers + 1) if may_stream else threads
+        return data.stream is True or (data.stream == "auto" and is_encoded(data))
+
+    def tap_shape(self, sk: StoreKey) -> tuple[int, ...]:
+        """The shape of one sample's output at a store's tap (logits, pre-logits or a ``(C, H, W)`` feature map)."""
+        info = _model_info(self.teacher_model(sk.teacher), self.tables[sk.table].cfg.data, None)
+        kind, index = parse_tap(sk.tap)
+        if kind == "feature":
+            return info.feature_shapes[index]
+        return (info.num_features,) if kind == "pre_logits" else (info.num_classes,)
 
     def teacher_data_key(self, key: str) -> str:
         """The data key of the data a teacher (or an assistant: its table's) learns on."""

@@ -4,7 +4,10 @@ retrieval mAP at the end of a distill job on generated data."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -65,6 +68,20 @@ def pipeline(tmp_path_factory):
         build_shard(cfg, teacher, data, "logits", i, store / f"shard-{i:05d}.h5")
     finalize_store(cfg, teacher, data, "logits", store)
     return cfg, data, teacher, {"logits": store}, root
+
+
+def test_a_teacher_evaluated_on_more_test_images_is_compared_on_the_jobs_own(pipeline, tmp_path):
+    """A teacher shared from a table without ``test_limit`` predicted more test images than the job sees:
+    agreement and the teacher's top-1 are taken on the job's test images (a prefix of the teacher's)."""
+    cfg, data, teacher, stores, root = pipeline
+    shared = tmp_path / "teacher"
+    shutil.copytree(teacher, shared)
+    pred = np.load(teacher / "predictions.npy")
+    np.save(shared / "predictions.npy", np.concatenate([pred, (pred + 1) % 10]))  # 128 more, none agreeing
+    a = run_distill(cfg, "t", "cnn_xs", "kd", 0, data, teacher, stores, tmp_path / "a")
+    b = run_distill(cfg, "t", "cnn_xs", "kd", 0, data, shared, stores, tmp_path / "b")
+    assert b.final.teacher_agreement == a.final.teacher_agreement
+    assert b.final.teacher_test_top1 == pytest.approx(a.final.teacher_test_top1, abs=1e-4)
 
 
 def test_same_seed_gives_identical_records_apart_from_timings(pipeline):

@@ -9,8 +9,7 @@ rule cache_shard:
         store=lambda wildcards, output: Path(output[0]).parent,
     threads: lambda wildcards: PLAN.job_threads(PLAN.data_key(store_of(wildcards).table))  # + streamed data's workers
     resources:
-        mem_mb=3000,
-        runtime=60,
+        **needs(lambda wildcards: NEEDS.store_shard(store_of(wildcards))),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/cache/{{key}}/{{spec}}/{{tapdir}}/{{shard}}.log",

@@ -10,6 +10,7 @@ from snakemake.utils import validate
 from kdbench import preflight, tuning
 from kdbench.errors import USER_ERRORS, one_line
 from kdbench.plan import Layout as L, Plan, resolve_study, resolve_tables, write_resolved
+from kdbench.resources import Needs
 from kdbench.tuning import SELECTED_FILE, STUDY_FILE, TRIAL_FILE
 
 # `--configfile` files (default: workflow/config/config.yaml) and `--config` overrides, resolved once. The
@@ -20,6 +21,7 @@ CONFIGFILES = [str(f) for f in workflow.config_settings.configfiles] or [str(DEF
 try:
     TABLES = resolve_tables(CONFIGFILES, dict(workflow.config_settings.config))
     PLAN = Plan(TABLES)
+    NEEDS = Needs(PLAN)  # each compute job's mem_mb and runtime
     STUDY = resolve_study(CONFIGFILES, TABLES)  # a suite's `study:` (one report over all its tables), or None
     if not (workflow.remote_exec or workflow.subprocess_exec):  # (a job on a node: its main Snakemake checked)
         preflight.check(PLAN)  # every input function's and param's work, for every job, before the DAG
@@ -175,6 +177,13 @@ def audit_args(wildcards, input, output):
     oracle = " ".join(f"--oracle {q(s)}={q(','.join(f'{d}/record.json' for d in runs))}"
                       for s, runs in PLAN.oracle_runs(ak.key).items())
     return f"--search {q(PLAN.search_dir(ak.key))} {oracle}"
+
+
+def needs(of):
+    """A compute rule's ``resources``: the job's memory and time limits (kdbench.resources; ``of(wildcards)`` is
+    its Need), times the attempt (a retried job gets twice both)."""
+    return dict(mem_mb=lambda wildcards, attempt: attempt * of(wildcards).mem_mb,
+                runtime=lambda wildcards, attempt: attempt * of(wildcards).runtime)
 
 
 def store_of(wildcards):

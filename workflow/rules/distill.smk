@@ -10,8 +10,7 @@ rule distill:
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: lambda wildcards: PLAN.job_threads(PLAN.data_key(wildcards.table))  # + loader workers if streamed
     resources:
-        mem_mb=3000,
-        runtime=120,
+        **needs(lambda wildcards: NEEDS.distill(job_of(wildcards))),
     log:
         f"{L.TABLE_LOGS}/distill/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:

@@ -11,8 +11,7 @@ rule train_teacher:
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.tkey), 2)  # + streamed data's workers
     resources:
-        mem_mb=4000,
-        runtime=120,
+        **needs(lambda wildcards: NEEDS.teacher(PLAN.teachers[wildcards.tkey])),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/teachers/{{tkey}}.log",
@@ -33,8 +32,7 @@ rule verify_teacher:
         args=verify_args,
     threads: 2
     resources:
-        mem_mb=4000,
-        runtime=30,
+        **needs(lambda wildcards: NEEDS.verify(PLAN.teachers[wildcards.tkey])),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/teachers/{{tkey}}.verify.log",
@@ -55,8 +53,7 @@ rule train_assistant:
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey))  # + streamed data's workers
     resources:
-        mem_mb=4000,
-        runtime=120,
+        **needs(lambda wildcards: NEEDS.teacher(PLAN.teachers[wildcards.akey])),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/assistants/{{akey}}.log",
@@ -76,8 +73,7 @@ rule amd_search:
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey), 2)  # + streamed data's workers
     resources:
-        mem_mb=4000,
-        runtime=240,
+        **needs(lambda wildcards: NEEDS.search(PLAN.teachers[wildcards.akey])),
     priority: 10
     log:
         f"{L.LOGS}/assistants/{{akey}}.search.log",
@@ -110,8 +106,7 @@ rule amd_oracle:
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey))  # + streamed data's workers
     resources:
-        mem_mb=3000,
-        runtime=60,
+        **needs(lambda wildcards: NEEDS.oracle(PLAN.teachers[wildcards.akey], wildcards.student)),
     log:
         f"{L.LOGS}/assistants/{{akey}}.oracle.{{student}}.c{{cand}}.log",
     shell:

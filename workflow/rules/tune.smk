@@ -16,8 +16,7 @@ rule trial:
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: lambda wildcards: PLAN.job_threads(PLAN.data_key(wildcards.table))
     resources:
-        mem_mb=3000,
-        runtime=120,
+        **needs(lambda wildcards: NEEDS.trial(job_of(wildcards))),
     log:
         f"{L.TABLE_LOGS}/tune/{{teacher}}/{{student}}/{{label}}/trial{{trial}}-seed{{seed}}.log",
     shell:
@@ -58,8 +57,7 @@ rule distill_tuned:
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: lambda wildcards: PLAN.job_threads(PLAN.data_key(wildcards.table))
     resources:
-        mem_mb=3000,
-        runtime=120,
+        **needs(lambda wildcards: NEEDS.distill(job_of(wildcards))),
     log:
         f"{L.TABLE_LOGS}/tuned/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:
