@@ -21,6 +21,9 @@ import pytest
 import yaml
 from test_workflow import ENV, FMNIST, REPO, TINY
 
+from kdbench.plan import Plan
+from kdbench.resources import Need, Needs
+
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
 # CI-only: the first status check 2 s after a submission (the plugin's default is 40 s); the profile stays as
 # users get it.
@@ -149,6 +152,12 @@ def _wait(proc: subprocess.Popen, timeout: float, on_poll=None) -> int:
     return proc.returncode
 
 
+def _limits(need: Need) -> tuple[str, str]:
+    """A job's memory and time limit as squeue prints them (``4000M``, ``30:00``, ``2:10:00``)."""
+    hours, minutes = divmod(need.runtime, 60)
+    return f"{need.mem_mb}M", f"{hours}:{minutes:02d}:00" if hours else f"{minutes}:00"
+
+
 def _board(workdir: Path, name: str) -> list[dict[str, str]]:
     """The leaderboard's rows without timings, and without the note on runs whose provenance (git commit,
     dirty files) differs: a developer's checkout may change while the test runs."""
@@ -213,10 +222,16 @@ def test_tiny_workflow_on_slurm_matches_local_and_survives_an_interrupt(tmp_path
     default_partition = next(p.rstrip("*") for p in partitions if p.endswith("*"))
     assert {j["partition"] for j in seen.values()} == {default_partition}
     assert {j["state"] for j in seen.values()} == {"COMPLETED"}
-    want = {"prepare_data": ("1", "3000M", "30:00", "0"), "train_teacher": ("2", "4000M", "2:00:00", "0"),
-            "cache_shard": ("1", "3000M", "1:00:00", "0"), "distill": ("1", "3000M", "2:00:00", "100")}
+    # Memory and time limits: the data job's from the profile, every compute job's own from the plan
+    # (kdbench/resources.py).
+    plan = Plan.resolve([TINY])
+    needs = Needs(plan)
+    want = {"prepare_data": {("1", "3000M", "30:00", "0")},
+            "train_teacher": {("2", *_limits(needs.teacher(tk)), "0") for tk in plan.teachers.values()},
+            "cache_shard": {("1", *_limits(needs.store_shard(sk)), "0") for sk in plan.stores.values()},
+            "distill": {("1", *_limits(needs.distill(j)), "100") for j in plan.jobs}}
     for rule, jobs in by_rule.items():
-        assert {(j["cpus"], j["mem"], j["timelimit"], j["nice"]) for j in jobs} == {want[rule]}, rule
+        assert {(j["cpus"], j["mem"], j["timelimit"], j["nice"]) for j in jobs} == want[rule], rule
     logs = slurm_dir / ".snakemake" / "slurm_logs"
     assert {p.name for p in logs.iterdir()} == {f"rule_{r}" for r in want}
 
