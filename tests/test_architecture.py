@@ -25,7 +25,7 @@ LAYERS: list[set[str]] = [
     {"modeldir", "train", "train.optim", "train.loop", "train.checkpoint", "cache.source", "cache.inputs"},
     {"teacher", "cache.build", "cache.check"},
     {"distill"},
-    {"verify", "report", "report.*", "tasearch", "estimate"},
+    {"verify", "report", "report.*", "tasearch", "estimate", "resources"},
     {"cli"},
 ]
 
