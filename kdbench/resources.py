@@ -5,8 +5,8 @@ failed is resubmitted once with twice both), and the SLURM profile passes them o
 
 * **Memory** (``mem_mb``, host RAM): 2.5 GB for the job's three Python processes that import torch (the SLURM
   job step, Snakemake inside it, the kdbench command: SLURM counted a tiny job at 2.5 GB), plus what the job
-  holds: the data (every split in memory as ``uint8``, or, streamed, the loader workers' shuffle buffers and
-  batches of decoded images, counted at twice the protocol's side), the teacher outputs it reads (a whole
+  holds: the data (every split in memory as ``uint8``, or, streamed, the loader workers' shuffle buffers of
+  encoded images and their batches, each image counted at the protocol's size), the teacher outputs it reads (a whole
   store in memory, or a streamed job's few (shard, view) slices), the model's state (weights, gradients and two
   optimizer moments) and one batch's activations (every layer's output, kept for the backward; a forward without
   gradients, a teacher's, holds its largest layer's output and that layer's input), all times 1.5, rounded up to
@@ -53,8 +53,9 @@ class Need:
 
 
 def _train_bytes(cost: ModelCost, batch: int) -> float:
-    """A model in training: weights, gradients and two optimizer moments; a batch's activations and their grads."""
-    return cost.params * F32 * 4 + batch * cost.activations * F32 * 2
+    """A model in training: weights, gradients and two optimizer moments; a batch's activations (every layer's
+    output, what autograd keeps for the backward)."""
+    return cost.params * F32 * 4 + batch * cost.activations * F32
 
 
 def _forward_bytes(cost: ModelCost, batch: int) -> float:
@@ -92,8 +93,7 @@ class Needs:
         src = source_info(cfg)
         if not self.plan.may_stream(key):
             return sum(split_sizes(cfg).values()) * src.in_chans * src.image_size**2
-        decoded = src.in_chans * (2 * src.image_size) ** 2
-        return (cfg.workers + 1) * (cfg.shuffle_buffer + 4 * batch) * decoded
+        return (cfg.workers + 1) * (cfg.shuffle_buffer + 4 * batch) * src.in_chans * src.image_size**2
 
     def store_bytes(self, stores: dict[str, StoreKey]) -> float:
         """The teacher outputs a job reads: whole stores in memory, or a streamed job's (shard, view) slices."""

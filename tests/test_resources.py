@@ -81,8 +81,8 @@ def test_streamed_data_costs_its_buffers_not_the_dataset(tmp_path):
         plan = Plan.resolve([path])
         key = plan.data_key(raw["name"])
         held[workers] = Needs(plan).data_bytes(key, 32)
-    image = 3 * (2 * raw["data"]["image_size"]) ** 2
-    assert held[0] == (1000 + 4 * 32) * image  # one process's shuffle buffer and batches, at twice the side
+    image = 3 * raw["data"]["image_size"] ** 2
+    assert held[0] == (1000 + 4 * 32) * image  # one process's shuffle buffer and batches
     assert held[4] == 5 * held[0]
 
 
