@@ -105,7 +105,7 @@ class Needs:
             if self.plan.may_stream(self.plan.data_key(sk.table)):
                 total += (2 * cfg.data.workers + 2) * cfg.data.shard_size * per_record
             else:
-                total += views * split_sizes(cfg.data)["train"] * per_record
+                total += views * self.costs(sk.table).sizes["train"] * per_record
         return total
 
     # --- the jobs
