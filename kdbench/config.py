@@ -329,10 +329,14 @@ class TuneBudget:
             epochs, a step schedule's milestones scaled by ``epochs / protocol.epochs``); ``None``: the
             protocol's.
         seeds: The seeds every trial runs with; a trial's score is the mean of its seeds' scores.
+        train_limit: Train a trial on this many images of the training split (a seeded random subset, drawn with
+            ``tune.seed``: the same images for every trial, method and cell of the table;
+            :func:`kdbench.tuning.trial_rows`); ``None``: the whole training split. Data held in memory only.
     """
 
     epochs: int | None = None
     seeds: tuple[int, ...] = (0,)
+    train_limit: int | None = None
 
 
 @dataclass(frozen=True)
@@ -633,6 +637,8 @@ def _parse_tune(raw: Any, protocol: Protocol, source: str) -> TuneConfig:
          " protocol's)"),
         (bool(tune.budget.seeds) and len(set(tune.budget.seeds)) == len(tune.budget.seeds), "budget.seeds",
          "must be a non-empty list of distinct integers"),
+        (tune.budget.train_limit is None or tune.budget.train_limit >= 1, "budget.train_limit",
+         "must be >= 1 (or null: the whole training split)"),
         (tune.metric in TUNE_METRICS, "metric", f"must be one of {', '.join(TUNE_METRICS)}, got {tune.metric!r}"),
         (tune.metric == "val_top1" or protocol.retrieval_tap is not None, "metric",
          f"is {tune.metric!r}, a retrieval score, but 'protocol.retrieval_tap' is not set. Fix: set"

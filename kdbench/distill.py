@@ -37,7 +37,7 @@ from kdbench.runtime import provenance, seed_everything
 from kdbench.taps import normalize_tap, tap_dirname
 from kdbench.train.checkpoint import CHECKPOINT_FILE, Checkpointing
 from kdbench.train.loop import FitResult, TeacherSource, fit
-from kdbench.tuning import TRIAL_FILE, trial_config
+from kdbench.tuning import TRIAL_FILE, trial_config, trial_rows
 
 _logger = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ class _Prepared:
     s_info: ModelInfo
     method: DistillMethod
     train: Any
+    rows: np.ndarray | None  # a trial's training subset (tune.budget.train_limit), None: every row
     source: TeacherSource | None
     store_manifests: dict[str, str]
     checkpoint: Checkpointing
@@ -148,14 +149,16 @@ def _prepare(cfg: Config, teacher: str, student: str, label: str, seed: int, dat
     if job.teacher is not None:
         method.bind_teacher_weights(job.teacher)
     train = job.split("train")
+    rows = trial_rows(cfg.tune, len(train)) if kind == "trial" else None
     source, store_manifests = _teacher_source(job, method, label, train, stores, t_info)
     checkpoint = Checkpointing(out_dir / CHECKPOINT_FILE, {
         "job": kind, "config_hash": config_hash(cfg, label), "protocol_hash": cfg.protocol.hash(),
         "teacher": teacher, "student": student, "method": label, "seed": seed,
         "teacher_sha256": job.tmeta["sha256"] if job.tmeta else None,
         "data_manifest_sha256": job.data_manifest_sha256(), "init_sha256": sha256_file(init) if init else None,
+        **({} if rows is None else {"train_rows": stable_hash(rows.tolist())}),
     }, checkpoint_every)
-    return _Prepared(job, identity, model, s_info, method, train, source, store_manifests, checkpoint)
+    return _Prepared(job, identity, model, s_info, method, train, rows, source, store_manifests, checkpoint)
 
 
 def run_trial(
@@ -192,9 +195,10 @@ def run_trial(
     if isinstance(run, RunRecord):
         raise ConfigError(f"{cfg.source}: {where}: the cell cannot run ({run.skip_reason}); it is not planned")
     job = run.job
+    rows = run.rows
     result = fit(run.model, run.method, run.train, {"val": job.split("val")}, job.data,
                  tcfg.protocol.for_student(student), seed, job.device, run.source, out_dir / "epochs.jsonl",
-                 label=where, checkpoint=run.checkpoint)
+                 label=where, checkpoint=run.checkpoint, rows=rows)
     scores = {"val_top1": result.history[-1]["val_top1"]}
     if cfg.tune.metric != "val_top1":
         retrieval, _ = _retrieval(job, run.model, queries="val")
@@ -202,6 +206,7 @@ def run_trial(
     record = {
         "teacher": teacher, "student": student, "label": label, "trial": trial, "seed": seed, "values": values,
         "metric": cfg.tune.metric, "score": scores[cfg.tune.metric], **scores, "epochs": tcfg.protocol.epochs,
+        "train_images": len(run.train) if rows is None else len(rows),
         "history": result.history, "wall_time_s": time.perf_counter() - wall0 + result.resumed_train_s,
         "train_time_s": result.train_time_s,
         "provenance": {**provenance(job.device, job.numerics), "config_file": cfg.source,

@@ -127,13 +127,20 @@ class TableCosts:
         tk = self.plan.job_teacher(job)
         return tk is not None and bool(cls.teacher_taps(mcfg)) and not self.plan.job_stores(job)
 
-    def distill(self, job: DistillJob, epochs: int | None = None, splits: tuple[str, ...] = ("val", "test")) -> float:
-        """A distill job (or a trial: fewer ``epochs``, ``splits`` val only): epochs x (3 student forwards per
-        training image + one per evaluated image), plus a teacher forward per training image when it runs live."""
-        e = epochs or self.cfg.protocol.epochs
-        student = self.model(job.student).flops * e * (3 * self.sizes["train"] + sum(self.sizes[s] for s in splits))
+    def distill(self, job: DistillJob, epochs: int | None = None, splits: tuple[str, ...] = ("val", "test"),
+                train: int | None = None) -> float:
+        """A distill job (or a trial: fewer ``epochs``, ``splits`` val only, ``train`` images): epochs x (3 student
+        forwards per training image + one per evaluated image), plus a teacher forward per training image when it
+        runs live."""
+        e, n = epochs or self.cfg.protocol.epochs, min(train or self.sizes["train"], self.sizes["train"])
+        student = self.model(job.student).flops * e * (3 * n + sum(self.sizes[s] for s in splits))
         tk = self.plan.job_teacher(job)
-        return student + (self.model(self.plan.teacher_model(tk)).flops * e * self.sizes["train"] if self.live(job) else 0)
+        return student + (self.model(self.plan.teacher_model(tk)).flops * e * n if self.live(job) else 0)
+
+    def trial(self, job: DistillJob) -> float:
+        """A trial of a tuned table: the cell's job at the budget's epochs and training images, on val only."""
+        budget = self.cfg.tune.budget
+        return self.distill(job, budget.epochs, ("val",), budget.train_limit)
 
 
 def estimate(plan: Plan) -> dict[str, list[Stage]]:
@@ -157,8 +164,7 @@ def estimate(plan: Plan) -> dict[str, list[Stage]]:
         if cfg.tune is not None:  # K trials x budget seeds per cell (val only), then every seed again, tuned
             cells = tuning.cells(plan, name)
             per_cell = cfg.tune.trials * len(cfg.tune.budget.seeds)
-            trial_flops = sum(costs.distill(plan.job(name, t, s, m, 0), cfg.tune.budget.epochs, ("val",))
-                              for t, s, m in cells)
+            trial_flops = sum(costs.trial(plan.job(name, t, s, m, 0)) for t, s, m in cells)
             stages += [Stage("trials", per_cell * len(cells), per_cell * trial_flops),
                        Stage("tuned", len(jobs), stages[-1].flops)]
         out[name] = stages

@@ -76,6 +76,10 @@ def check(plan: Plan) -> None:
             plan.job_stores(job)
             plan.job_hash(job)
     for name, t in plan.tables.items():
+        if t.cfg.tune is not None and t.cfg.tune.budget.train_limit and plan.may_stream(plan.data_key(name)):
+            raise ConfigError(f"{t.origin}: key 'tune.budget.train_limit': a trial's training subset needs the data"
+                              " in memory, and this table streams it (data.stream). Fix: remove the key (trials then"
+                              " train on the whole training split; shorten them with 'tune.budget.epochs')")
         with _named(t.origin, "tune" if t.cfg.tune is not None else None):
             for teacher, student, label in tuning.cells(plan, name):
                 tuning.trial_files(plan, name, teacher, student, label)

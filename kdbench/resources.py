@@ -111,8 +111,9 @@ class Needs:
     # --- the jobs
 
     @functools.lru_cache(maxsize=None)
-    def distill(self, job: DistillJob, epochs: int | None = None, splits: tuple[str, ...] = ("val", "test")) -> Need:
-        """A distill job (or a trial: its ``epochs``, evaluated on ``splits``)."""
+    def distill(self, job: DistillJob, epochs: int | None = None, splits: tuple[str, ...] = ("val", "test"),
+                train: int | None = None) -> Need:
+        """A distill job (or a trial: its ``epochs``, evaluated on ``splits``, trained on ``train`` images)."""
         costs, plan = self.costs(job.table), self.plan
         p = costs.cfg.protocol.for_student(job.student)
         held = (self.data_bytes(plan.data_key(job.table), p.batch_size) + self.store_bytes(plan.job_stores(job))
@@ -120,14 +121,15 @@ class Needs:
         if costs.live(job):
             held += _forward_bytes(costs.model(plan.teacher_model(plan.job_teacher(job))), p.batch_size)
         e = epochs or p.epochs
-        steps = e * (_steps(costs.sizes["train"], p.batch_size)
+        steps = e * (_steps(min(train or costs.sizes["train"], costs.sizes["train"]), p.batch_size)
                      + sum(_steps(costs.sizes[s], p.eval_batch_size) for s in splits))
-        return self._need(job.table, held, costs.distill(job, epochs, splits), steps)
+        return self._need(job.table, held, costs.distill(job, epochs, splits, train), steps)
 
     @functools.lru_cache(maxsize=None)
     def trial(self, job: DistillJob) -> Need:
-        """A trial of a tuned table: the cell's job at the budget's epochs, evaluated on val only."""
-        return self.distill(job, self.plan.tables[job.table].cfg.tune.budget.epochs, ("val",))
+        """A trial of a tuned table: the cell's job at the budget's epochs and training images, on val only."""
+        budget = self.plan.tables[job.table].cfg.tune.budget
+        return self.distill(job, budget.epochs, ("val",), budget.train_limit)
 
     @functools.lru_cache(maxsize=None)
     def teacher(self, tk: TeacherKey) -> Need:

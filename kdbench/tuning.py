@@ -9,8 +9,9 @@ label) cell of its grid:
    proposes the same trials on any machine; both samplers draw a sequence, so raising K from 8 to 16 keeps
    trials 0-7 as they were and adds 8 (their jobs are not rerun).
 2. **Trials** (rule ``trial``, :func:`kdbench.distill.run_trial`): the cell's job with the trial's values and
-   the budget's epochs and seeds, trained on the training split (train minus val) and scored on val only: a
-   trial never loads the test split.
+   the budget's epochs and seeds, trained on the training split (train minus val; with ``budget.train_limit``
+   a seeded subset of it, the same for every trial of the table: :func:`trial_rows`) and scored on val only:
+   a trial never loads the test split.
 3. **Selection** (rule ``tune_select``, :func:`select`): the highest mean val score over the budget's seeds;
    a tie goes to the lowest trial, so the configured values win ties and tuning never looks worse than the
    default on val. It writes ``selected.json`` and the Optuna study (``study.journal``, a
@@ -36,6 +37,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from kdbench._util import read_json, stable_hash, write_json_atomic
 from kdbench.config import Config, ConfigError, TuneConfig
@@ -198,6 +201,16 @@ def trial_config(cfg: Config, teacher: str, student: str, label: str, trial: int
         raise ConfigError(f"{cfg.source}: trial {trial} of {teacher}/{student}/{label} does not exist: key"
                           f" 'tune.trials' is {len(values)} (trials 0 to {len(values) - 1})")
     return with_values(cfg, student, label, values[trial], _tune(cfg).budget.epochs), values[trial]
+
+
+def trial_rows(tune: TuneConfig, n_train: int) -> np.ndarray | None:
+    """The training rows a trial trains on: ``budget.train_limit`` of the ``n_train`` rows of the training split,
+    drawn with ``tune.seed`` alone (so every trial, method and cell of a table trains on the same images), sorted;
+    ``None``: all of them (no limit, or a limit of at least ``n_train``)."""
+    limit = tune.budget.train_limit
+    if limit is None or limit >= n_train:
+        return None
+    return np.sort(np.random.default_rng([tune.seed, 0x7E57]).permutation(n_train)[:limit])
 
 
 # --- the workflow's jobs -------------------------------------------------------------------------------------
@@ -377,6 +390,11 @@ def apply_selection(cfg: Config, teacher: str, student: str, label: str, path: s
     return with_values(cfg, student, label, selection["values"]), summary
 
 
+def _images_text(tune: TuneConfig) -> str:
+    limit = tune.budget.train_limit
+    return "" if limit is None else f" on {limit} training images"
+
+
 def render_tuning(plan: Plan, table: str) -> str:
     """``kdbench plan``'s lines of a tuned table: the budget and its jobs."""
     tune = _tune(plan.tables[table].cfg)
@@ -384,6 +402,6 @@ def render_tuning(plan: Plan, table: str) -> str:
     seeds = len(tune.budget.seeds)
     epochs = tune.budget.epochs or plan.tables[table].cfg.protocol.epochs
     return (f"  tuning: {n} cells x {tune.trials} trials x {seeds} seed(s) = {n * tune.trials * seeds} trial jobs"
-            f" ({epochs} epochs each, {tune.sampler} sampler, seed {tune.seed}, knobs {', '.join(tune.knobs)},"
+            f" ({epochs} epochs each{_images_text(tune)}, {tune.sampler} sampler, seed {tune.seed}, knobs {', '.join(tune.knobs)},"
             f" scored on {tune.metric}) -> {Layout.TABLE.format(table=table)}/tune/; {n} selections;"
             f" {len(tuned_records(plan, table))} tuned runs -> {Layout.TABLE.format(table=table)}/tuned/")

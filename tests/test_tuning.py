@@ -13,7 +13,7 @@ import yaml
 from _helpers_store import tiny_raw, write_fmnist_idx
 
 from kdbench import tuning
-from kdbench.config import TUNE_KNOBS, ConfigError, parse_config, to_raw
+from kdbench.config import TUNE_KNOBS, ConfigError, TuneBudget, parse_config, to_raw
 from kdbench.data.prepare import prepare
 from kdbench.distill import run_distill, run_trial
 from kdbench.methods import METHODS
@@ -116,6 +116,7 @@ def test_a_student_lr_is_tuned_around_the_students_own_lr():
     ({"budget": {"epochs": 0}}, "tune.budget.epochs"),
     ({"budget": {"seeds": []}}, "tune.budget.seeds"),
     ({"budget": {"sedes": [0]}}, "tune.budget.sedes"),
+    ({"budget": {"train_limit": 0}}, "tune.budget.train_limit"),
     ({"metric": "test_top1"}, "tune.metric"),
     ({"metric": "val_map_cosine"}, "tune.metric"),  # no retrieval_tap
     ({"rule": "best_epoch"}, "tune.rule"),
@@ -237,6 +238,42 @@ def test_a_trial_never_opens_the_test_split_and_scores_val(tiny, monkeypatch, tm
     assert record["history"][0]["lr"] <= record["values"]["lr"]  # trained with the trial's lr
 
 
+def test_a_trials_training_subset_is_seeded_by_the_table_alone_and_sorted():
+    cfg = _with_tune(_cfg(), budget=TuneBudget(epochs=1, seeds=(0,), train_limit=40))
+    rows = tuning.trial_rows(cfg.tune, 100)
+    assert len(rows) == len(set(rows.tolist())) == 40 and list(rows) == sorted(rows) and 0 <= rows.min() <= rows.max() < 100
+    assert list(tuning.trial_rows(cfg.tune, 100)) == list(rows)  # the same images for every trial of the table
+    other = tuning.trial_rows(dataclasses.replace(cfg.tune, seed=cfg.tune.seed + 1), 100)
+    assert list(other) != list(rows)  # drawn with tune.seed
+    assert list(rows[:5]) != list(range(5))  # a random subset, not the first images (an image folder is sorted by class)
+    assert tuning.trial_rows(cfg.tune, 40) is None and tuning.trial_rows(cfg.tune, 30) is None
+    assert tuning.trial_rows(_cfg().tune, 100) is None
+
+
+def test_a_trial_with_a_training_subset_trains_on_exactly_those_rows(tiny, monkeypatch, tmp_path):
+    from kdbench.train import loop
+
+    cfg, data, _ = tiny
+    limit = 40
+    cfg = _with_tune(cfg, budget=TuneBudget(epochs=1, seeds=(0,), train_limit=limit))
+    seen = []
+    epoch = loop._SplitBatches.epoch
+
+    def spy(self, *a, **k):
+        for batch in epoch(self, *a, **k):
+            seen.extend(batch.rows.tolist())
+            yield batch
+
+    monkeypatch.setattr(loop._SplitBatches, "epoch", spy)
+    record = run_trial(cfg, "t", "cnn_xs", "baseline", 1, 0, data, None, {}, tmp_path / "trial")
+    assert sorted(seen) == list(tuning.trial_rows(cfg.tune, _n_train(data)))  # each subset row once, no other
+    assert record["train_images"] == limit < _n_train(data)
+
+
+def _n_train(data: Path) -> int:
+    return json.loads((data / "manifest.json").read_text())["splits"]["train"]["count"]
+
+
 def test_the_test_split_guard_catches_a_distill_job(tiny, monkeypatch, tmp_path):
     """The guard of the test above is real: a distill job (which evaluates test) trips it."""
     from kdbench.cache.inputs import JobInputs
@@ -321,6 +358,10 @@ def test_plan_and_estimate_count_the_trials(tiny):
     assert stages["trials"].jobs == 8 and stages["tuned"].jobs == stages["distill"].jobs == 2
     # a trial is 1 of the protocol's 2 epochs and evaluates val only: less than half a distill job each
     assert 0 < stages["trials"].flops / 8 < stages["distill"].flops / 2 / 2
+    subset = _with_tune(cfg, budget=dataclasses.replace(cfg.tune.budget, train_limit=10))
+    plan = Plan([Table(cfg=subset, origin="x")])
+    assert "(1 epochs each on 10 training images" in tuning.render_tuning(plan, cfg.name)
+    assert 0 < {s.name: s for s in estimate(plan)[cfg.name]}["trials"].flops < stages["trials"].flops
 
 
 def test_a_trials_step_schedule_is_the_protocols_compressed():
@@ -330,3 +371,15 @@ def test_a_trials_step_schedule_is_the_protocols_compressed():
     assert tcfg.protocol.epochs == 60 and tcfg.protocol.milestones == (38, 45, 52)
     with pytest.raises(ConfigError, match="trial 4 of t/cnn_xs/kd does not exist"):
         tuning.trial_config(cfg, "t", "cnn_xs", "kd", 4)
+
+
+def test_a_training_subset_on_streamed_data_is_refused_before_the_dag(tiny):
+    from kdbench import preflight
+
+    cfg, _, _ = tiny
+    streamed = dataclasses.replace(_with_tune(cfg, budget=TuneBudget(epochs=1, seeds=(0,), train_limit=10)),
+                                   data=dataclasses.replace(cfg.data, stream=True))
+    with pytest.raises(ConfigError) as e:
+        preflight.check(Plan([Table(cfg=streamed, origin="tuned.yaml")]))
+    assert str(e.value).startswith("tuned.yaml: key 'tune.budget.train_limit'") and "\n" not in str(e.value)
+    preflight.check(Plan([Table(cfg=dataclasses.replace(streamed, data=cfg.data), origin="tuned.yaml")]))

@@ -5,7 +5,7 @@ builder, the checker and the student open them the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,12 +44,17 @@ class JobInputs:
     teacher: nn.Module | None
     tmeta: dict | None
     streaming: bool = False
+    _loaded: dict = field(default_factory=dict, repr=False, compare=False)
 
     def split(self, name: str, shards: list[int] | None = None) -> Split | StreamedSplit:
-        """Split ``name`` (``shards``: only those), loaded into memory or streamed as the job reads data."""
+        """Split ``name`` (``shards``: only those), loaded into memory or streamed as the job reads data. A split
+        in memory is read (and its shards checked) once per job, however often the job asks for it."""
         if self.streaming:
             return StreamedSplit.open(self.data_dir, name, self.cfg.data, shards)
-        return load_split(self.data_dir, name, shards=shards)
+        key = (name, None if shards is None else tuple(shards))
+        if key not in self._loaded:
+            self._loaded[key] = load_split(self.data_dir, name, shards=shards)
+        return self._loaded[key]
 
     def renderer(self, split: Split | StreamedSplit) -> ViewRenderer | BoundShardRenderer:
         """The renderer of the protocol's view recipe over ``split`` (a streamed split: one shard of it)."""

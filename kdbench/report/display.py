@@ -380,18 +380,19 @@ def _budget_text(cells: Sequence[LeaderboardCell]) -> str:
     """The tuning budget of a table's tuned cells, one clause per distinct budget."""
     budgets = dict.fromkeys(
         (c.tuning("trials"), c.tuning("sampler"), c.tuning("budget_epochs"), c.tuning("budget_seeds"),
-         c.tuning("metric"), c.tuning("rule"))
+         c.tuning("budget_train_limit"), c.tuning("metric"), c.tuning("rule"))
         for c in cells if c.tuned and c.tuning("trials") is not None
     )
     out = []
-    for trials, sampler, epochs, seeds, metric, rule in budgets:
+    for trials, sampler, epochs, seeds, images, metric, rule in budgets:
         seeds_text = f"seed {seeds}" if seeds is not None and " " not in str(seeds) else f"seeds {seeds}"
         rule_text = ("best mean val score over the budget's seeds, ties to the configured values"
                      if rule == "best_mean" else str(rule))
         epochs_text = "the protocol's epochs" if epochs is None else f"{epochs} epoch{'s' * (epochs != 1)}"
         out.append(
             f"K = {trials} trials ({sampler} sampler, trial 0 = the configured values), each {epochs_text}"
-            f" x {seeds_text}, scored on {metric}; selection: {rule_text}"
+            f"{'' if images in (None, '') else f' on {int(images)} training images'} x {seeds_text}, scored on"
+            f" {metric}; selection: {rule_text}"
         )
     return "; ".join(out)
 

@@ -108,13 +108,15 @@ class _SplitBatches:
     """Batches of a split held in memory: a seeded permutation of the rows per epoch, sorted within each batch,
     rendered by the split's :class:`~kdbench.data.views.ViewRenderer` on the device."""
 
-    def __init__(self, train: Split, protocol: Protocol, data: DataInfo, image_size: int, device: torch.device) -> None:
+    def __init__(self, train: Split, protocol: Protocol, data: DataInfo, image_size: int, device: torch.device,
+                 rows: np.ndarray | None = None) -> None:
         self.train, self.batch_size, self.image_size, self.device = train, protocol.batch_size, image_size, device
         self.renderer = ViewRenderer.for_split(protocol.views, train, data)
+        self.rows = np.arange(len(train)) if rows is None else rows
 
     def epoch(self, epoch: int, view: int, seed: int) -> Iterator[Batch]:
-        order = epoch_order(len(self.train), seed, epoch)
-        for b in range(math.ceil(len(self.train) / self.batch_size)):
+        order = self.rows[epoch_order(len(self.rows), seed, epoch)]
+        for b in range(math.ceil(len(order) / self.batch_size)):
             rows = np.sort(order[b * self.batch_size : (b + 1) * self.batch_size])
             x, params = self.renderer.render(view, rows, self.image_size, self.device)
             yield Batch(rows, x, view_targets(self.train, rows, params, self.device))
@@ -181,6 +183,7 @@ def fit(
     epochs_log: Path | None = None,
     label: str = "",
     checkpoint: Checkpointing | None = None,
+    rows: np.ndarray | None = None,
 ) -> FitResult:
     """Trains ``model`` with ``method``'s loss under ``protocol``.
 
@@ -210,12 +213,13 @@ def fit(
         label: Name of the run in progress logs.
         checkpoint: Where to keep the epoch checkpoint (:mod:`kdbench.train.checkpoint`); a matching one that
             exists already is resumed from. ``None``: no checkpoint.
+        rows: Train on these rows of ``train`` only (a trial's subset, in memory); ``None``: every row.
 
     Raises:
         Preempted: :func:`~kdbench.train.checkpoint.request_stop` was called (the CLI's SIGUSR1 handler).
         CheckpointError: The existing checkpoint belongs to another job.
     """
-    run = _Run(model, method, train, data, protocol, device, teacher, label)
+    run = _Run(model, method, train, data, protocol, device, teacher, label, rows)
     result = FitResult()
     saved = checkpoint.load() if checkpoint else None
     first = 0  # the first epoch to train
@@ -276,7 +280,7 @@ def fit(
 class _Run:
     """The state of one :func:`fit`: what is fixed for the run, the optimiser and the global step."""
 
-    def __init__(self, model, method, train, data, protocol, device, teacher, label) -> None:
+    def __init__(self, model, method, train, data, protocol, device, teacher, label, rows=None) -> None:
         self.model, self.method, self.train, self.data = model, method, train, data
         self.protocol, self.device, self.teacher, self.label = protocol, device, teacher, label
         self.image_size = protocol.image_size or data.image_size
@@ -285,7 +289,7 @@ class _Run:
         method.to(device)
         self.params = [q for q in list(model.parameters()) + list(method.parameters()) if q.requires_grad]
         self.optimizer = build_optimizer(self.params, protocol)
-        self.n = len(train)
+        self.n = len(train) if rows is None else len(rows)
         self.steps_per_epoch = math.ceil(self.n / protocol.batch_size)
         self.student_taps = method.student_taps(method.cfg)
         self.teacher_taps = method.teacher_taps(method.cfg)
@@ -293,11 +297,13 @@ class _Run:
         self.teacher_view = method.teacher_view(method.cfg)
         teacher_view_index(self.teacher_view, 0, protocol.views.count)  # an impossible declaration fails here
         if isinstance(train, StreamedSplit):
+            if rows is not None:
+                raise ValueError(f"{label}: a subset of rows trains from data in memory only, not a streamed split")
             t_size = getattr(teacher, "input_size", None) if self.teacher_taps else None
             live = (self.teacher_view, t_size) if t_size is not None else None
             self.batches = _StreamBatches(train, protocol, data, self.image_size, device, live)
         else:
-            self.batches = _SplitBatches(train, protocol, data, self.image_size, device)
+            self.batches = _SplitBatches(train, protocol, data, self.image_size, device, rows)
         self.owner = f"method {method.name!r}"
         self.step = 0
         self.student_forward = 0
