@@ -71,7 +71,10 @@ rule amd_search:
     params:
         args=search_args,
         out=lambda wildcards, output: Path(output[0]).parent,
-    threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey), 2)  # + streamed data's workers
+    # 1 (+ streamed data's workers): the search runs while single-thread trial and distill jobs fill the cores, and
+    # a 2-thread job waits until two cores are free at once, which on a small machine is never (the zoo's search
+    # started 60 min into a 65 min run); a GPU job gains nothing from a second CPU
+    threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey))
     resources:
         **needs(lambda wildcards: NEEDS.search(PLAN.teachers[wildcards.akey])),
     priority: 10
