@@ -125,7 +125,10 @@ def _preemptible(train: Callable[[], _T]) -> _T | None:
     except Preempted as e:
         _logger.warning("%s", e)
         if e.progressed:
-            requeue()
+            from kdbench.distributed import env_rank
+
+            if env_rank() == 0:  # one requeue per job, whatever its processes
+                requeue()
         else:  # requeued, it would stop at the same point again, and again
             _logger.warning("not requeued: this run saved no new epoch before the signal (an epoch takes longer than"
                             " the time the signal leaves). The job ends with exit %d; Snakemake's retry resubmits it"
@@ -138,8 +141,12 @@ def _preemptible(train: Callable[[], _T]) -> _T | None:
 
 
 def _done(line: str) -> None:
-    """The one line a workflow step prints on the terminal (its log lines go to stderr, the job's log file)."""
-    print(line, flush=True)
+    """The one line a workflow step prints on the terminal (its log lines go to stderr, the job's log file);
+    rank 0's only, in a data-parallel job."""
+    from kdbench.distributed import env_rank
+
+    if env_rank() == 0:
+        print(line, flush=True)
 
 
 def cmd_prepare_data(args) -> None:
@@ -713,16 +720,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The commands that run data parallel under torchrun (``runtime.processes`` > 1, :mod:`kdbench.distributed`);
+#: every other command refuses more than one process.
+DATA_PARALLEL = ("distill", "trial")
+
+
+def _single_process(command: str) -> None:
+    """Refuses a command that runs in one process only when torchrun started it in several."""
+    from kdbench.distributed import env_world_size
+    from kdbench.errors import ConfigError
+
+    if command not in DATA_PARALLEL and env_world_size() > 1:
+        raise ConfigError(f"kdbench {command} runs in one process (runtime.processes applies to"
+                          f" {' and '.join(DATA_PARALLEL)} jobs only); run it without torchrun")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from kdbench.distributed import env_rank, shutdown
+
     args = build_parser().parse_args(argv)
+    rank = env_rank()  # under torchrun: only rank 0 logs progress; the others log warnings and errors, named
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if rank == 0
+        else f"%(asctime)s %(levelname)s rank {rank} %(name)s: %(message)s",
         stream=sys.stderr,
     )
     from kdbench.errors import USER_ERRORS
 
     try:
+        _single_process(args.command)
         code = int(args.fn(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
         return code
@@ -731,8 +758,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         if args.debug:
             raise
-        print(f"kdbench: error: {one_line(e)}", file=sys.stderr)
+        print(f"kdbench: error: {one_line(e)}" if rank == 0 else f"kdbench: error: rank {rank}: {one_line(e)}",
+              file=sys.stderr)
         return 2
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -162,7 +162,12 @@ class Protocol:
         student_lr: Peak learning rate of these students (timm model name -> lr), replacing ``lr`` for them
             under every method alike (the student alone included): the CRD protocol's rule of lr 0.01 for
             MobileNetV2 and ShuffleNet students. Never part of a teacher's training protocol; left out of the
-            hash while empty.
+            hash while empty.        sync_batchnorm: In a data-parallel job (``runtime.processes`` > 1): ``false`` (the default) keeps
+            BatchNorm per process (each normalises its B / N samples; the running statistics evaluated and
+            saved are rank 0's), ``true`` synchronises its batch statistics over the processes
+            (``torch.nn.SyncBatchNorm``: the statistics of the whole global batch, as in one process; CUDA only).
+            No effect in one process. Part of the protocol hash only when ``true``, so existing configs keep their
+            hashes; never part of a teacher's training protocol.
     """
 
     epochs: int = 8
@@ -186,6 +191,7 @@ class Protocol:
     precision: str = field(default="fp32", metadata=OMIT_WHEN_DEFAULT)
     channels_last: bool = field(default=True, metadata=OMIT_WHEN_DEFAULT)
     student_lr: Mapping[str, float] = field(default_factory=dict, metadata=OMIT_WHEN_DEFAULT)
+    sync_batchnorm: bool = field(default=False, metadata=OMIT_WHEN_DEFAULT)
 
     def hash(self) -> str:
         """A stable hash of the whole protocol, recorded in every run."""
@@ -194,6 +200,19 @@ class Protocol:
     def for_student(self, model: str) -> Protocol:
         """The protocol a student trains under: ``lr`` is ``student_lr[model]`` when the model is listed."""
         return replace(self, lr=self.student_lr[model]) if model in self.student_lr else self
+
+
+def per_rank_batch(batch_size: int, processes: int, source: str) -> int:
+    """The batch each of ``processes`` processes of a data-parallel job trains on: the protocol's (global)
+    ``batch_size`` / ``processes``.
+
+    Raises:
+        ConfigError: ``batch_size`` is not a multiple of ``processes`` (``source`` names the config file).
+    """
+    if batch_size % processes:
+        raise ConfigError(f"{source}: key 'protocol.batch_size' ({batch_size}) is the global batch and must divide"
+                          f" into {processes} processes (runtime.processes); choose a multiple of {processes}")
+    return batch_size // processes
 
 
 DEFAULT_TOPK = 10
@@ -305,11 +324,19 @@ class Runtime:
         threads: torch intra-op threads per job.
         tflops: Sustained TFLOP/s a job gets from its device; sets each job's time limit on a cluster
             (:mod:`kdbench.resources`). 10 is a V100- or A100-class GPU on small nets; one CPU core gives ~0.02.
+        processes: Processes per distill or trial job (data parallel, :mod:`kdbench.distributed`): 1 (the
+            default) runs the job as one process; N > 1 runs it under ``torchrun --standalone
+            --nproc-per-node=N`` (one GPU each on CUDA, gloo on CPU), and on SLURM the job asks for N GPUs and
+            ``threads`` CPUs per GPU. The global batch stays ``protocol.batch_size`` (B / N per process, so B
+            must be a multiple of N): results do not depend on N beyond float rounding (without BatchNorm) or
+            per-process BatchNorm statistics (``protocol.sync_batchnorm``). Teacher, cache and assistant jobs
+            run as one process.
     """
 
     device: str = "auto"
     threads: int = 1
     tflops: float = field(default=10.0, metadata=OMIT_WHEN_DEFAULT)
+    processes: int = field(default=1, metadata=OMIT_WHEN_DEFAULT)
 
 
 #: The protocol's shared knobs a table may tune for every method (the student alone included), and ``method``:
@@ -523,6 +550,10 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
     if isinstance(runtime.tflops, bool) or not isinstance(runtime.tflops, (int, float)) or runtime.tflops <= 0:
         raise ConfigError(f"{source}: key 'runtime.tflops' must be a number > 0 (the sustained TFLOP/s a job gets"
                           f" from its device), got {runtime.tflops!r}")
+    if isinstance(runtime.processes, bool) or not isinstance(runtime.processes, int) or runtime.processes < 1:
+        raise ConfigError(f"{source}: key 'runtime.processes' must be an integer >= 1 (processes per distill job),"
+                          f" got {runtime.processes!r}")
+    per_rank_batch(protocol.batch_size, runtime.processes, source)
 
     if not isinstance(raw["teachers"], Mapping) or not raw["teachers"]:
         raise ConfigError(f"{source}: key 'teachers' must be a non-empty mapping of name -> {{model: ...}}")

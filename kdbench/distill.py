@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from kdbench import distributed
 from kdbench._util import read_json, sha256_file, stable_hash, write_json_atomic
 from kdbench.cache.inputs import JobInputs, open_inputs
 from kdbench.cache.source import CachedTeacher, LiveTeacher
@@ -104,8 +105,9 @@ def run_distill(
                  label=f"{teacher}/{student}/{label}/seed{seed}", checkpoint=run.checkpoint)
     record = _record(job, run.identity, run.method, run.model, run.s_info, result, teacher_dir, run.store_manifests,
                      stores, out_dir, wall0, tuning)
-    write_record(out_dir / "record.json", record)
-    run.checkpoint.discard()
+    if distributed.is_writer():  # one writer (kdbench.distributed); the record is the job's last write
+        write_record(out_dir / "record.json", record)
+        run.checkpoint.discard()
     _logger.info("%s/%s/%s/seed%d: test top-1 %.2f%% (last epoch), %.0fs", teacher, student, label, seed,
                  record.final.test_top1, record.cost.wall_time_s)
     return record
@@ -212,10 +214,12 @@ def run_trial(
         "provenance": {**provenance(job.device, job.numerics), "config_file": cfg.source,
                        "data_manifest_sha256": job.data_manifest_sha256(),
                        "teacher_sha256": job.tmeta["sha256"] if job.tmeta else None,
-                       "store_manifests": run.store_manifests},
+                       "store_manifests": run.store_manifests,
+                       "parallel": distributed.describe(tcfg.protocol.batch_size, tcfg.protocol.sync_batchnorm)},
     }
-    write_json_atomic(out_dir / TRIAL_FILE, record)
-    run.checkpoint.discard()
+    if distributed.is_writer():
+        write_json_atomic(out_dir / TRIAL_FILE, record)
+        run.checkpoint.discard()
     _logger.info("%s: %s %.2f with %s, %.0fs", where, cfg.tune.metric, record["score"], values,
                  record["wall_time_s"])
     return record
@@ -247,7 +251,8 @@ def _check_retrieval_tap(cfg: Config, student: str, s_info: ModelInfo) -> None:
 def _skip(out_dir: Path, identity: Identity, cfg: Config, reason: str) -> RunRecord:
     record = RunRecord(status="skipped", skip_reason=reason, identity=identity, protocol=cfg.protocol,
                        protocol_hash=cfg.protocol.hash())
-    write_record(out_dir / "record.json", record)
+    if distributed.is_writer():
+        write_record(out_dir / "record.json", record)
     _logger.warning("skipped %s: %s", identity, reason)
     return record
 
@@ -419,6 +424,7 @@ def _record(
             "data_manifest_sha256": job.data_manifest_sha256(),
             "store_manifests": store_manifests,
             "model_sha256": meta["sha256"],
+            "parallel": distributed.describe(protocol.batch_size, protocol.sync_batchnorm),
             **({"method_audit": audit} if (audit := method.audit()) else {}),
             **({"resumed_at_epochs": result.resumed_at} if result.resumed_at else {}),
         },

@@ -10,6 +10,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from kdbench import distributed
 from kdbench.data.shards import Split
 from kdbench.data.stream import StreamedSplit
 from kdbench.data.views import render
@@ -19,15 +20,18 @@ from kdbench.taps import compute_taps, normalize_tap, parse_tap
 
 
 def _inputs(split: Split | StreamedSplit, data: DataInfo, image_size: int, batch_size: int,
-            device: torch.device) -> Iterator[torch.Tensor]:
+            device: torch.device, part: tuple[int, int] | None = None) -> Iterator[torch.Tensor]:
     """The evaluation inputs of ``split`` in order, in batches: a split in memory rendered here on the device
-    (whole images), a streamed one rendered by its stream (:meth:`StreamedSplit.eval_inputs`)."""
+    (whole images; ``part``: only the images ``[start, stop)``), a streamed one rendered by its stream
+    (:meth:`StreamedSplit.eval_inputs`)."""
     if isinstance(split, StreamedSplit):
         for x in split.eval_inputs(data.mean, data.std, image_size, batch_size):
             yield x.to(device)
         return
-    for start in range(0, len(split), batch_size):
-        yield render(split.images[start : start + batch_size].to(device), None, None, image_size, data.mean, data.std)
+    first, stop = (0, len(split)) if part is None else part
+    for start in range(first, stop, batch_size):
+        end = min(start + batch_size, stop)
+        yield render(split.images[start:end].to(device), None, None, image_size, data.mean, data.std)
 
 
 def _batched(
@@ -39,18 +43,27 @@ def _batched(
     no augmentation, resized to ``image_size`` and normalised; ``model`` in eval mode meanwhile; in the
     protocol's ``numerics`` (:mod:`kdbench.numerics`).
 
+    In a data-parallel job (:mod:`kdbench.distributed`; a split in memory) each process computes a contiguous
+    part of the split and the parts are gathered in order: every process gets the outputs of every image,
+    each computed once (no padding). Every process must call it (a collective).
+
     Returns:
         The outputs of the batches concatenated, ``float32`` on CPU.
     """
+    world = distributed.world()
+    parallel = world.size > 1 and not isinstance(split, StreamedSplit)
+    part = distributed.eval_part(len(split)) if parallel else None
     was_training = model.training
     model.eval()
     out = []
     try:
-        for x in _inputs(split, data, image_size, batch_size, device):
+        for x in _inputs(split, data, image_size, batch_size, device, part):
             out.append(numerics.run(forward, x).cpu())
+        if parallel and not out:  # a process with an empty part still gathers, with the outputs' shape
+            out = [numerics.run(forward, next(_inputs(split, data, image_size, 1, device, (0, 1)))).cpu()[:0]]
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return distributed.gather_rows(torch.cat(out)) if parallel else torch.cat(out)
 
 
 @torch.inference_mode()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from kdbench import distributed
 from kdbench._util import atomic_path, read_json, sha256_file, write_json_atomic
 from kdbench.data.shards import Split
 from kdbench.data.stream import StreamedSplit
@@ -38,19 +39,24 @@ def save_model_dir(
 
     Returns:
         ``(metrics, test logits [N, C])``.
+
+    In a data-parallel job every process evaluates (a collective, :func:`~kdbench.evaluate.predict`) and only rank
+    0 writes; the other processes get the metrics with ``sha256`` ``None``.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "model.pt") as tmp:
-        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
     test_logits = predict(model, test, data, image_size, batch_size, device, numerics)
     val_logits = predict(model, val, data, image_size, batch_size, device, numerics)
-    with atomic_path(out_dir / "predictions.npy") as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, test_logits.argmax(1).numpy().astype(np.int32))
+    writer = distributed.is_writer()
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_dir / "model.pt") as tmp:
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+        with atomic_path(out_dir / "predictions.npy") as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, test_logits.argmax(1).numpy().astype(np.int32))
     acc = topk_accuracy(test_logits, test.labels)
     metrics = {
         "model": model_name,
-        "sha256": sha256_file(out_dir / "model.pt"),
+        "sha256": sha256_file(out_dir / "model.pt") if writer else None,
         "test_top1": acc[1],
         "test_top5": acc[5],
         "val_top1": topk_accuracy(val_logits, val.labels, (1,))[1],
@@ -58,7 +64,8 @@ def save_model_dir(
         **extra,
         "provenance": provenance(device, numerics),
     }
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    if writer:
+        write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics, test_logits
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 import kdbench
+from kdbench import distributed
 from kdbench.config import Runtime
 from kdbench.numerics import Numerics
 
@@ -27,7 +28,8 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 
 def setup(runtime: Runtime) -> torch.device:
-    """Applies the runtime settings and returns the device (``auto``: CUDA when available, else CPU).
+    """Applies the runtime settings and returns the device (``auto``: CUDA when available, else CPU); under
+    torchrun with more than one process it joins the job's process group (:func:`kdbench.distributed.init`).
 
     On CUDA it also asks for determinism (:func:`deterministic_cuda`); on CPU it changes nothing (torch's CPU
     kernels are already deterministic for a fixed thread count, and CPU runs are bit-reproducible as they are).
@@ -39,6 +41,7 @@ def setup(runtime: Runtime) -> torch.device:
         device = torch.device(runtime.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"runtime.device is {runtime.device!r} but CUDA is not available; set runtime.device: auto")
+    device = distributed.init(device)  # under torchrun: join the job's processes (cuda:LOCAL_RANK on CUDA)
     if device.type == "cuda":
         deterministic_cuda()
     return device

@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"methods", "methods.*"},
     {"config", "selection"},
     {"data", "data.codec", "data.encoded", "data.imagefolder", "data.wds_source", "data.sources", "data.layout",
-     "data.views", "numerics"},
+     "data.views", "numerics", "distributed"},
     {"plan"},
     {"data.shards", "data.prepare", "data.stream", "runtime", "evaluate", "cache", "cache.store", "tuning",
      "preflight"},

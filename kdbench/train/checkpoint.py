@@ -10,6 +10,10 @@ Python), the epoch log so far and the cost counters. The batch order is a functi
 the views are counter-based, so a job resumed at an epoch boundary computes what the uninterrupted job would
 have: on CPU its record is identical apart from timings.
 
+In a data-parallel job (:mod:`kdbench.distributed`) rank 0 writes the checkpoint and every process reads it. It
+holds nothing that depends on the number of processes (the global batch and the sample order do not), so a
+checkpoint written by N processes resumes under any other N (the RNG state restored everywhere is rank 0's).
+
 A checkpoint carries the fingerprint of its job (protocol and config hashes, teacher, student, method, seed,
 input digests); a job never resumes one written by another job (the workflow reruns a job in the same directory
 when its config changed): it deletes it with a warning naming the file and the difference, and starts over. The
@@ -40,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdbench import distributed
 from kdbench._util import atomic_path
 
 _logger = logging.getLogger(__name__)
@@ -194,11 +199,16 @@ class Checkpointing:
         self.discard()
 
     def save(self, state: dict[str, Any]) -> None:
-        """Writes ``state`` (plus the format and the fingerprint) atomically."""
+        """Writes ``state`` (plus the format and the fingerprint) atomically; in a data-parallel job only rank 0
+        writes (:func:`kdbench.distributed.is_writer`)."""
+        if not distributed.is_writer():
+            return
         with atomic_path(self.path) as tmp:
             torch.save({"format": FORMAT_VERSION, "fingerprint": dict(self.fingerprint), **state}, tmp)
 
     def discard(self) -> None:
-        """Deletes the checkpoint and any temporary file a killed write left beside it."""
+        """Deletes the checkpoint and any temporary file a killed write left beside it (rank 0 only)."""
+        if not distributed.is_writer():
+            return
         for path in [self.path, *self.path.parent.glob(f"{self.path.name}.tmp-*")]:
             path.unlink(missing_ok=True)

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from kdbench.config import Protocol
+from kdbench import distributed
+from kdbench.config import Protocol, per_rank_batch
 from kdbench.data.shards import Split
 from kdbench.data.stream import StreamedSplit
 from kdbench.data.views import CLEAN_VIEW, ViewRenderer
-from kdbench.errors import NonFiniteLossError
+from kdbench.errors import ConfigError, NonFiniteLossError
 from kdbench.evaluate import predict, topk_accuracy
 from kdbench.meta import DataInfo
 from kdbench.methods.base import TEACHER_VIEWS, DistillMethod, StepContext, Targets
@@ -96,17 +97,29 @@ class Batch:
         x: ``float32 [n, C, S, S]`` the student's inputs (view ``epoch mod V``), on the device.
         targets: Labels, mixup partners' labels and weights, on the device.
         teacher_x: The live teacher's inputs rendered by the stream (streaming path only), else ``None``.
+        total: The rows of the global batch this batch is a part of (data parallel: every process's part
+            together); ``None``: ``len(rows)`` (one process).
     """
 
     rows: np.ndarray
     x: torch.Tensor
     targets: Targets
     teacher_x: torch.Tensor | None = None
+    total: int | None = None
+
+    @property
+    def global_rows(self) -> int:
+        return len(self.rows) if self.total is None else self.total
 
 
 class _SplitBatches:
     """Batches of a split held in memory: a seeded permutation of the rows per epoch, sorted within each batch,
-    rendered by the split's :class:`~kdbench.data.views.ViewRenderer` on the device."""
+    rendered by the split's :class:`~kdbench.data.views.ViewRenderer` on the device.
+
+    In a data-parallel job every process computes the same global order and global batches, and takes its
+    disjoint slice of each (:func:`kdbench.distributed.batch_part`): process r's batch b is part of the
+    one-process batch b, every training row is seen exactly once per epoch over the processes, no padding.
+    """
 
     def __init__(self, train: Split, protocol: Protocol, data: DataInfo, image_size: int, device: torch.device,
                  rows: np.ndarray | None = None) -> None:
@@ -118,8 +131,9 @@ class _SplitBatches:
         order = self.rows[epoch_order(len(self.rows), seed, epoch)]
         for b in range(math.ceil(len(order) / self.batch_size)):
             rows = np.sort(order[b * self.batch_size : (b + 1) * self.batch_size])
+            total, rows = len(rows), distributed.batch_part(rows)
             x, params = self.renderer.render(view, rows, self.image_size, self.device)
-            yield Batch(rows, x, view_targets(self.train, rows, params, self.device))
+            yield Batch(rows, x, view_targets(self.train, rows, params, self.device), total=total)
 
 
 class _StreamBatches:
@@ -222,6 +236,7 @@ def fit(
     run = _Run(model, method, train, data, protocol, device, teacher, label, rows)
     result = FitResult()
     saved = checkpoint.load() if checkpoint else None
+    distributed.barrier()  # every process has read the checkpoint (or found none) before any writes one
     first = 0  # the first epoch to train
     if saved is not None:
         first = run.restore(saved)
@@ -229,14 +244,21 @@ def fit(
         result.resumed_at = [*saved["resumed_at"], first]
         result.resumed_train_s = saved["train_time_s"]
         _logger.info("%s: resuming after epoch %d/%d from %s", label, first, protocol.epochs, checkpoint.path)
+        if saved.get("world_size", 1) != run.world.size:  # same global batches and order: only the rounding differs
+            _logger.info("%s: the checkpoint was written by %d process(es), this run has %d; the global batch and the"
+                         " sample order do not depend on it", label, saved.get("world_size", 1), run.world.size)
     base = (saved["teacher_forward"], saved["cache_bytes_read"]) if saved else (0, 0)
 
-    def counters() -> tuple[int, int]:  # teacher forwards and cache bytes read, earlier runs included
-        return (base[0] + teacher.forward_count, base[1] + teacher.bytes_read()) if teacher is not None else base
+    def counters() -> tuple[int, int]:  # teacher forwards and cache bytes read, earlier runs and every process included
+        if teacher is None:
+            return base
+        forwards, read = distributed.all_sum([teacher.forward_count, teacher.bytes_read()])
+        return base[0] + int(forwards), base[1] + int(read)
 
-    if epochs_log:
+    writer = distributed.is_writer()  # one writer: rank 0 writes the log and the checkpoint
+    if epochs_log and writer:
         epochs_log.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(epochs_log, "w") if epochs_log else None
+    log_file = open(epochs_log, "w") if epochs_log and writer else None
     kept = first if saved is not None else None  # epochs the checkpoint on disk holds
     start = time.perf_counter()
     try:
@@ -255,16 +277,18 @@ def fit(
                 label, epoch + 1, protocol.epochs, row["view"], row["train_loss"],
                 " ".join(f"{k}={row[k]:.2f}" for k in row if k.endswith("_top1")), row["samples_per_s"],
             )
-            if checkpoint and checkpoint.due(epoch + 1, protocol.epochs):
-                teacher_forward, cache_bytes = counters()
-                checkpoint.save({
-                    **run.state(), "epochs_done": epoch + 1, "history": result.history,
-                    "teacher_forward": teacher_forward, "cache_bytes_read": cache_bytes,
-                    "train_time_s": result.resumed_train_s + time.perf_counter() - start,
-                    "resumed_at": result.resumed_at,
-                })
+            if checkpoint and distributed.any_rank(checkpoint.due(epoch + 1, protocol.epochs)):
+                teacher_forward, cache_bytes = counters()  # (every process: a collective)
+                if writer:
+                    checkpoint.save({
+                        **run.state(), "epochs_done": epoch + 1, "history": result.history,
+                        "teacher_forward": teacher_forward, "cache_bytes_read": cache_bytes,
+                        "train_time_s": result.resumed_train_s + time.perf_counter() - start,
+                        "resumed_at": result.resumed_at, "world_size": run.world.size,
+                    })
+                distributed.barrier()  # the checkpoint is on disk before any process goes on
                 kept = epoch + 1
-            if stop_requested() and epoch + 1 < protocol.epochs:
+            if distributed.any_rank(stop_requested()) and epoch + 1 < protocol.epochs:
                 raise Preempted(epoch + 1)
     except Preempted as stop:
         raise stopped(label, stop.args[0], protocol.epochs, checkpoint, kept, first) from None
@@ -277,6 +301,57 @@ def fit(
     return result
 
 
+class _Step(nn.Module):
+    """The student's forward and the method's loss as one module: what a data-parallel job wraps in
+    ``DistributedDataParallel`` (every trained parameter, the student's and the adapters', is reached by its
+    forward, so DDP averages all their gradients)."""
+
+    def __init__(self, model: nn.Module, method: DistillMethod, numerics: Numerics, taps, owner: str) -> None:
+        super().__init__()
+        self.model, self.method, self.numerics, self.taps, self.owner = model, method, numerics, taps, owner
+
+    def forward(self, x: torch.Tensor, t_out: dict, targets: Targets, ctx: StepContext):
+        # float32 outputs, whatever the precision: the method's loss is computed in fp32 (kdbench.numerics)
+        s_out = self.numerics.run(lambda inputs: compute_taps(self.model, inputs, self.taps), x)
+        return self.method.loss(TapDict(s_out, self.owner + " (student)"), TapDict(t_out, self.owner + " (teacher)"),
+                                targets, ctx)
+
+
+def _data_parallel(step: _Step, protocol: Protocol, n: int, needs_index: bool, streamed: bool, device: torch.device,
+                   label: str) -> nn.Module:
+    """``step`` wrapped for the job's processes (``DistributedDataParallel``; ``step`` itself in one process),
+    after the checks of what a data-parallel job cannot do.
+
+    Raises:
+        ConfigError: The global batch does not divide into the processes, a short last batch would leave a
+            process without a sample, the data is streamed, the method indexes samples (CRD's memory bank is
+            updated by the rows of each process), or SyncBatchNorm is asked for on CPU.
+    """
+    world = distributed.world()
+    if world.size <= 1:
+        return step
+    where = f"{label} ({world.size} processes)"
+    per_rank_batch(protocol.batch_size, world.size, where)
+    last = n % protocol.batch_size
+    if 0 < last < world.size:
+        raise ConfigError(f"{where}: key 'protocol.batch_size': the last batch of an epoch has {last} of {n} images,"
+                          f" fewer than the {world.size} processes; choose a batch size that leaves 0 or at least"
+                          f" {world.size} (or fewer processes, runtime.processes)")
+    if streamed:
+        raise ConfigError(f"{where}: key 'runtime.processes': a data-parallel job reads its data in memory, not"
+                          " streamed; set data.stream: false or runtime.processes: 1")
+    if needs_index:
+        raise ConfigError(f"{where}: key 'runtime.processes': the method indexes samples (a memory bank each process"
+                          " would update with its own rows only); run it with runtime.processes: 1")
+    if protocol.sync_batchnorm:
+        if device.type != "cuda":
+            raise ConfigError(f"{where}: key 'protocol.sync_batchnorm' needs CUDA (torch's SyncBatchNorm has no CPU"
+                              " kernel); set it false on CPU")
+        nn.SyncBatchNorm.convert_sync_batchnorm(step)
+    return nn.parallel.DistributedDataParallel(
+        step, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
 class _Run:
     """The state of one :func:`fit`: what is fixed for the run, the optimiser and the global step."""
 
@@ -287,8 +362,6 @@ class _Run:
         self.numerics = Numerics.of(protocol)  # the student's forwards (training and evaluation)
         self.numerics.model(model.to(device))
         method.to(device)
-        self.params = [q for q in list(model.parameters()) + list(method.parameters()) if q.requires_grad]
-        self.optimizer = build_optimizer(self.params, protocol)
         self.n = len(train) if rows is None else len(rows)
         self.steps_per_epoch = math.ceil(self.n / protocol.batch_size)
         self.student_taps = method.student_taps(method.cfg)
@@ -305,6 +378,12 @@ class _Run:
         else:
             self.batches = _SplitBatches(train, protocol, data, self.image_size, device, rows)
         self.owner = f"method {method.name!r}"
+        self.world = distributed.world()
+        self.forward = _data_parallel(_Step(model, method, self.numerics, self.student_taps, self.owner), protocol,
+                                      self.n, self.needs_index, isinstance(train, StreamedSplit), device, label)
+        # (after SyncBatchNorm's conversion: a converted layer keeps the same parameter objects)
+        self.params = [q for q in list(model.parameters()) + list(method.parameters()) if q.requires_grad]
+        self.optimizer = build_optimizer(self.params, protocol)
         self.step = 0
         self.student_forward = 0
 
@@ -341,16 +420,22 @@ class _Run:
         b = -1
         for b, batch in enumerate(self.batches.epoch(epoch, view, seed)):
             out = self.train_step(epoch, view, batch)
-            loss_sum += out.loss.item()
+            share = len(batch.rows) / batch.global_rows  # this process's part of the global batch's mean (1: all)
+            loss_sum += out.loss.item() * share
             for k, v in out.terms.items():
-                term_sums[k] = term_sums.get(k, 0.0) + v.item()
-            if stop_requested() and b + 1 < spe:  # at the epoch's end, fit checkpoints first
+                term_sums[k] = term_sums.get(k, 0.0) + v.item() * share
+            # every process stops at the same step (a stop asked of one is asked of all)
+            if distributed.any_rank(stop_requested()) and b + 1 < spe:  # at the epoch's end, fit checkpoints first
                 raise Preempted(epoch)
             if (b + 1) % max(1, spe // 4) == 0 and b + 1 < spe:
                 _logger.info("%s epoch %d/%d step %d/%d loss %.4f | %.0f samples/s", self.label, epoch + 1,
                              p.epochs, b + 1, spe, loss_sum / (b + 1), (b + 1) * p.batch_size / (time.perf_counter() - t0))
         if b + 1 != spe:
             raise RuntimeError(f"{self.label}: epoch {epoch} had {b + 1} batches, expected {spe}")
+        if self.world.size > 1:  # the global batches' means, summed over the processes' shares
+            keys = sorted(term_sums)
+            loss_sum, *sums = distributed.all_sum([loss_sum, *(term_sums[k] for k in keys)])
+            term_sums = dict(zip(keys, sums))
         return {
             "epoch": epoch,
             "view": view,
@@ -370,10 +455,7 @@ class _Run:
         t_view = teacher_view_index(self.teacher_view, view, p.views.count)
         live_inputs = {} if batch.teacher_x is None else {"inputs": batch.teacher_x}
         t_out = self.teacher.outputs(t_view, rows, device, **live_inputs) if self.teacher_taps else {}
-        # float32 outputs, whatever the precision: the method's loss is computed in fp32 (kdbench.numerics)
-        s_out = self.numerics.run(lambda inputs: compute_taps(self.model, inputs, self.student_taps), x)
-        out = self.method.loss(TapDict(s_out, self.owner + " (student)"), TapDict(t_out, self.owner + " (teacher)"),
-                               targets, ctx)
+        out = self.forward(x, t_out, targets, ctx)  # the student's forward and the method's loss (_Step)
         if not torch.isfinite(out.loss):
             raise NonFiniteLossError(
                 f"{self.label}: loss is {out.loss.item()} at epoch {epoch} step {self.step} "
@@ -383,17 +465,21 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = p.lr * lr_factor(p, self.step, self.steps_per_epoch)
         self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        if len(rows) == batch.global_rows:
+            out.loss.backward()
+        else:  # DDP averages the processes' gradients: weigh each by its share of a short last batch
+            (out.loss * (len(rows) * self.world.size / batch.global_rows)).backward()
         if p.grad_clip_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, p.grad_clip_norm)
         self.optimizer.step()
-        self.student_forward += len(rows)
+        self.student_forward += batch.global_rows
         self.step += 1
         return out
 
     def evaluate(self, row: dict, evals: dict[str, Split | StreamedSplit]) -> None:
         """Adds each split's top-1 and the epoch's timings to ``row``."""
         t0, train_s = row.pop("_t0"), row.pop("_train_s")
+        distributed.broadcast_buffers(self.model)  # per-process BatchNorm: every process evaluates rank 0's stats
         for name, split in evals.items():
             logits = predict(self.model, split, self.data, self.image_size, self.protocol.eval_batch_size, self.device,
                              self.numerics)
