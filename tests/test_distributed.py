@@ -1,0 +1,305 @@
+"""Data-parallel jobs (``runtime.processes``, :mod:`kdbench.distributed`): one distill job in 2 processes under
+torchrun on CPU (gloo) against the same job in 1 process.
+
+The fast tests check the pieces (the split of a global batch and of an evaluation, the config keys, the hashes,
+the refusals). The ``slow`` ones run ``kdbench distill`` under ``torchrun --nproc-per-node=2`` on a tiny
+Fashion-MNIST slice (256 training images, batches of 64: 4 steps per epoch, 3 epochs) with a student without
+BatchNorm (``vit_femto_patch7``: LayerNorm only, so a sample's gradient does not depend on the other samples of
+its batch) and ``kd`` from a stored teacher: the 2-process run must see every training sample once per epoch,
+each step's samples being the 1-process step's, and end with the 1-process run's weights and metrics up to
+float rounding; it evaluates every image once; only rank 0 writes; a rank killed with SIGKILL mid-epoch ends
+the job with an error naming it, and the rerun resumes from the last checkpoint to the uninterrupted record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from kdbench import distributed
+from kdbench.config import Protocol, load_config
+from kdbench.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+STEPS = 4  # steps per epoch: 256 images in batches of 64
+EPOCHS = 3
+#: Measured (this machine, torch 2.14 CPU): the 2-process run's weights differ from the 1-process run's by at
+#: most ~1e-7 (float32 rounding of the gradient all-reduce); final metrics are equal. The bound leaves room.
+WEIGHT_TOLERANCE = 1e-5
+
+
+# --- the pieces ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,size", [(64, 2), (64, 4), (7, 2), (5, 4), (1, 2)])
+def test_the_parts_of_a_global_batch_are_disjoint_contiguous_and_cover_it(n, size):
+    rows = np.sort(np.random.default_rng(n).choice(1000, n, replace=False))
+    parts = [distributed.batch_part(rows, r, size) for r in range(size)]
+    assert np.array_equal(np.concatenate(parts), rows)  # in rank order, the batch itself: no sample twice, none lost
+    if n % size == 0:
+        assert {len(p) for p in parts} == {n // size}
+
+
+@pytest.mark.parametrize("n,size", [(128, 2), (127, 2), (10, 3), (1, 2), (0, 2)])
+def test_evaluation_parts_cover_the_split_in_order_once(n, size):
+    parts = [distributed.eval_part(n, r, size) for r in range(size)]
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+    assert sum(stop - start for start, stop in parts) == n
+
+
+def test_one_process_is_todays_job():
+    assert distributed.world() == distributed.World(0, 1, 0, None) and distributed.is_writer()
+    part = torch.arange(6.0).reshape(3, 2)
+    assert distributed.gather_rows(part) is part
+    assert distributed.all_sum([1.5, 2.0]) == [1.5, 2.0] and distributed.any_rank(True)
+    assert distributed.describe(64, True) == {"world_size": 1, "per_rank_batch": 64, "global_batch": 64,
+                                              "backend": None, "sync_batchnorm": False}
+
+
+#: ``Protocol().hash()`` before ``sync_batchnorm`` existed (commit 71d7bae): kdbench's hashes are published.
+DEFAULT_PROTOCOL_HASH = "8b66e8fb2b82"
+
+
+def test_sync_batchnorm_at_its_default_keeps_every_protocol_hash():
+    from kdbench._util import to_jsonable
+    from kdbench.plan import resolve_tables
+
+    assert Protocol().hash() == Protocol(sync_batchnorm=False).hash() == DEFAULT_PROTOCOL_HASH
+    assert Protocol(sync_batchnorm=True).hash() != DEFAULT_PROTOCOL_HASH
+    for path in sorted((REPO / "workflow" / "config").glob("*.yaml")):
+        for table in resolve_tables([path]):
+            assert "sync_batchnorm" not in to_jsonable(table.cfg.protocol), path
+
+
+def _raw(**over) -> dict:
+    raw = {
+        "name": "dp",
+        "data": {"val_size": 128, "shard_size": 128, "train_limit": 256, "test_limit": 130},
+        "protocol": {"epochs": EPOCHS, "batch_size": 64, "eval_batch_size": 50, "views": {"count": 2, "mixup": 0.5},
+                     "lr": 0.01},
+        "teachers": {"t": {"model": "cnn_xs", "train": {"epochs": 1, "batch_size": 64}}},
+        "students": ["vit_femto_patch7"],
+        "methods": {"baseline": {}, "kd": {}},
+        "seeds": [0],
+        "runtime": {"device": "cpu", "threads": 1},
+    }
+    raw.update(over)
+    return raw
+
+
+def test_a_global_batch_that_does_not_divide_into_the_processes_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_raw(runtime={"device": "cpu", "processes": 3})))
+    with pytest.raises(ConfigError, match=r"c\.yaml: key 'protocol\.batch_size' \(64\).*3 processes"):
+        load_config(path)
+    path.write_text(yaml.safe_dump(_raw(runtime={"device": "cpu", "processes": 4})))
+    assert load_config(path).runtime.processes == 4
+
+
+def test_runtime_processes_must_be_a_positive_integer(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_raw(runtime={"processes": 0})))
+    with pytest.raises(ConfigError, match="runtime.processes"):
+        load_config(path)
+
+
+def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys):
+    from kdbench.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train-teacher", "--config", "x.yaml", "--teacher", "t", "--data", "d", "--out", "o"]) == 2
+    assert "kdbench train-teacher runs in one process" in capsys.readouterr().err
+
+
+# --- 2 processes under torchrun -------------------------------------------------------------------------------
+
+CHILD = """
+import os, sys, json, signal, time
+from pathlib import Path
+rank = int(os.environ.get("RANK", "0"))
+log, kill_at, out_dir = Path(sys.argv[1]), int(sys.argv[2]), os.path.realpath(sys.argv[3]) + os.sep
+writes = []
+def audit(event, args):  # every file this process opens for writing under the run directory
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and args[1] is not None:
+        mode = args[1] if isinstance(args[1], str) else ""
+        flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+        writing = any(c in mode for c in "wax+") or (flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        path = os.path.realpath(os.fsdecode(args[0]))
+        if writing and path.startswith(out_dir):
+            writes.append(path)
+    elif event in ("os.rename", "os.replace", "os.remove", "os.mkdir") and os.path.realpath(
+            os.fsdecode(args[0])).startswith(out_dir):
+        writes.append(event + " " + os.fsdecode(args[0]))
+sys.addaudithook(audit)
+from kdbench.train.loop import _Run
+orig = _Run.train_step
+rows = []
+def step(self, epoch, view, batch):
+    out = orig(self, epoch, view, batch)
+    rows.append({"epoch": epoch, "step": self.step - 1, "rows": batch.rows.tolist(), "total": batch.global_rows})
+    if self.step == kill_at and rank == 1:  # mid-epoch 1: the checkpoint of epoch 0 is on disk
+        with open(f"{log}.rank{rank}.json", "w") as f:
+            json.dump({"rows": rows, "writes": writes}, f)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+_Run.train_step = step
+from kdbench.cli import main
+try:
+    code = main(sys.argv[4:])
+finally:
+    with open(f"{log}.rank{rank}.json", "w") as f:
+        json.dump({"rows": rows, "writes": writes}, f)
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not (FMNIST / "train-labels-idx1-ubyte.gz").exists():
+        pytest.skip("needs dataset-fashion-mnist")
+    from kdbench.cache.build import build_shard, finalize_store
+    from kdbench.data.prepare import prepare
+    from kdbench.data.sources import shard_counts
+    from kdbench.teacher import train_teacher
+
+    root = tmp_path_factory.mktemp("dp")
+    cfg_path = root / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(_raw()))
+    cfg = load_config(cfg_path)
+    data = root / "data"
+    prepare(cfg.data, data)
+    teacher = root / "teacher"
+    train_teacher(cfg, "t", data, teacher)
+    store = root / "cache" / "logits"
+    for i in range(shard_counts(cfg.data)["train"]):
+        build_shard(cfg, teacher, data, "logits", i, store / f"shard-{i:05d}.h5")
+    finalize_store(cfg, teacher, data, "logits", store)
+    (root / "child.py").write_text(CHILD)
+    return cfg_path, data, teacher, store, root
+
+
+def _distill_args(setup, out: Path, label: str = "kd") -> list[str]:
+    cfg_path, data, teacher, store, _root = setup
+    args = ["distill", "--config", str(cfg_path), "--teacher", "t", "--student", "vit_femto_patch7", "--method-label",
+            label, "--seed", "0", "--data", str(data), "--out", str(out)]
+    return args + (["--teacher-dir", str(teacher), "--store", str(store)] if label == "kd" else [])
+
+
+def _run(setup, out: Path, processes: int, kill_at: int = 0, label: str = "kd") -> subprocess.CompletedProcess:
+    """``kdbench distill`` (through the child script) in ``processes`` processes; the per-rank logs land beside
+    ``out`` as ``<out>.log.rank<r>.json``."""
+    root = setup[-1]
+    child = [str(root / "child.py"), f"{out}.log", str(kill_at), str(out), *_distill_args(setup, out, label)]
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([*launch, *child], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _log(out: Path, rank: int) -> dict:
+    return json.loads(Path(f"{out}.log.rank{rank}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+    """The same ``kd`` job in 1 and in 2 processes, run once each."""
+    root = setup[-1]
+    done = {}
+    for n in (1, 2):
+        out = root / f"p{n}"
+        t0 = time.perf_counter()
+        proc = _run(setup, out, n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        done[n] = out
+        print(f"{n} process(es): {time.perf_counter() - t0:.1f} s")
+    return done
+
+
+def _by_epoch(steps: list[dict]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for s in steps:
+        out.setdefault(s["epoch"], []).extend(s["rows"])
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_see_the_one_process_samples_each_step_split_between_them(runs):
+    one = _log(runs[1], 0)["rows"]
+    ranks = [_log(runs[2], r)["rows"] for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == EPOCHS * STEPS
+    for s1, s_a, s_b in zip(one, *ranks):
+        assert s1["step"] == s_a["step"] == s_b["step"]
+        assert set(s_a["rows"]).isdisjoint(s_b["rows"]) and len(s_a["rows"]) == len(s_b["rows"]) == 32
+        assert sorted(s_a["rows"] + s_b["rows"]) == s1["rows"]  # the step's global batch is the 1-process batch
+        assert s_a["total"] == s_b["total"] == 64
+    for epoch, rows in _by_epoch(one).items():
+        two = _by_epoch(ranks[0])[epoch] + _by_epoch(ranks[1])[epoch]
+        assert sorted(two) == sorted(rows) == list(range(256))  # every training sample exactly once per epoch
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_one_process_weights_and_metrics(runs):
+    w1 = torch.load(runs[1] / "model.pt", weights_only=True)
+    w2 = torch.load(runs[2] / "model.pt", weights_only=True)
+    diff = max((w1[k].double() - w2[k].double()).abs().max().item() for k in w1)
+    print(f"max |weight difference| after {EPOCHS * STEPS} steps: {diff:.3g}")
+    assert diff < WEIGHT_TOLERANCE
+    r1, r2 = (json.loads((runs[n] / "record.json").read_text()) for n in (1, 2))
+    for key in ("test_top1", "test_top5", "val_top1", "teacher_agreement"):
+        assert r2["final"][key] == pytest.approx(r1["final"][key], abs=1e-9), key
+    e1, e2 = ([json.loads(line) for line in (runs[n] / "epochs.jsonl").read_text().splitlines()] for n in (1, 2))
+    assert [e["val_top1"] for e in e2] == [e["val_top1"] for e in e1]
+    assert [e["train_loss"] for e in e2] == pytest.approx([e["train_loss"] for e in e1], rel=1e-5)
+    for key in ("student_forward", "teacher_forward", "cache_bytes_read"):
+        assert r2["cost"][key] == r1["cost"][key], key  # counted over both processes
+    assert r1["cost"]["student_forward"] == EPOCHS * 256
+    assert r1["protocol_hash"] == r2["protocol_hash"]
+
+
+@pytest.mark.slow
+def test_the_record_states_the_processes_and_evaluation_counts_every_image_once(runs):
+    r1, r2 = (json.loads((runs[n] / "record.json").read_text()) for n in (1, 2))
+    assert r1["provenance"]["parallel"] == {"world_size": 1, "per_rank_batch": 64, "global_batch": 64,
+                                            "backend": None, "sync_batchnorm": False}
+    assert r2["provenance"]["parallel"] == {"world_size": 2, "per_rank_batch": 32, "global_batch": 64,
+                                            "backend": "gloo", "sync_batchnorm": False}
+    # 130 test images over 2 processes (65 each, in batches of 50): every prediction once, in order
+    p1, p2 = (np.load(runs[n] / "predictions.npy") for n in (1, 2))
+    assert len(p2) == 130 and np.array_equal(p1, p2)
+    assert json.loads((runs[2] / "metrics.json").read_text())["test_top1"] == r2["final"]["test_top1"]
+
+
+@pytest.mark.slow
+def test_only_rank_0_writes(runs):
+    assert _log(runs[2], 1)["writes"] == []
+    assert _log(runs[2], 0)["writes"]  # (the audit sees rank 0's writes: it would see rank 1's)
+    assert sorted(p.name for p in runs[2].iterdir()) == sorted(p.name for p in runs[1].iterdir())
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_epoch_ends_the_job_naming_it_and_the_rerun_resumes(setup, runs):
+    root = setup[-1]
+    out = root / "killed"
+    proc = _run(setup, out, 2, kill_at=STEPS + 2)
+    assert proc.returncode != 0
+    assert "rank" in proc.stderr and "1" in proc.stderr and "Signal 9" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "record.json").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epochs_done"] == 1
+    proc = _run(setup, out, 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from kdbench.verify import compare_runs
+
+    assert compare_runs(runs[2], out) == []  # the uninterrupted 2-process record, bit for bit
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["provenance"]["resumed_at_epochs"] == [1] and not (out / "checkpoint.pt").exists()
