@@ -18,6 +18,9 @@ failed is resubmitted once with twice both), and the SLURM profile passes them o
   outlives its limit anyway is not lost: the checkpointing rules are signalled before it and requeued, and
   resume (README, "Running on SLURM").
 
+A data-parallel distill or trial job (``runtime.processes`` N > 1) holds N processes' memory (each the data, the
+stores and a batch of B / N; 800 MB more per further process) and shares the FLOPs among N devices.
+
 Scale it with ``runtime.tflops`` (10 by default, a V100- or A100-class GPU; about 0.02 per CPU core); the
 memory follows the config (batch size, image size, views, taps, ``data.workers``) by itself.
 """
@@ -34,6 +37,7 @@ from kdbench.estimate import ModelCost, TableCosts
 from kdbench.plan import DistillJob, Plan, StoreKey, TeacherKey
 
 BASE_MB = 2500
+PROCESS_MB = 800  # each further process of a data-parallel job (torch imported; kdbench.distributed)
 MEM_MARGIN = 1.5
 MEM_STEP_MB = 500
 STEP_SECONDS = 0.05
@@ -67,6 +71,31 @@ def _steps(images: int, batch: int) -> int:
     return math.ceil(images / batch)
 
 
+def gpu_request(processes: int, threads: int, gres: str) -> dict[str, int | str]:
+    """The GPU and CPU resources of a distill or trial job (rules ``distill``, ``trial``, ``distill_tuned``) for the
+    SLURM profile (snakemake-executor-plugin-slurm's keys).
+
+    Args:
+        processes: The job's processes (``runtime.processes``; :mod:`kdbench.distributed`).
+        threads: CPUs per process (the rule's threads for one process).
+        gres: ``$KDBENCH_GRES``: what one model job asks for (``gpu:1`` or ``gpu:<type>:1``; empty: no GPU), as
+            the profile gives every other rule that runs a model.
+
+    Returns:
+        ``gres``, ``gpu``, ``gpu_model`` and ``cpus_per_gpu``. One process: ``gres`` as given (``--gres``), and
+        ``threads`` CPUs (per GPU: the same count for one GPU). N > 1 with a GPU asked for: ``gpu`` N
+        (``--gpus=[<type>:]N``, the type taken from ``gres``), ``cpus_per_gpu`` ``threads`` and no ``gres``;
+        never ``tasks``: the job is one task in which torchrun starts the N processes (a ``tasks`` would become
+        ``--ntasks-per-gpu`` and run the command once per GPU). N > 1 without a GPU: CPUs only (the rule's
+        threads, N x ``threads``).
+    """
+    parts = gres.split(":") if gres else []
+    on_gpu = bool(parts) and parts[0] == "gpu"
+    if processes <= 1 or not on_gpu:
+        return {"gres": gres if processes <= 1 else "", "gpu": 0, "gpu_model": "", "cpus_per_gpu": threads}
+    return {"gres": "", "gpu": processes, "gpu_model": parts[1] if len(parts) == 3 else "", "cpus_per_gpu": threads}
+
+
 class Needs:
     """Each compute job's :class:`Need`, from the plan (one instance per workflow, its answers cached)."""
 
@@ -77,10 +106,12 @@ class Needs:
     def costs(self, table: str) -> TableCosts:
         return TableCosts(self.plan, table)
 
-    def _need(self, table: str, held: float, flops: float, steps: int) -> Need:
+    def _need(self, table: str, held: float, flops: float, steps: int, processes: int = 1) -> Need:
+        """``held``: bytes one process holds; ``flops``: the job's, shared by its ``processes`` (each with its own
+        device and ``runtime.tflops``); ``steps``: each process's."""
         tflops = self.plan.tables[table].cfg.runtime.tflops
-        mem = (BASE_MB + held / MB) * MEM_MARGIN
-        minutes = TIME_MARGIN * (flops / (tflops * 1e12) + steps * STEP_SECONDS) / 60
+        mem = (BASE_MB + (processes - 1) * PROCESS_MB + processes * held / MB) * MEM_MARGIN
+        minutes = TIME_MARGIN * (flops / (processes * tflops * 1e12) + steps * STEP_SECONDS) / 60
         return Need(mem_mb=int(math.ceil(mem / MEM_STEP_MB) * MEM_STEP_MB),
                     runtime=max(MIN_RUNTIME_MIN, int(math.ceil(minutes / TIME_STEP_MIN) * TIME_STEP_MIN)))
 
@@ -116,14 +147,16 @@ class Needs:
         """A distill job (or a trial: its ``epochs``, evaluated on ``splits``, trained on ``train`` images)."""
         costs, plan = self.costs(job.table), self.plan
         p = costs.cfg.protocol.for_student(job.student)
-        held = (self.data_bytes(plan.data_key(job.table), p.batch_size) + self.store_bytes(plan.job_stores(job))
-                + _train_bytes(costs.model(job.student), p.batch_size))
+        n = costs.cfg.runtime.processes  # each process holds the data and stores, and a batch of B / n
+        batch = p.batch_size // n
+        held = (self.data_bytes(plan.data_key(job.table), batch) + self.store_bytes(plan.job_stores(job))
+                + _train_bytes(costs.model(job.student), batch))
         if costs.live(job):
-            held += _forward_bytes(costs.model(plan.teacher_model(plan.job_teacher(job))), p.batch_size)
+            held += _forward_bytes(costs.model(plan.teacher_model(plan.job_teacher(job))), batch)
         e = epochs or p.epochs
         steps = e * (_steps(min(train or costs.sizes["train"], costs.sizes["train"]), p.batch_size)
                      + sum(_steps(costs.sizes[s], p.eval_batch_size) for s in splits))
-        return self._need(job.table, held, costs.distill(job, epochs, splits, train), steps)
+        return self._need(job.table, held, costs.distill(job, epochs, splits, train), steps, n)
 
     @functools.lru_cache(maxsize=None)
     def trial(self, job: DistillJob) -> Need:

@@ -303,3 +303,44 @@ def test_a_rank_killed_mid_epoch_ends_the_job_naming_it_and_the_rerun_resumes(se
     assert compare_runs(runs[2], out) == []  # the uninterrupted 2-process record, bit for bit
     rec = json.loads((out / "record.json").read_text())
     assert rec["provenance"]["resumed_at_epochs"] == [1] and not (out / "checkpoint.pt").exists()
+
+
+# --- the workflow: torchrun and the SLURM request ---------------------------------------------------------------
+
+
+def test_the_gpu_request_of_one_and_of_n_processes():
+    from kdbench.resources import gpu_request
+
+    # one process: today's request (the profile's KDBENCH_GRES), whatever the GPU
+    assert gpu_request(1, 3, "gpu:1") == {"gres": "gpu:1", "gpu": 0, "gpu_model": "", "cpus_per_gpu": 3}
+    assert gpu_request(1, 3, "")["gres"] == ""
+    # N processes: N GPUs of KDBENCH_GRES's type and CPUs per GPU, no gres (the plugin refuses gres with gpu)
+    assert gpu_request(4, 3, "gpu:a100:1") == {"gres": "", "gpu": 4, "gpu_model": "a100", "cpus_per_gpu": 3}
+    assert gpu_request(2, 1, "gpu:1") == {"gres": "", "gpu": 2, "gpu_model": "", "cpus_per_gpu": 1}
+    assert gpu_request(2, 1, "")["gpu"] == 0  # no GPU asked for: a CPU job (the rule's threads)
+
+
+@pytest.mark.slow
+def test_a_data_parallel_table_runs_distill_under_torchrun_and_asks_slurm_for_its_gpus(tmp_path):
+    """``snakemake -n -p`` with the SLURM profile: a table with ``runtime.processes: 2`` launches distill and its
+    trials with torchrun and asks for 2 GPUs and CPUs per GPU, never tasks; the teacher and cache jobs keep one
+    process and ``--gres``."""
+    from test_workflow import ENV, TINY
+
+    cmd = [sys.executable, "-m", "snakemake", "-n", "-p", "--snakefile", str(REPO / "Snakefile"), "--directory",
+           str(tmp_path), "--workflow-profile", str(REPO / "workflow" / "profiles" / "slurm"), "--configfile",
+           str(TINY), "--config", "runtime={processes: 2, device: cpu}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**ENV, "KDBENCH_GRES": "gpu:v100:1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    blocks = {}
+    for block in out.stdout.split("\nrule ")[1:]:
+        blocks.setdefault(block.split(":", 1)[0], block)
+    distill = blocks["distill"]
+    resources = next(ln for ln in distill.splitlines() if ln.strip().startswith("resources:"))
+    assert "gpu=2" in resources and "gpu_model=v100" in resources and "cpus_per_gpu=1" in resources
+    assert "gres=," in resources and "tasks" not in resources
+    assert "torchrun --standalone --nnodes=1 --nproc-per-node=2 --no-python kdbench distill" in distill
+    assert "--threads 1 " in distill  # per process
+    teacher = next(ln for ln in blocks["train_teacher"].splitlines() if ln.strip().startswith("resources:"))
+    assert "gres=gpu:v100:1" in teacher and "gpu=" not in teacher.replace("gres=gpu", "")
+    assert "torchrun" not in blocks["train_teacher"] and "torchrun" not in blocks["cache_shard"]

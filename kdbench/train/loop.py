@@ -138,7 +138,12 @@ class _SplitBatches:
 
 class _StreamBatches:
     """Batches of a streamed split (:meth:`~kdbench.data.stream.StreamedSplit.train_batches`), moved to the
-    device; with ``teacher`` = ``(teacher_view kind, input size)`` also the live teacher's inputs."""
+    device; with ``teacher`` = ``(teacher_view kind, input size)`` also the live teacher's inputs.
+
+    In a data-parallel job every process reads the same seeded stream of global batches and keeps its slice of
+    each (:func:`kdbench.distributed.batch_part`), as in memory: exact, but each process decodes and renders
+    every image of the batch (N times the loader work of one process).
+    """
 
     def __init__(self, train: StreamedSplit, protocol: Protocol, data: DataInfo, image_size: int,
                  device: torch.device, teacher: tuple[str, int] | None) -> None:
@@ -152,9 +157,13 @@ class _StreamBatches:
             t_view, t_size = teacher_view_index(self.teacher[0], view, p.views.count), self.teacher[1]
         for b in self.train.train_batches(p.views, self.data.mean, self.data.std, seed, epoch, view, self.image_size,
                                           p.batch_size, t_view, t_size):
+            total = len(b["rows"])
+            if distributed.world().size > 1:  # this process's slice of the global batch
+                part = distributed.batch_part(np.arange(total))
+                b = {k: v[part[0] : part[-1] + 1] for k, v in b.items()}
             targets = Targets(b["labels"].to(device), b["partner_labels"].to(device), b["lam"].to(device))
             teacher_x = b["teacher_x"].to(device) if "teacher_x" in b else None
-            yield Batch(b["rows"].numpy(), b["x"].to(device), targets, teacher_x)
+            yield Batch(b["rows"].numpy(), b["x"].to(device), targets, teacher_x, total=total)
 
 
 @dataclass
@@ -317,14 +326,14 @@ class _Step(nn.Module):
                                 targets, ctx)
 
 
-def _data_parallel(step: _Step, protocol: Protocol, n: int, needs_index: bool, streamed: bool, device: torch.device,
+def _data_parallel(step: _Step, protocol: Protocol, n: int, needs_index: bool, device: torch.device,
                    label: str) -> nn.Module:
     """``step`` wrapped for the job's processes (``DistributedDataParallel``; ``step`` itself in one process),
     after the checks of what a data-parallel job cannot do.
 
     Raises:
         ConfigError: The global batch does not divide into the processes, a short last batch would leave a
-            process without a sample, the data is streamed, the method indexes samples (CRD's memory bank is
+            process without a sample, the method indexes samples (CRD's memory bank is
             updated by the rows of each process), or SyncBatchNorm is asked for on CPU.
     """
     world = distributed.world()
@@ -337,9 +346,6 @@ def _data_parallel(step: _Step, protocol: Protocol, n: int, needs_index: bool, s
         raise ConfigError(f"{where}: key 'protocol.batch_size': the last batch of an epoch has {last} of {n} images,"
                           f" fewer than the {world.size} processes; choose a batch size that leaves 0 or at least"
                           f" {world.size} (or fewer processes, runtime.processes)")
-    if streamed:
-        raise ConfigError(f"{where}: key 'runtime.processes': a data-parallel job reads its data in memory, not"
-                          " streamed; set data.stream: false or runtime.processes: 1")
     if needs_index:
         raise ConfigError(f"{where}: key 'runtime.processes': the method indexes samples (a memory bank each process"
                           " would update with its own rows only); run it with runtime.processes: 1")
@@ -380,7 +386,7 @@ class _Run:
         self.owner = f"method {method.name!r}"
         self.world = distributed.world()
         self.forward = _data_parallel(_Step(model, method, self.numerics, self.student_taps, self.owner), protocol,
-                                      self.n, self.needs_index, isinstance(train, StreamedSplit), device, label)
+                                      self.n, self.needs_index, device, label)
         # (after SyncBatchNorm's conversion: a converted layer keeps the same parameter objects)
         self.params = [q for q in list(model.parameters()) + list(method.parameters()) if q.requires_grad]
         self.optimizer = build_optimizer(self.params, protocol)

@@ -1,6 +1,7 @@
 # Resolve the config once into the plan (kdbench.plan) and expose it to the rules. No rules here, and no
 # path is built here: every output path, key and rerun trigger comes from the plan.
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from snakemake.utils import validate
 from kdbench import preflight, tuning
 from kdbench.errors import USER_ERRORS, one_line
 from kdbench.plan import Layout as L, Plan, resolve_study, resolve_tables, write_resolved
-from kdbench.resources import Needs
+from kdbench.resources import Needs, gpu_request
 from kdbench.tuning import SELECTED_FILE, STUDY_FILE, TRIAL_FILE
 
 # `--configfile` files (default: workflow/config/config.yaml) and `--config` overrides, resolved once. The
@@ -184,6 +185,36 @@ def needs(of):
     its Need), times the attempt (a retried job gets twice both)."""
     return dict(mem_mb=lambda wildcards, attempt: attempt * of(wildcards).mem_mb,
                 runtime=lambda wildcards, attempt: attempt * of(wildcards).runtime)
+
+
+def processes(table):
+    """The processes of a distill or trial job of ``table`` (``runtime.processes``; kdbench.distributed)."""
+    return PLAN.tables[table].cfg.runtime.processes
+
+
+def process_threads(table):
+    """CPUs (torch threads, + streamed data's workers) of one process of a distill or trial job of ``table``."""
+    return PLAN.job_threads(PLAN.data_key(table))
+
+
+def launch(wildcards):
+    """How a distill or trial job runs ``kdbench``: as itself in one process; with ``runtime.processes`` N > 1
+    under ``torchrun --standalone`` (one node, a free port of its own), which starts N processes of the same
+    command (kdbench.distributed) and ends the job with an error naming the rank if one of them fails."""
+    n = processes(wildcards.table)
+    return "kdbench" if n == 1 else f"torchrun --standalone --nnodes=1 --nproc-per-node={n} --no-python kdbench"
+
+
+def job_gpus():
+    """A distill or trial rule's GPU and CPU resources (kdbench.resources.gpu_request): one process as every
+    model rule (``gres`` = $KDBENCH_GRES); N processes: ``gpu`` N and ``cpus_per_gpu``, never ``tasks``."""
+
+    def request(wildcards):
+        t = wildcards.table
+        return gpu_request(processes(t), process_threads(t), os.environ.get("KDBENCH_GRES", ""))
+
+    return {key: (lambda wildcards, key=key: request(wildcards)[key])
+            for key in ("gres", "gpu", "gpu_model", "cpus_per_gpu")}
 
 
 def store_of(wildcards):
