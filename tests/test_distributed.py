@@ -122,6 +122,28 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys):
     assert "kdbench train-teacher runs in one process" in capsys.readouterr().err
 
 
+def test_verify_states_its_tolerance_for_a_multi_process_record():
+    from kdbench.verify import tolerance_reasons
+
+    cpu = {"device": "cpu (x86_64)"}
+    one = {**cpu, "parallel": distributed.describe(64, False)}
+    two = {**cpu, "parallel": {**one["parallel"], "world_size": 2, "per_rank_batch": 32, "backend": "gloo"}}
+    assert tolerance_reasons({"protocol": {}, "provenance": one}, one) == []  # today's verdict: bit for bit
+    (reason,) = tolerance_reasons({"protocol": {}, "provenance": two}, one)
+    assert "ran in 2 process(es) and the re-run in 1" in reason and "per process" in reason
+    assert tolerance_reasons({"protocol": {}, "provenance": cpu}, one) == []  # a record from before the key
+
+
+def test_the_global_batch_is_part_of_the_protocol_and_the_processes_are_not():
+    """The leaderboard's tables are (dataset, protocol hash): runs with another global batch never share one,
+    runs of the same global batch in any number of processes do."""
+    assert Protocol(batch_size=128).hash() != Protocol(batch_size=256).hash()
+    from kdbench._util import to_jsonable
+    from kdbench.config import Runtime
+
+    assert "processes" not in to_jsonable(Runtime(processes=1))  # (runtime is never hashed; default omitted)
+
+
 # --- 2 processes under torchrun -------------------------------------------------------------------------------
 
 CHILD = """
