@@ -218,11 +218,13 @@ def _distill_args(setup, out: Path, label: str = "kd") -> list[str]:
     return args + (["--teacher-dir", str(teacher), "--store", str(store)] if label == "kd" else [])
 
 
-def _run(setup, out: Path, processes: int, kill_at: int = 0, label: str = "kd") -> subprocess.CompletedProcess:
-    """``kdbench distill`` (through the child script) in ``processes`` processes; the per-rank logs land beside
-    ``out`` as ``<out>.log.rank<r>.json``."""
+def _run(setup, out: Path, processes: int, kill_at: int = 0, label: str = "kd",
+         args: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``kdbench distill`` (through the child script; ``args``: these arguments instead of the setup's) in
+    ``processes`` processes; the per-rank logs land beside ``out`` as ``<out>.log.rank<r>.json``."""
     root = setup[-1]
-    child = [str(root / "child.py"), f"{out}.log", str(kill_at), str(out), *_distill_args(setup, out, label)]
+    args = _distill_args(setup, out, label) if args is None else args
+    child = [str(root / "child.py"), f"{out}.log", str(kill_at), str(out), *args]
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
                f"--nproc-per-node={processes}"] if processes > 1 else [sys.executable])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -345,6 +347,48 @@ def test_a_rank_killed_mid_epoch_ends_the_job_naming_it_and_the_rerun_resumes(se
     r = json.loads((other_n / "record.json").read_text())
     assert r["final"]["test_top1"] == rec["final"]["test_top1"]
     assert r["provenance"]["parallel"]["world_size"] == 1 and r["cost"]["student_forward"] == EPOCHS * 256
+
+
+@pytest.mark.slow
+def test_streamed_data_two_processes_take_their_slices_of_the_one_process_stream(setup, tmp_path):
+    """An image folder (images of many sizes: streamed, ``kdbench.data.stream``) in 2 processes: each step's
+    samples are the 1-process step's, split between the processes, and the result is the same."""
+    from test_imagefolder import TINY as TINY_FOLDER
+    from test_imagefolder import make_folder
+
+    from kdbench.data.prepare import prepare
+
+    raw = yaml.safe_load(TINY_FOLDER.read_text())
+    raw["data"].update(root=str(make_folder(tmp_path / "images")), workers=1)
+    raw.update(students=["vit_pico_patch4"], protocol={**raw["protocol"], "epochs": 2, "lr": 0.01})
+    cfg_path = tmp_path / "folder.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path)
+    data = tmp_path / "data"
+    prepare(cfg.data, data)
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        args = ["distill", "--config", str(cfg_path), "--teacher", "cnn_s", "--student", "vit_pico_patch4",
+                "--method-label", "baseline", "--seed", "0", "--data", str(data), "--out", str(out)]
+        proc = _run(setup, out, n, args=args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[n] = out
+    one = _log(outs[1], 0)["rows"]
+    ranks = [_log(outs[2], r)["rows"] for r in (0, 1)]
+    assert one and len(one) == len(ranks[0]) == len(ranks[1])
+    for s1, s_a, s_b in zip(one, *ranks):
+        assert set(s_a["rows"]).isdisjoint(s_b["rows"]) and sorted(s_a["rows"] + s_b["rows"]) == sorted(s1["rows"])
+    for epoch, rows in _by_epoch(one).items():
+        assert sorted(_by_epoch(ranks[0])[epoch] + _by_epoch(ranks[1])[epoch]) == sorted(rows) == list(range(30))
+    w1, w2 = (torch.load(outs[n] / "model.pt", weights_only=True) for n in (1, 2))
+    assert max((w1[k].double() - w2[k].double()).abs().max().item() for k in w1) < WEIGHT_TOLERANCE
+    r1, r2 = (json.loads((outs[n] / "record.json").read_text()) for n in (1, 2))
+    assert r2["final"]["test_top1"] == r1["final"]["test_top1"] and r2["cost"] | TIMES == r1["cost"] | TIMES
+    assert len(np.load(outs[2] / "predictions.npy")) == 6
+
+
+TIMES = {"wall_time_s": 0, "train_time_s": 0}
 
 
 # --- the workflow: torchrun and the SLURM request ---------------------------------------------------------------
