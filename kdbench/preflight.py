@@ -19,6 +19,7 @@ from pathlib import Path
 from kdbench import tuning
 from kdbench.data.sources import location_key, split_sizes
 from kdbench.errors import USER_ERRORS, ConfigError
+from kdbench.methods.base import METHODS
 from kdbench.plan import Plan
 
 
@@ -76,6 +77,7 @@ def check(plan: Plan) -> None:
             plan.job_stores(job)
             plan.job_hash(job)
     for name, t in plan.tables.items():
+        _check_processes(t)
         if t.cfg.tune is not None and t.cfg.tune.budget.train_limit and plan.may_stream(plan.data_key(name)):
             raise ConfigError(f"{t.origin}: key 'tune.budget.train_limit': a trial's training subset needs the data"
                               " in memory, and this table streams it (data.stream). Fix: remove the key (trials then"
@@ -86,3 +88,19 @@ def check(plan: Plan) -> None:
                 tuning.selection_hash(plan, name, teacher, student, label)
                 tuning.trial_hash(plan, name, teacher, student, label, 0)  # the cell's proposals: all its trials'
             plan.audits(name)
+
+
+def _check_processes(table) -> None:
+    """Refuses, in a table whose distill jobs run in several processes (``runtime.processes``), a method that
+    indexes samples (``requirements.sample_index``: CRD's memory bank, which each process would update with its own
+    rows only; :func:`kdbench.train.loop._data_parallel` refuses it too, at run time)."""
+    cfg = table.cfg
+    if cfg.runtime.processes <= 1:
+        return
+    for label, entry in cfg.methods.items():
+        method = METHODS.get(entry.method)
+        if method.requirements(method.make_config(entry.params)).sample_index:
+            raise ConfigError(f"{table.origin}: key 'runtime.processes' ({cfg.runtime.processes}): method"
+                              f" '{label}' ({entry.method}) indexes samples (a memory bank each process would update"
+                              " with its own rows only), so its jobs run in one process. Fix: runtime.processes: 1,"
+                              f" or leave '{label}' out of this table")

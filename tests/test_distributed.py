@@ -144,6 +144,19 @@ def test_the_global_batch_is_part_of_the_protocol_and_the_processes_are_not():
     assert "processes" not in to_jsonable(Runtime(processes=1))  # (runtime is never hashed; default omitted)
 
 
+def test_a_method_that_indexes_samples_is_refused_before_the_dag_in_a_data_parallel_table():
+    from kdbench import preflight
+    from kdbench.plan import Plan, resolve_tables
+
+    tiny = REPO / "tests" / "configs" / "tiny.yaml"
+    overrides = {"methods": {"crd": {"nce_k": 32}}, "runtime": {"processes": 2}}
+    plan = Plan(resolve_tables([tiny], {"methods": {"crd": {"nce_k": 32}}}))
+    preflight._check_processes(plan.tables["tiny"])  # one process: fine
+    plan = Plan(resolve_tables([tiny], overrides))
+    with pytest.raises(ConfigError, match=r"tiny\.yaml.*key 'runtime\.processes' \(2\): method 'crd' \(crd\) indexes"):
+        preflight._check_processes(plan.tables["tiny"])
+
+
 # --- 2 processes under torchrun -------------------------------------------------------------------------------
 
 CHILD = """
