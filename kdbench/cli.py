@@ -722,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The commands that run data parallel under torchrun (``runtime.processes`` > 1, :mod:`kdbench.distributed`);
 #: every other command refuses more than one process.
-DATA_PARALLEL = ("distill", "trial")
+DATA_PARALLEL = ("distill", "trial", "train-teacher")
 
 
 def _single_process(command: str) -> None:
@@ -732,7 +732,7 @@ def _single_process(command: str) -> None:
 
     if command not in DATA_PARALLEL and env_world_size() > 1:
         raise ConfigError(f"kdbench {command} runs in one process (runtime.processes applies to"
-                          f" {' and '.join(DATA_PARALLEL)} jobs only); run it without torchrun")
+                          f" {', '.join(DATA_PARALLEL)} jobs only); run it without torchrun")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,15 +202,16 @@ class Protocol:
         return replace(self, lr=self.student_lr[model]) if model in self.student_lr else self
 
 
-def per_rank_batch(batch_size: int, processes: int, source: str) -> int:
+def per_rank_batch(batch_size: int, processes: int, source: str, key: str = "protocol.batch_size") -> int:
     """The batch each of ``processes`` processes of a data-parallel job trains on: the protocol's (global)
     ``batch_size`` / ``processes``.
 
     Raises:
-        ConfigError: ``batch_size`` is not a multiple of ``processes`` (``source`` names the config file).
+        ConfigError: ``batch_size`` is not a multiple of ``processes`` (``source`` names the config file, ``key``
+            the batch size's key).
     """
     if batch_size % processes:
-        raise ConfigError(f"{source}: key 'protocol.batch_size' ({batch_size}) is the global batch and must divide"
+        raise ConfigError(f"{source}: key '{key}' ({batch_size}) is the global batch and must divide"
                           f" into {processes} processes (runtime.processes); choose a multiple of {processes}")
     return batch_size // processes
 
@@ -329,8 +330,9 @@ class Runtime:
             --nproc-per-node=N`` (one GPU each on CUDA, gloo on CPU), and on SLURM the job asks for N GPUs and
             ``threads`` CPUs per GPU. The global batch stays ``protocol.batch_size`` (B / N per process, so B
             must be a multiple of N): results do not depend on N beyond float rounding (without BatchNorm) or
-            per-process BatchNorm statistics (``protocol.sync_batchnorm``). Teacher, cache and assistant jobs
-            run as one process.
+            per-process BatchNorm statistics (``protocol.sync_batchnorm``). Trained teachers and TAKD's
+            assistant (a distill job) train in N processes too; cache jobs, a checkpoint teacher's loading and
+            AMD's search, oracle and fine-tuning run as one process.
     """
 
     device: str = "auto"
@@ -579,6 +581,8 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
         if tdata is not None and tdata.source != data.source:
             raise ConfigError(f"{source}: key '{where}.data.source' is {tdata.source!r} but the table's data is"
                               f" {data.source!r}; a teacher must know the table's classes")
+        if not traw.get("checkpoint"):  # a trained teacher trains in runtime.processes processes
+            per_rank_batch(train.batch_size, runtime.processes, source, f"{where}.train.batch_size")
         teachers[str(tname)] = TeacherConfig(model=traw["model"], checkpoint=traw.get("checkpoint"), train=train,
                                              data=tdata, **_teacher_claims(traw, where, source))
 

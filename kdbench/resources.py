@@ -171,21 +171,23 @@ class Needs:
         costs = self.costs(tk.table)
         if not costs.trained(tk):
             return self._need(tk.table, _forward_bytes(costs.model(self.plan.teacher_model(tk)), 1), 0, 0)
-        return self._training(tk)
+        searched = tk.label is not None and self.plan.searched(tk.table, tk.label)  # AMD's fine-tuning: 1 process
+        return self._training(tk, processes=1 if searched else costs.cfg.runtime.processes)
 
-    def _training(self, tk: TeacherKey, copies: int = 1, epochs: int | None = None) -> Need:
-        """``copies`` models of a teacher key's size trained together for ``epochs`` (the training's own)."""
+    def _training(self, tk: TeacherKey, copies: int = 1, epochs: int | None = None, processes: int = 1) -> Need:
+        """``copies`` models of a teacher key's size trained together for ``epochs`` (the training's own), in
+        ``processes`` processes (each a batch of B / N)."""
         costs, plan = self.costs(tk.table), self.plan
         train, own = costs.teacher_protocol(tk), costs.teacher_sizes(tk)
         cost = costs.model(plan.teacher_model(tk), train.image_size)
-        held = (self.data_bytes(plan.teacher_data_key(tk.key), train.batch_size)
-                + copies * _train_bytes(cost, train.batch_size))
+        batch = train.batch_size // processes
+        held = (self.data_bytes(plan.teacher_data_key(tk.key), batch) + copies * _train_bytes(cost, batch))
         if tk.label:
             held += self.store_bytes(plan.assistant_stores(tk.table, tk.teacher, tk.label))
         scale = copies * (epochs or train.epochs) / train.epochs
         steps = (epochs or train.epochs) * (copies * _steps(own["train"], train.batch_size)
                                             + _steps(own["val"], train.eval_batch_size))
-        return self._need(tk.table, held, scale * costs.teacher(tk), steps)
+        return self._need(tk.table, held, scale * costs.teacher(tk), steps, processes)
 
     @functools.lru_cache(maxsize=None)
     def search(self, ak: TeacherKey) -> Need:

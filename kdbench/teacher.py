@@ -27,6 +27,7 @@ from kdbench.methods.base import create_method
 from kdbench.modeldir import load_checkpoint, save_model_dir
 from kdbench.models import create_model, model_info
 from kdbench.numerics import Numerics
+from kdbench import distributed
 from kdbench.runtime import provenance, seed_everything, setup
 from kdbench.train.checkpoint import CHECKPOINT_FILE, Checkpointing
 from kdbench.train.loop import fit
@@ -106,8 +107,11 @@ def train_teacher(cfg: Config, name: str, data_dir: Path, out_dir: Path, checkpo
             "data_manifest_sha256": sha256_file(data_dir / "manifest.json"),
         }, checkpoint_every)
         result = fit(model, ce, train, {"val": val}, data, protocol, seed=0, device=device,
-                     epochs_log=out_dir / "epochs.jsonl", label=f"teacher {name}", checkpoint=checkpoint)
+                     epochs_log=out_dir / "epochs.jsonl", label=f"teacher {name}", checkpoint=checkpoint,
+                     batch_key=f"teachers.{name}.train.batch_size")
         extra.update(source="trained", protocol=protocol, protocol_hash=protocol.hash(), train_time_s=result.train_time_s)
+        if distributed.world().size > 1:  # (one process: metrics.json as before)
+            extra["parallel"] = distributed.describe(protocol.batch_size, protocol.sync_batchnorm)
     metrics, _ = save_model_dir(out_dir, model, tcfg.model, test, val, data, image_size, protocol.eval_batch_size, device,
                                 extra, numerics)
     if checkpoint is not None:

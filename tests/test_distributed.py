@@ -404,6 +404,28 @@ def test_streamed_data_two_processes_take_their_slices_of_the_one_process_stream
 TIMES = {"wall_time_s": 0, "train_time_s": 0}
 
 
+@pytest.mark.slow
+def test_a_teacher_trains_in_two_processes_as_in_one(setup, tmp_path):
+    cfg_path, data = setup[0], setup[1]
+    raw = _raw(teachers={"t": {"model": "vit_femto_patch7", "train": {"epochs": 2, "batch_size": 64, "lr": 0.01}}})
+    config = tmp_path / "teacher.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"t{n}"
+        args = ["train-teacher", "--config", str(config), "--teacher", "t", "--data", str(data), "--out", str(out)]
+        proc = _run(setup, out, n, args=args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[n] = out
+    w1, w2 = (torch.load(outs[n] / "model.pt", weights_only=True) for n in (1, 2))
+    assert max((w1[k].double() - w2[k].double()).abs().max().item() for k in w1) < WEIGHT_TOLERANCE
+    m1, m2 = (json.loads((outs[n] / "metrics.json").read_text()) for n in (1, 2))
+    assert m2["test_top1"] == m1["test_top1"] and "parallel" not in m1
+    assert m2["parallel"] == {"world_size": 2, "per_rank_batch": 32, "global_batch": 64, "backend": "gloo",
+                              "sync_batchnorm": False}
+    assert _log(outs[2], 1)["writes"] == [] and sorted(os.listdir(outs[2])) == sorted(os.listdir(outs[1]))
+
+
 # --- the workflow: torchrun and the SLURM request ---------------------------------------------------------------
 
 
@@ -421,8 +443,8 @@ def test_the_gpu_request_of_one_and_of_n_processes():
 
 @pytest.mark.slow
 def test_a_data_parallel_table_runs_distill_under_torchrun_and_asks_slurm_for_its_gpus(tmp_path):
-    """``snakemake -n -p`` with the SLURM profile: a table with ``runtime.processes: 2`` launches distill and its
-    trials with torchrun and asks for 2 GPUs and CPUs per GPU, never tasks; the teacher and cache jobs keep one
+    """``snakemake -n -p`` with the SLURM profile: a table with ``runtime.processes: 2`` launches distill and the
+    teacher's training with torchrun and asks for 2 GPUs and CPUs per GPU, never tasks; cache jobs keep one
     process and ``--gres``."""
     from test_workflow import ENV, TINY
 
@@ -440,6 +462,9 @@ def test_a_data_parallel_table_runs_distill_under_torchrun_and_asks_slurm_for_it
     assert "gres=," in resources and "tasks" not in resources
     assert "torchrun --standalone --nnodes=1 --nproc-per-node=2 --no-python kdbench distill" in distill
     assert "--threads 1 " in distill  # per process
-    teacher = next(ln for ln in blocks["train_teacher"].splitlines() if ln.strip().startswith("resources:"))
-    assert "gres=gpu:v100:1" in teacher and "gpu=" not in teacher.replace("gres=gpu", "")
-    assert "torchrun" not in blocks["train_teacher"] and "torchrun" not in blocks["cache_shard"]
+    teacher = blocks["train_teacher"]  # a trained teacher: 2 processes too (2 CPUs each)
+    assert "torchrun --standalone --nnodes=1 --nproc-per-node=2 --no-python kdbench train-teacher" in teacher
+    assert "gpu=2" in teacher and "cpus_per_gpu=2" in teacher
+    cache = next(ln for ln in blocks["cache_shard"].splitlines() if ln.strip().startswith("resources:"))
+    assert "gres=gpu:v100:1" in cache and "gpu=" not in cache.replace("gres=gpu", "")  # one process per shard
+    assert "torchrun" not in blocks["cache_shard"]

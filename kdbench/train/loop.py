@@ -207,6 +207,7 @@ def fit(
     label: str = "",
     checkpoint: Checkpointing | None = None,
     rows: np.ndarray | None = None,
+    batch_key: str = "protocol.batch_size",
 ) -> FitResult:
     """Trains ``model`` with ``method``'s loss under ``protocol``.
 
@@ -237,12 +238,14 @@ def fit(
         checkpoint: Where to keep the epoch checkpoint (:mod:`kdbench.train.checkpoint`); a matching one that
             exists already is resumed from. ``None``: no checkpoint.
         rows: Train on these rows of ``train`` only (a trial's subset, in memory); ``None``: every row.
+        batch_key: The config key of ``protocol.batch_size``, for the message that refuses a global batch that
+            does not divide into the job's processes (:mod:`kdbench.distributed`).
 
     Raises:
         Preempted: :func:`~kdbench.train.checkpoint.request_stop` was called (the CLI's SIGUSR1 handler).
         CheckpointError: The existing checkpoint belongs to another job.
     """
-    run = _Run(model, method, train, data, protocol, device, teacher, label, rows)
+    run = _Run(model, method, train, data, protocol, device, teacher, label, rows, batch_key)
     result = FitResult()
     saved = checkpoint.load() if checkpoint else None
     distributed.barrier()  # every process has read the checkpoint (or found none) before any writes one
@@ -327,7 +330,7 @@ class _Step(nn.Module):
 
 
 def _data_parallel(step: _Step, protocol: Protocol, n: int, needs_index: bool, device: torch.device,
-                   label: str) -> nn.Module:
+                   label: str, batch_key: str = "protocol.batch_size") -> nn.Module:
     """``step`` wrapped for the job's processes (``DistributedDataParallel``; ``step`` itself in one process),
     after the checks of what a data-parallel job cannot do.
 
@@ -340,10 +343,10 @@ def _data_parallel(step: _Step, protocol: Protocol, n: int, needs_index: bool, d
     if world.size <= 1:
         return step
     where = f"{label} ({world.size} processes)"
-    per_rank_batch(protocol.batch_size, world.size, where)
+    per_rank_batch(protocol.batch_size, world.size, where, batch_key)
     last = n % protocol.batch_size
     if 0 < last < world.size:
-        raise ConfigError(f"{where}: key 'protocol.batch_size': the last batch of an epoch has {last} of {n} images,"
+        raise ConfigError(f"{where}: key '{batch_key}': the last batch of an epoch has {last} of {n} images,"
                           f" fewer than the {world.size} processes; choose a batch size that leaves 0 or at least"
                           f" {world.size} (or fewer processes, runtime.processes)")
     if needs_index:
@@ -361,7 +364,8 @@ def _data_parallel(step: _Step, protocol: Protocol, n: int, needs_index: bool, d
 class _Run:
     """The state of one :func:`fit`: what is fixed for the run, the optimiser and the global step."""
 
-    def __init__(self, model, method, train, data, protocol, device, teacher, label, rows=None) -> None:
+    def __init__(self, model, method, train, data, protocol, device, teacher, label, rows=None,
+                 batch_key="protocol.batch_size") -> None:
         self.model, self.method, self.train, self.data = model, method, train, data
         self.protocol, self.device, self.teacher, self.label = protocol, device, teacher, label
         self.image_size = protocol.image_size or data.image_size
@@ -386,7 +390,7 @@ class _Run:
         self.owner = f"method {method.name!r}"
         self.world = distributed.world()
         self.forward = _data_parallel(_Step(model, method, self.numerics, self.student_taps, self.owner), protocol,
-                                      self.n, self.needs_index, device, label)
+                                      self.n, self.needs_index, device, label, batch_key)
         # (after SyncBatchNorm's conversion: a converted layer keeps the same parameter objects)
         self.params = [q for q in list(model.parameters()) + list(method.parameters()) if q.requires_grad]
         self.optimizer = build_optimizer(self.params, protocol)

@@ -188,30 +188,57 @@ def needs(of):
 
 
 def processes(table):
-    """The processes of a distill or trial job of ``table`` (``runtime.processes``; kdbench.distributed)."""
+    """The processes of a data-parallel job of ``table`` (``runtime.processes``; kdbench.distributed)."""
     return PLAN.tables[table].cfg.runtime.processes
 
 
-def process_threads(table):
-    """CPUs (torch threads, + streamed data's workers) of one process of a distill or trial job of ``table``."""
-    return PLAN.job_threads(PLAN.data_key(table))
-
-
-def launch(wildcards):
-    """How a distill or trial job runs ``kdbench``: as itself in one process; with ``runtime.processes`` N > 1
-    under ``torchrun --standalone`` (one node, a free port of its own), which starts N processes of the same
-    command (kdbench.distributed) and ends the job with an error naming the rank if one of them fails."""
-    n = processes(wildcards.table)
+def kdbench_command(n):
+    """How a job of ``n`` processes runs ``kdbench``: as itself in one process; with N > 1 under ``torchrun
+    --standalone`` (one node, a free port of its own), which starts N processes of the same command
+    (kdbench.distributed) and ends the job with an error naming the rank if one of them fails."""
     return "kdbench" if n == 1 else f"torchrun --standalone --nnodes=1 --nproc-per-node={n} --no-python kdbench"
 
 
-def job_gpus():
-    """A distill or trial rule's GPU and CPU resources (kdbench.resources.gpu_request): one process as every
-    model rule (``gres`` = $KDBENCH_GRES); N processes: ``gpu`` N and ``cpus_per_gpu``, never ``tasks``."""
+def distill_geometry(wildcards):
+    """``(processes, CPUs per process)`` of a distill or trial job (CPUs: + streamed data's workers)."""
+    return processes(wildcards.table), PLAN.job_threads(PLAN.data_key(wildcards.table))
+
+
+def teacher_geometry(wildcards):
+    """``(processes, CPUs per process)`` of a teacher job: a trained teacher in its table's processes, a
+    checkpoint teacher (loaded and evaluated) in one."""
+    tk = PLAN.teachers[wildcards.tkey]
+    trained = not PLAN.tables[tk.table].cfg.teachers[tk.teacher].checkpoint
+    return (processes(tk.table) if trained else 1), PLAN.job_threads(PLAN.teacher_data_key(wildcards.tkey), 2)
+
+
+def assistant_geometry(wildcards):
+    """``(processes, CPUs per process)`` of an assistant job: TAKD's (a distill job) in its table's processes,
+    AMD's fine-tuning (its own loop, kdbench.tasearch) in one."""
+    ak = PLAN.teachers[wildcards.akey]
+    n = 1 if PLAN.searched(ak.table, ak.label) else processes(ak.table)
+    return n, PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey))
+
+
+def launch(geometry):
+    """A rule's params: ``launch`` (kdbench or torchrun) and ``threads`` (per process: the rule's ``threads``,
+    which Snakemake may lower to ``--cores``, over the processes)."""
+    return dict(launch=lambda wildcards: kdbench_command(geometry(wildcards)[0]),
+                threads=lambda wildcards, threads: max(1, threads // geometry(wildcards)[0]))
+
+
+def job_threads(geometry):
+    """A rule's ``threads``: every process's CPUs."""
+    return lambda wildcards: geometry(wildcards)[0] * geometry(wildcards)[1]
+
+
+def job_gpus(geometry):
+    """A model rule's GPU and CPU resources (kdbench.resources.gpu_request): one process, ``gres`` =
+    $KDBENCH_GRES (as the profile gives the model rules that run in one process); N processes: ``gpu`` N and
+    ``cpus_per_gpu``, never ``tasks``."""
 
     def request(wildcards):
-        t = wildcards.table
-        return gpu_request(processes(t), process_threads(t), os.environ.get("KDBENCH_GRES", ""))
+        return gpu_request(*geometry(wildcards), os.environ.get("KDBENCH_GRES", ""))
 
     return {key: (lambda wildcards, key=key: request(wildcards)[key])
             for key in ("gres", "gpu", "gpu_model", "cpus_per_gpu")}

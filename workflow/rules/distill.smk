@@ -7,13 +7,12 @@ rule distill:
     params:
         spec=lambda wildcards: PLAN.job_hash(job_of(wildcards)),  # rerun trigger
         args=distill_args,
-        launch=launch,
-        threads=lambda wildcards, threads: max(1, threads // processes(wildcards.table)),  # per process
+        **launch(distill_geometry),
         out=lambda wildcards, output: Path(output[0]).parent,
-    threads: lambda wildcards: processes(wildcards.table) * process_threads(wildcards.table)
+    threads: job_threads(distill_geometry)
     resources:
         **needs(lambda wildcards: NEEDS.distill(job_of(wildcards))),
-        **job_gpus(),
+        **job_gpus(distill_geometry),
     log:
         f"{L.TABLE_LOGS}/distill/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:

@@ -9,14 +9,16 @@ rule train_teacher:
         teacher=lambda wildcards, output: q(PLAN.teachers[wildcards.tkey].teacher),
         data=lambda wildcards, input: Path(input.data).parent,
         out=lambda wildcards, output: Path(output[0]).parent,
-    threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.tkey), 2)  # + streamed data's workers
+        **launch(teacher_geometry),
+    threads: job_threads(teacher_geometry)  # 2 per process, + streamed data's workers
     resources:
         **needs(lambda wildcards: NEEDS.teacher(PLAN.teachers[wildcards.tkey])),
+        **job_gpus(teacher_geometry),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/teachers/{{tkey}}.log",
     shell:
-        "kdbench train-teacher --config {params.config} --threads {threads} --teacher {params.teacher}"
+        "{params.launch} train-teacher --config {params.config} --threads {params.threads} --teacher {params.teacher}"
         " --data {params.data} --out {params.out} 2> {log}"
 
 
@@ -51,14 +53,16 @@ rule train_assistant:
     params:
         command=assistant_command,
         out=lambda wildcards, output: Path(output[0]).parent,
-    threads: lambda wildcards: PLAN.job_threads(PLAN.teacher_data_key(wildcards.akey))  # + streamed data's workers
+        **launch(assistant_geometry),
+    threads: job_threads(assistant_geometry)  # + streamed data's workers
     resources:
         **needs(lambda wildcards: NEEDS.teacher(PLAN.teachers[wildcards.akey])),
+        **job_gpus(assistant_geometry),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/assistants/{{akey}}.log",
     shell:
-        "kdbench {params.command} --threads {threads} --out {params.out} 2> {log}"
+        "{params.launch} {params.command} --threads {params.threads} --out {params.out} 2> {log}"
 
 
 rule amd_search:

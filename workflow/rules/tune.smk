@@ -13,13 +13,12 @@ rule trial:
         spec=lambda wildcards: tuning.trial_hash(PLAN, wildcards.table, wildcards.teacher, wildcards.student,
                                                  wildcards.label, int(wildcards.trial)),  # rerun trigger
         args=lambda wildcards, output: cell_args(wildcards),
-        launch=launch,
-        threads=lambda wildcards, threads: max(1, threads // processes(wildcards.table)),  # per process
+        **launch(distill_geometry),
         out=lambda wildcards, output: Path(output[0]).parent,
-    threads: lambda wildcards: processes(wildcards.table) * process_threads(wildcards.table)
+    threads: job_threads(distill_geometry)
     resources:
         **needs(lambda wildcards: NEEDS.trial(job_of(wildcards))),
-        **job_gpus(),
+        **job_gpus(distill_geometry),
     log:
         f"{L.TABLE_LOGS}/tune/{{teacher}}/{{student}}/{{label}}/trial{{trial}}-seed{{seed}}.log",
     shell:
@@ -58,13 +57,12 @@ rule distill_tuned:
     params:
         spec=lambda wildcards: PLAN.job_hash(job_of(wildcards)),  # (the selection is an input)
         args=distill_args,
-        launch=launch,
-        threads=lambda wildcards, threads: max(1, threads // processes(wildcards.table)),  # per process
+        **launch(distill_geometry),
         out=lambda wildcards, output: Path(output[0]).parent,
-    threads: lambda wildcards: processes(wildcards.table) * process_threads(wildcards.table)
+    threads: job_threads(distill_geometry)
     resources:
         **needs(lambda wildcards: NEEDS.distill(job_of(wildcards))),
-        **job_gpus(),
+        **job_gpus(distill_geometry),
     log:
         f"{L.TABLE_LOGS}/tuned/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:
