@@ -118,8 +118,9 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys):
     from kdbench.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train-teacher", "--config", "x.yaml", "--teacher", "t", "--data", "d", "--out", "o"]) == 2
-    assert "kdbench train-teacher runs in one process" in capsys.readouterr().err
+    assert main(["verify-teacher", "--config", "x.yaml", "--teacher", "t", "--data", "d", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert "kdbench verify-teacher runs in one process" in err and "distill, trial, train-teacher" in err
 
 
 def test_verify_states_its_tolerance_for_a_multi_process_record():
