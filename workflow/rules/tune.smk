@@ -17,6 +17,7 @@ rule trial:
     threads: lambda wildcards: PLAN.job_threads(PLAN.data_key(wildcards.table))
     resources:
         **needs(lambda wildcards: NEEDS.trial(job_of(wildcards))),
+    priority: 5  # before the untuned runs: a cell's tuned runs wait for all its trials, the untuned runs for nothing
     log:
         f"{L.TABLE_LOGS}/tune/{{teacher}}/{{student}}/{{label}}/trial{{trial}}-seed{{seed}}.log",
     shell:
@@ -58,6 +59,7 @@ rule distill_tuned:
     threads: lambda wildcards: PLAN.job_threads(PLAN.data_key(wildcards.table))
     resources:
         **needs(lambda wildcards: NEEDS.distill(job_of(wildcards))),
+    priority: 5  # likewise: the untuned runs, which nothing waits for, fill the cores last
     log:
         f"{L.TABLE_LOGS}/tuned/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:
