@@ -104,6 +104,31 @@ def test_the_time_limit_follows_the_flops_at_the_configured_throughput(fmnist, t
     assert Needs(plan).trial(job).runtime < Needs(plan).distill(job).runtime / 3
 
 
+def test_amds_search_counts_its_jointly_trained_candidates_and_the_oracle_its_epochs(fmnist, tmp_path):
+    slow = {"device": "cpu", "threads": 1, "tflops": 1e-7}
+
+    def amd(**params):
+        plan = plan_of(tmp_path, fmnist, runtime=slow, protocol=protocol(epochs=6),
+                       methods={"baseline": {}, "amd": {"grid_step": 0.3, **params}})
+        (ak,) = [tk for tk in plan.teachers.values() if tk.label == "amd"]
+        return Needs(plan), ak
+
+    (n1, a1), (n3, a3) = amd(sandwich=1, joint_epochs=2), amd(sandwich=3, joint_epochs=2)
+    # a joint step trains the largest candidate and `sandwich` others: 2 copies against 4
+    assert n3.search(a3).runtime == pytest.approx(2 * n1.search(a1).runtime, rel=0.05)
+    n4, a4 = amd(sandwich=1, joint_epochs=4, oracle_epochs=4)
+    assert n4.search(a4).runtime == pytest.approx(2 * n1.search(a1).runtime, rel=0.05)
+    # the search trains teacher-sized candidates: above the assistant's own training (one copy, its epochs)
+    assert n1.search(a1).runtime > n1.teacher(a1).runtime * 2 / 6
+    # an oracle run: one student from a live candidate for the oracle epochs (a third of the protocol's by default)
+    _, a_default = amd()
+    n2, a2 = amd(oracle_epochs=2)
+    assert n4.oracle(a4, "cnn_xs").runtime == pytest.approx(2 * n2.oracle(a2, "cnn_xs").runtime, rel=0.05)
+    assert amd()[0].oracle(a_default, "cnn_xs") == n2.oracle(a2, "cnn_xs")  # 6 / 3 = 2 epochs
+    (job,) = [j for j in n2.plan.jobs if j.label == "baseline"]
+    assert n2.oracle(a2, "cnn_xs").runtime > n2.distill(job, epochs=2).runtime  # plus the candidate's forwards
+
+
 def test_a_bad_throughput_is_one_line_naming_the_key(fmnist, tmp_path):
     with pytest.raises(ConfigError, match=r"key 'runtime.tflops' must be a number > 0"):
         plan_of(tmp_path, fmnist, runtime={"tflops": 0})

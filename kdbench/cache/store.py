@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,6 +48,12 @@ VIEW_PARAM_FIELDS: dict[str, tuple[type, int]] = {
     "lam": (np.float32, 1),
 }
 _AUDIT_FIELDS = ("ids", *VIEW_PARAM_FIELDS)
+POLICY_NOT_STORED = {
+    "topk_min_classes": "resolved into topk before any store is built (kdbench.plan.default_topk)",
+    "verify": "how a reader checks the shards it opens, not what they hold",
+}
+"""The cache policy's fields that are not in a store's identity, and why: every other field is (a field added to
+:class:`~kdbench.config.CachePolicy` is part of the identity unless it is listed here)."""
 #: Manifest fields that identify what a store holds (kept in sync with ``kdbench.cache.build.store_identity``).
 #: Identity fields present only while they differ from their default (``teacher_numerics``: the forward numerics
 #: of a ``bf16`` or contiguous-format protocol, :meth:`kdbench.numerics.Numerics.delta`), so stores built before
@@ -520,8 +526,7 @@ def store_identity(teacher_sha256: str, tap: str, recipe: ViewRecipe, policy: Ca
         "tap": tap,
         "view_recipe_hash": stable_hash(recipe),
         "views": recipe.count,
-        "policy": {"logits_dtype": policy.logits_dtype, "topk": policy.topk, "feature_pool": policy.feature_pool,
-                   "feature_dtype": policy.feature_dtype},
+        "policy": {f.name: getattr(policy, f.name) for f in fields(policy) if f.name not in POLICY_NOT_STORED},
         "teacher_image_size": image_size,
         **({"teacher_numerics": dict(numerics)} if numerics else {}),
     }

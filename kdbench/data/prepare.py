@@ -234,8 +234,11 @@ def merge(cfg: DataConfig, out_dir: Path, parts: list[dict]) -> dict:
     want = {"format_version": FORMAT_VERSION, "data_config": to_jsonable(data_identity(cfg)),
             "source_sizes": list(source_sizes(cfg))}
     for group, part in enumerate(parts):
-        stale = [k for k, v in {**want, "group": group}.items() if part.get(k) != v]
-        stale += [k for k in ("encoding", "native_size", "channels", "class_names") if part.get(k) != parts[0].get(k)]
+        expected = {**want, "group": group}
+        stale = [k for k, v in expected.items() if part.get(k) != v]
+        # every other field of a part (its data's encoding, sizes, channels, classes, ...) agrees across the parts
+        stale += sorted(k for k in part.keys() | parts[0].keys()
+                        if k not in expected and k != "shards" and part.get(k) != parts[0].get(k))
         if stale:
             raise DataShardError(f"{out_dir / part_file(group)} does not belong with this data config or with the other"
                                  f" parts (its {', '.join(stale)} differ): the config or the raw data changed. {fix}")

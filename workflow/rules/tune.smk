@@ -19,6 +19,7 @@ rule trial:
     resources:
         **needs(lambda wildcards: NEEDS.trial(job_of(wildcards))),
         **job_gpus(distill_geometry),
+    priority: 5  # before the untuned runs: a cell's tuned runs wait for all its trials, the untuned runs for nothing
     log:
         f"{L.TABLE_LOGS}/tune/{{teacher}}/{{student}}/{{label}}/trial{{trial}}-seed{{seed}}.log",
     shell:
@@ -63,7 +64,9 @@ rule distill_tuned:
     resources:
         **needs(lambda wildcards: NEEDS.distill(job_of(wildcards))),
         **job_gpus(distill_geometry),
+    priority: 5  # likewise: the untuned runs, which nothing waits for, fill the cores last
     log:
         f"{L.TABLE_LOGS}/tuned/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:
-        "kdbench distill {params.args} --tuned {input.selected} --threads {threads} --out {params.out} 2> {log}"
+        "{params.launch} distill {params.args} --tuned {input.selected} --threads {params.threads} --out {params.out}"
+        " 2> {log}"
