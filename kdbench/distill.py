@@ -33,7 +33,7 @@ from kdbench.modeldir import CANDIDATES_FILE, SEARCH_DIR, load_checkpoint, save_
 from kdbench.models import ModelInfo, create_model, model_info
 from kdbench.record import Cost, Final, Identity, RunRecord, Views, write_record
 from kdbench.retrieval import METRICS, retrieval_map
-from kdbench.runtime import provenance, seed_everything
+from kdbench.runtime import plugin_provenance, provenance, seed_everything
 from kdbench.taps import normalize_tap, tap_dirname
 from kdbench.train.checkpoint import CHECKPOINT_FILE, Checkpointing
 from kdbench.train.loop import FitResult, TeacherSource, fit
@@ -419,6 +419,7 @@ def _record(
             "data_manifest_sha256": job.data_manifest_sha256(),
             "store_manifests": store_manifests,
             "model_sha256": meta["sha256"],
+            "plugins": plugin_provenance(identity.method_name, filter(None, [identity.teacher_model, identity.student])),
             **({"method_audit": audit} if (audit := method.audit()) else {}),
             **({"resumed_at_epochs": result.resumed_at} if result.resumed_at else {}),
         },
