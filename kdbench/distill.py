@@ -212,7 +212,8 @@ def run_trial(
         "provenance": {**provenance(job.device, job.numerics), "config_file": cfg.source,
                        "data_manifest_sha256": job.data_manifest_sha256(),
                        "teacher_sha256": job.tmeta["sha256"] if job.tmeta else None,
-                       "store_manifests": run.store_manifests},
+                       "store_manifests": run.store_manifests,
+                       "plugins": plugin_provenance(cfg.methods[label].method, [cfg.teachers[teacher].model, student])},
     }
     write_json_atomic(out_dir / TRIAL_FILE, record)
     run.checkpoint.discard()
