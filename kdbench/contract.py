@@ -141,7 +141,9 @@ def setup(
     return Setup(name, cls, cfg, method, teacher, student, pair[0])
 
 
-def step(su: Setup, step: int = 0, teacher_map: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> LossOutput:
+def step(
+    su: Setup, step: int = 0, teacher_map: Callable[[str, torch.Tensor], torch.Tensor] | None = None
+) -> LossOutput:
     """One loss evaluation as the harness does it: TapDicts holding exactly the declared taps."""
     x, targets, rows = batch()
     t_taps, s_taps = su.cls.teacher_taps(su.cfg), su.cls.student_taps(su.cfg)
@@ -215,7 +217,8 @@ def make_config_rejects_unknown_parameter(name: str) -> None:
         msg = str(e)
     else:
         raise ContractViolation(f"{name}: make_config accepts an unknown parameter")
-    _require(name in msg and "no_such_parameter" in msg, f"{name}: the error does not name the method and parameter: {msg}")
+    _require(name in msg and "no_such_parameter" in msg,
+             f"{name}: the error does not name the method and the parameter: {msg}")
     for f in dataclasses.fields(cls.Config):
         _require(f.name in msg, f"{name}: the error does not list valid parameter {f.name!r}: {msg}")
 

@@ -420,7 +420,7 @@ def _record(
             "data_manifest_sha256": job.data_manifest_sha256(),
             "store_manifests": store_manifests,
             "model_sha256": meta["sha256"],
-            "plugins": plugin_provenance(identity.method_name, filter(None, [identity.teacher_model, identity.student])),
+            "plugins": plugin_provenance(identity.method_name, [identity.teacher_model, identity.student]),
             **({"method_audit": audit} if (audit := method.audit()) else {}),
             **({"resumed_at_epochs": result.resumed_at} if result.resumed_at else {}),
         },

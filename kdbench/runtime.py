@@ -173,7 +173,7 @@ def plugin_provenance(method: str | None = None, models: Iterable[str] = ()) -> 
     used: dict[str, tuple] = {}
     if method is not None and (p := method_source(method)) is not None:
         used.setdefault(p.package, (p, []))[1].append(f"method {method}")
-    for model in sorted(set(models)):
+    for model in sorted(set(filter(None, models))):
         if (p := model_source(split_pruned_name(model)[0])) is not None:
             used.setdefault(p.package, (p, []))[1].append(f"model {model}")
     out = []

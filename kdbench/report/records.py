@@ -4,10 +4,10 @@ A run record (``record.json``, written by the distill job) is one (teacher, stud
 :func:`load_runs` turns a list of them into rows of one flat table (``runs.csv``): identity columns,
 ``param.<name>`` for every resolved method hyper-parameter, final metrics, cost (with the compute of a live
 teacher tail a method reports in ``provenance.method_audit``: :data:`TAIL_COLUMNS`), requirements and
-provenance (``prov.*``, ``pkg.<package>``, ``plugin.<package>`` (:func:`plugin_cell`), ``store.<tap>``; the list ``prov.dirty_files`` becomes one
-``"; "``-joined cell, and provenance keys older records lack become empty cells). Every later table and
-plot is derived from these rows; nothing downstream reads a record again (training curves read the
-``epochs_file`` a row names).
+provenance (``prov.*``, ``pkg.<package>``, ``plugin.<package>`` (:func:`plugin_cell`), ``store.<tap>``; the
+list ``prov.dirty_files`` becomes one ``"; "``-joined cell, and provenance keys older records lack become empty
+cells). Every later table and plot is derived from these rows; nothing downstream reads a record again
+(training curves read the ``epochs_file`` a row names).
 
 A final run of a tuned table (:mod:`kdbench.tuning`, a record with a ``tuning`` mapping) has the same
 cell key and seed as the untuned run of its cell: its row is marked ``tuned`` (``True``) and carries its

@@ -85,6 +85,5 @@ class NKD(DistillMethod):
         s = student["logits"]
         y = dominant_label(targets.labels, targets.partner_labels, targets.lam)
         target_term, non_target = nkd_terms(s, teacher["logits"].to(s.dtype), y, self.cfg.tau, self.cfg.gamma)
-        return LossOutput.from_terms(
-            {"ce": self.cfg.ce_weight * cross_entropy(s, targets), "nkd_target": target_term, "nkd_non_target": non_target}
-        )
+        ce = self.cfg.ce_weight * cross_entropy(s, targets)
+        return LossOutput.from_terms({"ce": ce, "nkd_target": target_term, "nkd_non_target": non_target})
