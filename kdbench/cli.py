@@ -491,9 +491,27 @@ def method_rows() -> list[dict[str, Any]]:
         cls = METHODS.get(name)
         cfg = cls.Config()
         space = {k: {"distribution": type(d).__name__, **to_jsonable(d)} for k, d in cls.search_space.items()}
-        rows.append({"name": name, "parameters": to_jsonable(cfg), **cls.declarations(cfg), "search_space": space,
-                     "reference": cls.reference})
+        rows.append({"name": name, "source": method_origin(name), "parameters": to_jsonable(cfg),
+                     **cls.declarations(cfg), "search_space": space, "reference": cls.reference})
     return rows
+
+
+def method_origin(name: str) -> dict[str, str]:
+    """Where a registered method comes from: ``{"package": "kdbench"}`` for a built-in, else its plugin's
+    package, version and entry point."""
+    from kdbench.methods.base import method_source
+
+    plugin = method_source(name)
+    if plugin is None:
+        return {"package": "kdbench", "version": kdbench.__version__, "built_in": True}
+    return {"package": plugin.package, "version": plugin.version, "entry_point": plugin.entry_point,
+            "built_in": False}
+
+
+def _origin_text(source: dict[str, Any]) -> str:
+    if source["built_in"]:
+        return "built-in"
+    return f"{source['package']} {source['version']} ({source['entry_point']})"
 
 
 def render_methods(rows: list[dict[str, Any]]) -> str:
@@ -501,6 +519,7 @@ def render_methods(rows: list[dict[str, Any]]) -> str:
     blocks = []
     for r in rows:
         fields = [
+            ("source", _origin_text(r["source"])),
             ("parameters", ", ".join(f"{k}={json.dumps(v)}" for k, v in r["parameters"].items())),
             ("teacher taps", ", ".join(r["teacher_taps"])),
             ("student taps", ", ".join(r["student_taps"])),
@@ -518,6 +537,52 @@ def render_methods(rows: list[dict[str, Any]]) -> str:
 def cmd_methods(args) -> None:
     rows = method_rows()
     print(json.dumps(rows, indent=2) if args.json else render_methods(rows))
+
+
+def _registered_method(name: str) -> None:
+    """Refuses an unknown method name with the choices and the plugin fix."""
+    from kdbench.errors import ConfigError
+    from kdbench.methods import METHODS
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; registered: {', '.join(METHODS.names())}. A plugin's method is"
+                          " registered once its package is installed (pip install -e DIR)")
+
+
+def render_check(name: str, results: list) -> str:
+    """The outcome of ``kdbench check-method``: one line per failing check (what it asks, and what is wrong),
+    then the counts."""
+    failed = [r for r in results if r.status == "fail"]
+    skipped = [r for r in results if r.status == "n/a"]
+    lines = []
+    for r in failed:
+        lines += [f"FAIL {r.case.id}", f"  the contract: {r.case.description}", f"  what is wrong: {r.message}"]
+    passed = len(results) - len(failed) - len(skipped)
+    verdict = "breaks the contract" if failed else "passes the contract"
+    lines.append(f"method {name!r} {verdict}: {passed} checks passed, {len(failed)} failed,"
+                 f" {len(skipped)} not applicable (pairs it declares it cannot run)")
+    return "\n".join(lines)
+
+
+def cmd_check_method(args) -> int:
+    from kdbench.contract import check_method
+
+    _registered_method(args.name)
+    results = check_method(args.name)
+    print(render_check(args.name, results))
+    return 1 if any(r.status == "fail" for r in results) else 0
+
+
+def cmd_new_method(args) -> None:
+    from kdbench.methods import METHODS
+    from kdbench.scaffold import new_method
+
+    taken = {n: _origin_text(method_origin(n)) for n in METHODS.names()}
+    files = new_method(args.name, Path(args.out), taken)
+    out = Path(args.out)
+    print("\n".join(str(f) for f in files))
+    print(f"next: edit {files[4]}, then pip install -e {out}, kdbench check-method {args.name},"
+          f" and name it in a config: methods: {{{args.name}: {{}}}}")
 
 
 # --- the parser --------------------------------------------------------------------------------------------
@@ -713,6 +778,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("published", metavar="PUBLISHED", help="the published leaderboard")
     p.add_argument("--out", metavar="FILE", help="also write the comparison table and summary to FILE")
     p.add_argument("--exit-zero", action="store_true", help="exit 0 even if the leaderboards disagree")
+
+    p = add("check-method", cmd_check_method, "run the method contract's checks on an installed method (built-in or"
+            " plugin); exit 1 and say what fails", config=False)
+    p.add_argument("name", metavar="NAME", help="a registered method (kdbench methods lists them)")
+
+    p = add("new-method", cmd_new_method, "write a new method as a plugin package (pyproject.toml with its entry"
+            " point, the method file, a golden test) into a new directory", config=False)
+    p.add_argument("name", metavar="NAME", help="the method's name (a lowercase Python identifier)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the plugin's directory (new or empty)")
 
     p = add("methods", cmd_methods, "list registered methods: parameters (defaults), declarations, reference",
             config=False)

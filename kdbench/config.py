@@ -613,7 +613,8 @@ def parse_config(raw: Mapping[str, Any], source: str = "<dict>") -> Config:
         if mname not in METHODS:
             raise ConfigError(
                 f"{source}: key 'methods.{label}': unknown method {mname!r}; valid choices: {', '.join(METHODS.names())}"
-                f"{did_you_mean(mname, METHODS.names())}"
+                f"{did_you_mean(mname, METHODS.names())} (a plugin's method is registered once its package is"
+                " installed: pip install -e DIR)"
             )
         if teacher_source not in TEACHER_SOURCES:
             raise ConfigError(f"{source}: key 'methods.{label}.teacher_source' must be one of"

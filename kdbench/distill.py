@@ -34,7 +34,7 @@ from kdbench.modeldir import CANDIDATES_FILE, SEARCH_DIR, load_checkpoint, save_
 from kdbench.models import ModelInfo, create_model, model_info
 from kdbench.record import Cost, Final, Identity, RunRecord, Views, write_record
 from kdbench.retrieval import METRICS, retrieval_map
-from kdbench.runtime import provenance, seed_everything
+from kdbench.runtime import plugin_provenance, provenance, seed_everything
 from kdbench.taps import normalize_tap, tap_dirname
 from kdbench.train.checkpoint import CHECKPOINT_FILE, Checkpointing
 from kdbench.train.loop import FitResult, TeacherSource, fit
@@ -215,7 +215,9 @@ def run_trial(
                        "data_manifest_sha256": job.data_manifest_sha256(),
                        "teacher_sha256": job.tmeta["sha256"] if job.tmeta else None,
                        "store_manifests": run.store_manifests,
-                       "parallel": distributed.describe(tcfg.protocol.batch_size, tcfg.protocol.sync_batchnorm)},
+                       "parallel": distributed.describe(tcfg.protocol.batch_size, tcfg.protocol.sync_batchnorm),
+                       "plugins": plugin_provenance(cfg.methods[label].method,
+                                                    [cfg.teachers[teacher].model, student])},
     }
     if distributed.is_writer():
         write_json_atomic(out_dir / TRIAL_FILE, record)
@@ -425,6 +427,7 @@ def _record(
             "store_manifests": store_manifests,
             "model_sha256": meta["sha256"],
             "parallel": distributed.describe(protocol.batch_size, protocol.sync_batchnorm),
+            "plugins": plugin_provenance(identity.method_name, [identity.teacher_model, identity.student]),
             **({"method_audit": audit} if (audit := method.audit()) else {}),
             **({"resumed_at_epochs": result.resumed_at} if result.resumed_at else {}),
         },

@@ -56,6 +56,7 @@ from timm.models.vision_transformer import VisionTransformer
 from kdbench import cifar_nets
 from kdbench._staged import StagedNet, conv_bn, ignore_kwargs, no_pretrained
 from kdbench._util import did_you_mean
+from kdbench.plugins import load_models
 
 _logger = logging.getLogger(__name__)
 
@@ -308,6 +309,7 @@ def split_pruned_name(name: str) -> tuple[str, tuple[int, ...] | None]:
 
 def check_model_name(name: str) -> str | None:
     """Returns ``None`` if timm knows ``name`` (or it is a valid pruned name), else a reason with close matches."""
+    load_models()  # plugins' models (kdbench.models entry points) first
     try:
         name, _ = split_pruned_name(name)
     except ValueError as e:
@@ -330,6 +332,7 @@ def create_model(name: str, num_classes: int, in_chans: int, img_size: int) -> n
         in_chans: Input channels.
         img_size: Input resolution, passed to models that take it (ViTs).
     """
+    load_models()  # plugins' models (kdbench.models entry points) first
     name, widths = split_pruned_name(name)
     if widths is not None:
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, widths=widths)

@@ -9,6 +9,7 @@ import platform
 import random
 import subprocess
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -95,7 +96,7 @@ def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
 
 
-def git_state(root: Path | None = None) -> tuple[str, list[str]]:
+def git_state(root: Path | None = None, dirs: Sequence[str] = SOURCE_DIRS) -> tuple[str, list[str]]:
     """The commit of the kdbench checkout and its uncommitted source files.
 
     A file under :data:`SOURCE_DIRS` that is modified, staged, deleted or untracked (and not ignored) makes
@@ -103,6 +104,7 @@ def git_state(root: Path | None = None) -> tuple[str, list[str]]:
 
     Args:
         root: The checkout (default: the one this kdbench is imported from).
+        dirs: The directories, relative to ``root``, whose uncommitted files count (a plugin's: ``(".",)``).
 
     Returns:
         ``(commit, files)``: the commit (``unknown`` outside git) and the sorted paths, relative to the
@@ -111,7 +113,7 @@ def git_state(root: Path | None = None) -> tuple[str, list[str]]:
     root = _repo_root() if root is None else Path(root)
     try:
         rev = _git(root, "rev-parse", "HEAD")
-        status = _git(root, "status", "--porcelain", "-z", "--untracked-files=all", "--", *SOURCE_DIRS)
+        status = _git(root, "status", "--porcelain", "-z", "--untracked-files=all", "--", *dirs)
     except (OSError, subprocess.SubprocessError):
         return "unknown", []
     if rev.returncode != 0 or status.returncode != 0:
@@ -155,6 +157,38 @@ def cpu_model() -> str:
 def cpu_capability() -> str:
     """The vector ISA torch's CPU kernels dispatch to on this machine (e.g. ``AVX2``, ``AVX512``)."""
     return str(torch.backends.cpu.get_cpu_capability())
+
+
+def plugin_provenance(method: str | None = None, models: Iterable[str] = ()) -> list[dict]:
+    """The plugins a run's method and models come from (:mod:`kdbench.plugins`), one entry per package, sorted:
+    ``package``, ``version``, what it ``provides`` (``method nkd``, ``model cnn_tiny``), and, when its source
+    is a git checkout (an editable install), its ``git_commit`` (``+dirty`` with uncommitted files under the
+    package's project directory) and those ``dirty_files``. Empty for built-ins only.
+
+    Args:
+        method: The method's registered name (``None``: no method, e.g. a teacher's training).
+        models: The timm names of the run's models (teacher, student, assistant).
+    """
+    from kdbench.methods.base import method_source
+    from kdbench.models import split_pruned_name
+    from kdbench.plugins import model_source
+
+    used: dict[str, tuple] = {}
+    if method is not None and (p := method_source(method)) is not None:
+        used.setdefault(p.package, (p, []))[1].append(f"method {method}")
+    for model in sorted(set(filter(None, models))):
+        if (p := model_source(split_pruned_name(model)[0])) is not None:
+            used.setdefault(p.package, (p, []))[1].append(f"model {model}")
+    out = []
+    for package, (plugin, provides) in sorted(used.items()):
+        entry = {"package": package, "version": plugin.version, "provides": provides}
+        root = plugin.source_dir
+        if root is not None and root.name != "site-packages":
+            commit, dirty = git_state(root, (".",))
+            if commit != "unknown":
+                entry.update(git_commit=commit, dirty_files=dirty)
+        out.append(entry)
+    return out
 
 
 def provenance(device: torch.device, numerics: Numerics | None = None) -> dict:

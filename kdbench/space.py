@@ -8,7 +8,7 @@ parameters are drawn from when a table tunes (``tune:`` in the config, :mod:`kdb
 The distributions are plain frozen dataclasses, so declaring one needs neither Optuna nor torch; the tuning
 module turns them into Optuna distributions. A tuned parameter must not change what the method declares (its
 taps, requirements, teacher view, assistant): the stores and assistants a trial reads are the default's
-(checked for every method by ``tests/test_methods_contract.py``).
+(checked for every method by :mod:`kdbench.contract`, in ``tests/test_methods_contract.py`` and ``kdbench check-method``).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ are not bit-identical, and the report states the tolerance and the reason (:func
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import tempfile
@@ -191,8 +192,29 @@ def compare_runs(original: Path, rerun: Path, tolerance: float = 0.0, cost: bool
     return out
 
 
+def plugin_mismatches(record: dict) -> list[str]:
+    """How the installed plugins differ from those the record's run used (``provenance.plugins``): one phrase
+    per package whose installed version is another, or which is not installed; empty when they match."""
+    out = []
+    for entry in (record.get("provenance") or {}).get("plugins") or ():
+        package, version = entry["package"], entry["version"]
+        try:
+            installed = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"plugin {package} {version} made it, and {package} is not installed"
+                       f" (pip install '{package}=={version}')")
+            continue
+        if installed != version:
+            out.append(f"plugin {package} {version} made it, but {package} {installed} is installed"
+                       f" (pip install '{package}=={version}')")
+    return out
+
+
 def verify(run_dir: Path, config: Path | None = None, keep: Path | None = None) -> VerifyReport:
     """Re-runs the cell of ``run_dir/record.json`` and compares it with the recorded run.
+
+    A run whose method or models came from a plugin is refused when the installed plugin's version is not the
+    recorded one (:func:`plugin_mismatches`): the re-run would test other code.
 
     Only metrics (final, per epoch, cost; timings excluded) and the trained weights' sha256 are compared,
     never the rest of the provenance (commit, CPU, versions), so an identical re-run reads ``identical``; the
@@ -206,6 +228,9 @@ def verify(run_dir: Path, config: Path | None = None, keep: Path | None = None) 
     record = read_json(run_dir / "record.json", "run record")
     if record.get("status") != "ok":
         raise ConfigError(f"{run_dir / 'record.json'}: status is {record.get('status')!r}; only completed runs can be verified")
+    if mismatches := plugin_mismatches(record):
+        raise ConfigError(f"{run_dir / 'record.json'}: cannot re-run it with other code: {'; '.join(mismatches)};"
+                          " install the recorded version to verify this run")
     cfg = load_config(config or record["provenance"]["config_file"])
     if cfg.protocol.hash() != record["protocol_hash"]:
         raise ConfigError(

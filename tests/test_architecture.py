@@ -14,9 +14,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdbench"
 
 LAYERS: list[set[str]] = [
     {"kdbench", "errors", "_util", "_typed", "registry", "taps", "models", "_staged", "cifar_nets", "meta", "retrieval",
-     "record", "prune", "space"},
+     "record", "prune", "space",
+     "plugins", "scaffold"},
     {"methods", "methods.*"},
-    {"config", "selection"},
+    {"config", "selection", "contract"},
     {"data", "data.codec", "data.encoded", "data.imagefolder", "data.wds_source", "data.sources", "data.layout",
      "data.views", "numerics", "distributed"},
     {"plan"},

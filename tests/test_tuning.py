@@ -236,6 +236,7 @@ def test_a_trial_never_opens_the_test_split_and_scores_val(tiny, monkeypatch, tm
     assert not any(k.startswith("test") for row in record["history"] for k in row)
     assert json.loads((tmp_path / "trial" / "trial.json").read_text())["score"] == record["score"]
     assert record["history"][0]["lr"] <= record["values"]["lr"]  # trained with the trial's lr
+    assert record["provenance"]["plugins"] == []  # built-in method and models (a plugin's: tests/test_plugins.py)
 
 
 def test_a_trials_training_subset_is_seeded_by_the_table_alone_and_sorted():

@@ -21,6 +21,8 @@ from kdbench._typed import coerce_value
 from kdbench._util import did_you_mean
 from kdbench.meta import DataInfo
 from kdbench.models import ModelInfo
+from kdbench.plugins import METHOD_GROUP, Plugin, PluginError, load_group
+from kdbench.plugins import clash as plugin_clash
 from kdbench.registry import Registry
 from kdbench.space import Distribution
 from kdbench.taps import TapDict
@@ -276,7 +278,48 @@ class DistillMethod(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-METHODS: Registry[type[DistillMethod]] = Registry("method")
+def _method_origin(name: str) -> str:
+    """Where a registered method comes from, for a clash message."""
+    source = METHODS.source(name)
+    if isinstance(source, Plugin):
+        return f"package {source.describe()} ('{source.entry_point}')"
+    return f"kdbench (built-in, {METHODS.peek(name).__module__})"
+
+
+def _register_plugin(name: str, cls: Any, plugin: Plugin) -> None:
+    """Registers a :data:`~kdbench.plugins.METHOD_GROUP` entry point's class; refuses a wrong object or a name
+    that is taken."""
+    if not (isinstance(cls, type) and issubclass(cls, DistillMethod)):
+        raise PluginError(f"package {plugin.describe()}: entry point '{plugin.entry_point}' must name a DistillMethod"
+                          f" subclass, not {cls!r}; fix its pyproject.toml")
+    missing = [a for a in ("name", "Config", "reference") if not hasattr(cls, a)]
+    if missing or cls.name != name:
+        problem = f"does not define {missing[0]!r}" if missing else f"is named {cls.name!r}"
+        raise PluginError(f"package {plugin.describe()}: the class {cls.__name__} of entry point"
+                          f" '{plugin.entry_point}' {problem}; set name = {name!r} in the class (the entry point's"
+                          " name and the method's name are one)")
+    existing = METHODS.peek(name)
+    if existing is cls:  # the class used @register_method itself: only its source changes
+        METHODS.attribute(name, plugin)
+        return
+    if existing is not None:
+        raise plugin_clash("method", name, _method_origin(name), plugin)
+    METHODS.register(name, plugin)(cls)
+
+
+def _load_plugins() -> None:
+    load_group(METHOD_GROUP, _register_plugin)
+
+
+METHODS: Registry[type[DistillMethod]] = Registry("method", loader=_load_plugins)
+"""Every method: the built-ins (``kdbench/methods/*.py``), then, the first time it is read, the installed plugins'
+(:mod:`kdbench.plugins`)."""
+
+
+def method_source(name: str) -> Plugin | None:
+    """The plugin a method comes from, ``None`` for a built-in."""
+    source = METHODS.source(name)
+    return source if isinstance(source, Plugin) else None
 
 
 def register_method(cls: type[DistillMethod]) -> type[DistillMethod]:

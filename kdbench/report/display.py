@@ -464,6 +464,8 @@ _DIGEST_CHARS = 16
 def _label(column: str) -> str:
     if column.startswith("pkg."):
         return f"package {column[4:]}"
+    if column.startswith("plugin."):
+        return f"plugin {column[7:]}"
     if column.startswith("store."):
         return f"store manifest {column[6:]}"
     return column.removeprefix("prov.")

@@ -1,8 +1,8 @@
 """Provenance of a leaderboard: collapse identical values, flag the runs that differ.
 
-Every provenance column of the runs table (``prov.*``, ``pkg.*``, ``store.*``, ``protocol_hash``) is
-compared within its scope: environment columns (kdbench version, git commit and the uncommitted files of
-a ``+dirty`` checkout, python, packages, device, CPU model and capability, threads) across all runs, the
+Every provenance column of the runs table (``prov.*``, ``pkg.*``, ``plugin.*``, ``store.*``, ``protocol_hash``)
+is compared within its scope: environment columns (kdbench version, git commit and the uncommitted files of
+a ``+dirty`` checkout, python, packages, the plugins a method or model comes from, device, CPU model and capability, threads) across all runs, the
 config hash within a (dataset, protocol, method label) since it covers the method's entry (a final tuned
 run's, which covers its selected values, within the tuned runs of its label), the data manifest within a
 dataset, the teacher digest and the store manifests within a (dataset, protocol,
@@ -35,7 +35,7 @@ def provenance_columns(columns: Sequence[str]) -> list[str]:
     return [
         c
         for c in columns
-        if (c.startswith(("prov.", "pkg.", "store.")) or c == "protocol_hash") and c not in _SKIP
+        if (c.startswith(("prov.", "pkg.", "plugin.", "store.")) or c == "protocol_hash") and c not in _SKIP
     ]
 
 

@@ -4,10 +4,10 @@ A run record (``record.json``, written by the distill job) is one (teacher, stud
 :func:`load_runs` turns a list of them into rows of one flat table (``runs.csv``): identity columns,
 ``param.<name>`` for every resolved method hyper-parameter, final metrics, cost (with the compute of a live
 teacher tail a method reports in ``provenance.method_audit``: :data:`TAIL_COLUMNS`), requirements and
-provenance (``prov.*``, ``pkg.<package>``, ``store.<tap>``; the list ``prov.dirty_files`` becomes one
-``"; "``-joined cell, and provenance keys older records lack become empty cells). Every later table and
-plot is derived from these rows; nothing downstream reads a record again (training curves read the
-``epochs_file`` a row names).
+provenance (``prov.*``, ``pkg.<package>``, ``plugin.<package>`` (:func:`plugin_cell`), ``store.<tap>``; the
+list ``prov.dirty_files`` becomes one ``"; "``-joined cell, and provenance keys older records lack become empty
+cells). Every later table and plot is derived from these rows; nothing downstream reads a record again
+(training curves read the ``epochs_file`` a row names).
 
 A final run of a tuned table (:mod:`kdbench.tuning`, a record with a ``tuning`` mapping) has the same
 cell key and seed as the untuned run of its cell: its row is marked ``tuned`` (``True``) and carries its
@@ -198,6 +198,17 @@ def split_dirty_files(value: Any) -> list[str]:
     return [part.strip() for part in str(value or "").split(_DIRTY_SEP.strip()) if part.strip()]
 
 
+def plugin_cell(entry: Mapping[str, Any]) -> str:
+    """A record's ``provenance.plugins`` entry as one runs-table cell (column ``plugin.<package>``): the version,
+    then the git commit of an editable checkout and its uncommitted files, e.g. ``0.1.0 (git 3f2a…+dirty: nkd.py)``.
+    """
+    cell = str(entry.get("version"))
+    if entry.get("git_commit"):
+        dirty = join_dirty_files(entry.get("dirty_files"))
+        cell += f" (git {entry['git_commit']}{': ' + dirty if dirty else ''})"
+    return cell
+
+
 def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
     """One row of the runs table from a checked record (see :func:`read_record`).
 
@@ -244,9 +255,10 @@ def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
         {
             f"prov.{k}": _scalar(v)
             for k, v in sorted(prov.items())
-            if k not in _PROVENANCE and not isinstance(v, dict)
+            if k not in _PROVENANCE and k != "plugins" and not isinstance(v, dict)
         }
     )
+    row.update({f"plugin.{p['package']}": plugin_cell(p) for p in prov.get("plugins") or ()})
     row.update({f"pkg.{k}": v for k, v in sorted((_opt(rec, "provenance.packages") or {}).items())})
     row.update({f"store.{k}": v for k, v in sorted((_opt(rec, "provenance.store_manifests") or {}).items())})
     tuning = rec.get("tuning")
@@ -333,13 +345,13 @@ def runs_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The column order of the runs table over the union of the rows' keys.
 
     Identity first, then ``param.*`` (sorted), metrics, cost, ``req.*`` and ``prov.*`` in record order,
-    then ``pkg.*`` and ``store.*`` (sorted), then :data:`TRAILING_COLUMNS`.
+    then ``pkg.*``, ``plugin.*`` and ``store.*`` (sorted), then :data:`TRAILING_COLUMNS`.
     """
     columns: dict[str, None] = {}
     for row in rows:
         columns.update(dict.fromkeys(row))
     head = ("record", "status", "skip_reason", "config") + IDENTITY_COLUMNS
-    sections = {"param": 1, "pkg": 3, "store": 4}
+    sections = {"param": 1, "pkg": 3, "plugin": 3, "store": 4}
 
     def rank(item: tuple[int, str]) -> tuple[int, int, str]:
         pos, name = item
