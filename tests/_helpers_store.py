@@ -198,3 +198,31 @@ def synthetic_store(
     num_classes = outputs.shape[2] if tap == "logits" else None
     write_manifest(root, len(starts), {**identity, "num_classes": num_classes})
     return TeacherStore.open(root, identity)
+
+
+def trained_world(root: Path, raw: Mapping[str, Any], taps: tuple[str, ...] = ("logits",)):
+    """A config file from ``raw`` under ``root``, its data, its teacher ``t`` trained, and a finished store of
+    every tap in ``taps`` (under ``root/cache/<tap>``): what the pipeline-level tests start from.
+
+    Returns:
+        ``(config path, config, data dir, teacher dir, {tap: store dir})``.
+    """
+    from kdbench.config import load_config
+    from kdbench.data.sources import shard_counts
+    from kdbench.teacher import train_teacher
+
+    cfg_path = root / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(dict(raw)))
+    cfg = load_config(cfg_path)
+    data = root / "data"
+    prepare(cfg.data, data)
+    teacher = root / "teacher"
+    train_teacher(cfg, "t", data, teacher)
+    stores = {}
+    for tap in taps:
+        store = root / "cache" / tap
+        for i in range(shard_counts(cfg.data)["train"]):
+            build_shard(cfg, teacher, data, tap, i, store / shard_file(i))
+        finalize_store(cfg, teacher, data, tap, store)
+        stores[tap] = store
+    return cfg_path, cfg, data, teacher, stores

@@ -25,6 +25,8 @@ import pytest
 import torch
 import yaml
 
+from _helpers_store import trained_world
+
 from kdbench import distributed
 from kdbench.config import Protocol, load_config
 from kdbench.errors import ConfigError
@@ -204,23 +206,9 @@ sys.exit(code)
 def setup(tmp_path_factory):
     if not (FMNIST / "train-labels-idx1-ubyte.gz").exists():
         pytest.skip("needs dataset-fashion-mnist")
-    from kdbench.cache.build import build_shard, finalize_store
-    from kdbench.data.prepare import prepare
-    from kdbench.data.sources import shard_counts
-    from kdbench.teacher import train_teacher
-
     root = tmp_path_factory.mktemp("dp")
-    cfg_path = root / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(_raw()))
-    cfg = load_config(cfg_path)
-    data = root / "data"
-    prepare(cfg.data, data)
-    teacher = root / "teacher"
-    train_teacher(cfg, "t", data, teacher)
-    store = root / "cache" / "logits"
-    for i in range(shard_counts(cfg.data)["train"]):
-        build_shard(cfg, teacher, data, "logits", i, store / f"shard-{i:05d}.h5")
-    finalize_store(cfg, teacher, data, "logits", store)
+    cfg_path, _, data, teacher, stores = trained_world(root, _raw())
+    store = stores["logits"]
     (root / "child.py").write_text(CHILD)
     return cfg_path, data, teacher, store, root
 

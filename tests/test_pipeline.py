@@ -13,13 +13,12 @@ import pytest
 import torch
 import yaml
 from _helpers_store import tiny_raw as generated_raw
+from _helpers_store import trained_world
 from _helpers_store import write_fmnist_idx
 
-from kdbench.cache.build import build_shard, finalize_store
 from kdbench.config import parse_config
 from kdbench.data.prepare import prepare
 from kdbench.data.shards import load_split, read_manifest
-from kdbench.data.sources import shard_counts
 from kdbench.data.views import render
 from kdbench.distill import run_distill
 from kdbench.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -54,20 +53,8 @@ def pipeline(tmp_path_factory):
     if not (FMNIST / "train-labels-idx1-ubyte.gz").exists():
         pytest.skip("needs dataset-fashion-mnist")
     root = tmp_path_factory.mktemp("pipeline")
-    cfg_path = root / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_raw()))
-    from kdbench.config import load_config
-
-    cfg = load_config(cfg_path)
-    data = root / "data"
-    prepare(cfg.data, data)
-    teacher = root / "teacher"
-    train_teacher(cfg, "t", data, teacher)
-    store = root / "cache" / "logits"
-    for i in range(shard_counts(cfg.data)["train"]):
-        build_shard(cfg, teacher, data, "logits", i, store / f"shard-{i:05d}.h5")
-    finalize_store(cfg, teacher, data, "logits", store)
-    return cfg, data, teacher, {"logits": store}, root
+    _, cfg, data, teacher, stores = trained_world(root, tiny_raw())
+    return cfg, data, teacher, stores, root
 
 
 def test_a_teacher_evaluated_on_more_test_images_is_compared_on_the_jobs_own(pipeline, tmp_path):

@@ -18,13 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from kdbench.cache.build import build_shard, finalize_store
+from _helpers_store import trained_world
+
 from kdbench.cli import main
-from kdbench.config import load_config
-from kdbench.data.prepare import prepare
-from kdbench.data.sources import shard_counts
 from kdbench.distill import run_distill
 from kdbench.methods.base import DistillMethod
 from kdbench.teacher import train_teacher
@@ -58,20 +55,7 @@ def setup(tmp_path_factory):
     if not (FMNIST / "train-labels-idx1-ubyte.gz").exists():
         pytest.skip("needs dataset-fashion-mnist")
     root = tmp_path_factory.mktemp("resume")
-    cfg_path = root / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(tiny_raw()))
-    cfg = load_config(cfg_path)
-    data = root / "data"
-    prepare(cfg.data, data)
-    teacher = root / "teacher"
-    train_teacher(cfg, "t", data, teacher)
-    stores = {}
-    for tap in ("logits", "pre_logits"):
-        store = root / "cache" / tap
-        for i in range(shard_counts(cfg.data)["train"]):
-            build_shard(cfg, teacher, data, tap, i, store / f"shard-{i:05d}.h5")
-        finalize_store(cfg, teacher, data, tap, store)
-        stores[tap] = store
+    _, cfg, data, teacher, stores = trained_world(root, tiny_raw(), ("logits", "pre_logits"))
     return cfg, data, teacher, stores, root
 
 
