@@ -132,10 +132,14 @@ class TableCosts:
         """A distill job (or a trial: fewer ``epochs``, ``splits`` val only, ``train`` images): epochs x (3 student
         forwards per training image + one per evaluated image), plus a teacher forward per training image when it
         runs live."""
-        e, n = epochs or self.cfg.protocol.epochs, min(train or self.sizes["train"], self.sizes["train"])
+        e, n = epochs or self.cfg.protocol.epochs, self.train_images(train)
         student = self.model(job.student).flops * e * (3 * n + sum(self.sizes[s] for s in splits))
         tk = self.plan.job_teacher(job)
         return student + (self.model(self.plan.teacher_model(tk)).flops * e * n if self.live(job) else 0)
+
+    def train_images(self, limit: int | None = None) -> int:
+        """The training images a job trains on: the split's, or ``limit`` of them (a trial's subset)."""
+        return min(limit or self.sizes["train"], self.sizes["train"])
 
     def trial(self, job: DistillJob) -> float:
         """A trial of a tuned table: the cell's job at the budget's epochs and training images, on val only."""

@@ -154,7 +154,7 @@ class Needs:
         if costs.live(job):
             held += _forward_bytes(costs.model(plan.teacher_model(plan.job_teacher(job))), batch)
         e = epochs or p.epochs
-        steps = e * (_steps(min(train or costs.sizes["train"], costs.sizes["train"]), p.batch_size)
+        steps = e * (_steps(costs.train_images(train), p.batch_size)
                      + sum(_steps(costs.sizes[s], p.eval_batch_size) for s in splits))
         return self._need(job.table, held, costs.distill(job, epochs, splits, train), steps, n)
 

@@ -102,6 +102,10 @@ def test_the_time_limit_follows_the_flops_at_the_configured_throughput(fmnist, t
                    tune={"trials": 2, "budget": {"epochs": 1}})
     job = plan.jobs[0]
     assert Needs(plan).trial(job).runtime < Needs(plan).distill(job).runtime / 3
+    # ... and on a training subset (tune.budget.train_limit), less again
+    subset = plan_of(tmp_path, fmnist, runtime=slow, protocol=protocol(epochs=4),
+                     tune={"trials": 2, "budget": {"epochs": 1, "train_limit": 64}})
+    assert Needs(subset).trial(subset.jobs[0]).runtime < Needs(plan).trial(job).runtime
 
 
 def test_amds_search_counts_its_jointly_trained_candidates_and_the_oracle_its_epochs(fmnist, tmp_path):
