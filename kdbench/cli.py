@@ -356,30 +356,36 @@ def cmd_amd_oracle(args) -> int | None:
     cfg = _amd_args(args)
     candidate = Path(args.search) / "candidates" / str(args.candidate)
     record = _preemptible(lambda: run_oracle(cfg, args.teacher, args.label, args.student, candidate, Path(args.data),
-                                             Path(args.out)))
+                                             Path(args.out), args.seed))
     if record is None:
         return EXIT_PREEMPTED
-    _done(f"{cfg.name}: oracle candidate {args.candidate} -> {args.student}: val top-1 {record.final.val_top1:.2f}%"
-          f" in {record.cost.wall_time_s:.0f} s")
+    _done(f"{cfg.name}: oracle candidate {args.candidate} -> {args.student}, seed {args.seed}: val top-1"
+          f" {record.final.val_top1:.2f}% in {record.cost.wall_time_s:.0f} s")
 
 
 def cmd_amd_audit(args) -> None:
-    from kdbench._util import write_json_atomic
+    from kdbench._util import read_json, write_json_atomic
     from kdbench.errors import ConfigError
-    from kdbench.tasearch import audit, audit_markdown
+    from kdbench.modeldir import CANDIDATES_FILE, SELECTION_FILE
+    from kdbench.report.audit import audit, audit_markdown
 
     oracle = {}
-    for item in args.oracle:
+    for item in args.oracle or []:
         student, _, files = item.partition("=")
         if not files:
             raise ConfigError(f"--oracle {item!r}: expected STUDENT=RECORD[,RECORD...]")
-        oracle[student] = [Path(f) for f in files.split(",")]
-    result = audit(Path(args.search), oracle)
+        oracle[student] = [read_json(Path(f), "AMD oracle run record") for f in files.split(",")]
+    search = Path(args.search)
+    result = audit(read_json(search / CANDIDATES_FILE, "AMD search summary"),
+                   read_json(search / SELECTION_FILE, "AMD selection"), oracle)
     out = Path(args.out)
     write_json_atomic(out.with_suffix(".json"), result)
     out.write_text(audit_markdown(result))
-    picks = "; ".join(f"{s}: oracle best {st['best']}, regret {st['regret']:.2f} points" for s, st in result["students"].items())
-    _done(f"AMD audit: npsd-approx selected candidate {result['selected']}; {picks} ({out})")
+    picks = "; ".join(
+        f"{s}: " + (f"oracle best {st['best']}" if st["best"] is not None else f"not separable ({st['top']})")
+        for s, st in result["students"].items()
+    )
+    _done(f"AMD audit: {result['criterion']} selected candidate {result['selected']}; {picks or 'no oracle'} ({out})")
 
 
 def _selection(text: str, cfg: Config):
@@ -745,12 +751,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", required=True, help="timm model name")
     p.add_argument("--search", required=True, help="search directory")
     p.add_argument("--candidate", required=True, type=int, help="candidate index on the grid")
+    p.add_argument("--seed", type=int, default=0, help="the student's seed (the same for every candidate: paired)")
     p.add_argument("--out", required=True, help="run directory")
 
     p = add("amd-audit", cmd_amd_audit, "AMD's audit table: the selection against the oracle runs", config=False)
     p.add_argument("--search", required=True, help="search directory")
-    p.add_argument("--oracle", required=True, action="append", metavar="STUDENT=RECORDS",
-                   help="a student and its oracle records in grid order, comma-separated (repeatable)")
+    p.add_argument("--oracle", action="append", metavar="STUDENT=RECORDS",
+                   help="a student and its oracle records, comma-separated, candidate-major (candidate 0's seeds,"
+                        " then candidate 1's, ...; repeatable; none: no oracle runs)")
     p.add_argument("--out", required=True, help="the audit's Markdown file (the .json beside it)")
 
     p = add("leaderboard", cmd_leaderboard, "run records -> leaderboard tables, page and plots")

@@ -309,6 +309,13 @@ class MethodEntry:
     teacher_source: str = field(default="cache", metadata=OMIT_WHEN_DEFAULT)
 
 
+def hashed_entry(entry: MethodEntry) -> MethodEntry:
+    """The entry as every key and hash sees it: without the parameters that change only an audit's runs (the
+    method's ``audit_params``, e.g. AMD's oracle seeds), so that changing them reruns the audit alone."""
+    drop = METHODS.get(entry.method).audit_params & set(entry.params)
+    return replace(entry, params={k: v for k, v in entry.params.items() if k not in drop}) if drop else entry
+
+
 def reads_full_logits_from_store(entry: MethodEntry) -> bool:
     """Whether a method label reads every logit of the teacher from the store (it would be refused a top-k one)."""
     cls = METHODS.get(entry.method)

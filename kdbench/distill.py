@@ -26,11 +26,11 @@ from kdbench._util import read_json, sha256_file, stable_hash, write_json_atomic
 from kdbench.cache.inputs import JobInputs, open_inputs
 from kdbench.cache.source import CachedTeacher, LiveTeacher
 from kdbench.cache.store import ShardedTeacherStore, StoreError, TeacherStore
-from kdbench.config import Config
+from kdbench.config import Config, hashed_entry
 from kdbench.errors import ConfigError
 from kdbench.evaluate import agreement, embed
 from kdbench.methods.base import METHODS, DistillMethod
-from kdbench.modeldir import CANDIDATES_FILE, SEARCH_DIR, load_checkpoint, save_model_dir
+from kdbench.modeldir import CANDIDATES_FILE, SEARCH_DIR, SELECTION_FILE, load_checkpoint, save_model_dir
 from kdbench.models import ModelInfo, create_model, model_info
 from kdbench.record import Cost, Final, Identity, RunRecord, Views, write_record
 from kdbench.retrieval import METRICS, retrieval_map
@@ -229,7 +229,7 @@ def run_trial(
 
 def config_hash(cfg: Config, label: str) -> str:
     """The hash of everything in the config a run's numbers depend on (the record's ``config_hash``)."""
-    return stable_hash([cfg.protocol, cfg.data, cfg.cache, cfg.methods[label]])
+    return stable_hash([cfg.protocol, cfg.data, cfg.cache, hashed_entry(cfg.methods[label])])
 
 
 def _build_student(job: JobInputs, student: str, seed: int) -> tuple[nn.Module, ModelInfo]:
@@ -362,6 +362,16 @@ def _assistant_cost(teacher_dir: Path | None) -> tuple[float | None, int | None]
     return seconds + summary["wall_time_s"], len(summary["candidates"])
 
 
+def _assistant_pick(teacher_dir: Path | None) -> dict:
+    """For a searched assistant (AMD): the provenance of its pick, the share of noisy re-selections that keep it
+    (:func:`kdbench.tasearch.pick_stability`; the leaderboard notes a pick that is not stable); else nothing."""
+    path = teacher_dir / SEARCH_DIR / SELECTION_FILE if teacher_dir else None
+    if path is None or not path.exists():
+        return {}
+    stability = read_json(path, "assistant selection").get("stability")
+    return {"assistant_pick_share": stability["share"]} if stability else {}
+
+
 def _record(
     job: JobInputs, identity: Identity, method: DistillMethod, model: nn.Module, s_info: ModelInfo,
     result: FitResult, teacher_dir: Path | None, store_manifests: dict[str, str], stores: dict[str, Path],
@@ -429,6 +439,7 @@ def _record(
             "parallel": distributed.describe(protocol.batch_size, protocol.sync_batchnorm),
             "plugins": plugin_provenance(identity.method_name, [identity.teacher_model, identity.student]),
             **({"method_audit": audit} if (audit := method.audit()) else {}),
+            **_assistant_pick(teacher_dir),
             **({"resumed_at_epochs": result.resumed_at} if result.resumed_at else {}),
         },
         inputs={"data": str(job.data_dir), "teacher_dir": str(teacher_dir) if teacher_dir else None,

@@ -27,6 +27,8 @@ SEARCH_DIR = "search"
 """Subdirectory of a searched assistant's directory (AMD) holding its search (:mod:`kdbench.tasearch`)."""
 CANDIDATES_FILE = "candidates.json"
 """The search's summary: every candidate, its joint accuracy, and the search's wall time."""
+SELECTION_FILE = "selection.json"
+"""The search's selection: the rule's pick, its preference order and the pick's stability."""
 
 
 def save_model_dir(

@@ -50,6 +50,7 @@ from kdbench.config import (
     DataConfig,
     TeacherConfig,
     config_hash,
+    hashed_entry,
     parse_config,
     read_config_file,
     reads_full_logits_from_store,
@@ -89,7 +90,7 @@ class Layout:
     TEACHER_VERIFIED = f"{TEACHER}/verified.json"  # a checkpoint teacher's test top-1 checked (expected_top1)
     ASSISTANT = f"{RESULTS}/assistants/{{akey}}"
     SEARCH = f"{ASSISTANT}/search"  # AMD's search: candidates.json, selection.json, candidates/<k>/
-    ORACLE = f"{ASSISTANT}/oracle/{{student}}/c{{cand}}"  # AMD's audit: candidate k -> student, short run
+    ORACLE = f"{ASSISTANT}/oracle/{{student}}/c{{cand}}/seed{{seed}}"  # AMD's audit: candidate k -> student
     STORE = f"{RESULTS}/cache/{{key}}/{{spec}}/{{tapdir}}"
     SHARD = f"{STORE}/{SHARD_NAME}"
     TABLE = f"{RESULTS}/{{table}}"
@@ -642,11 +643,14 @@ class Plan:
         return Layout.SEARCH.format(akey=akey)
 
     def oracle_runs(self, akey: str) -> dict[str, list[str]]:
-        """Student -> the oracle run directory of every candidate (grid order)."""
+        """Student -> the oracle run directories, candidate-major (every seed of candidate 0, then of candidate 1,
+        ...: the order the audit reads); empty with ``oracle_seeds: 0``."""
         ak = self.teachers[akey]
+        _, mcfg = self.method(ak.table, ak.label)
         n = len(self.search_grid(akey))
-        return {s: [Layout.ORACLE.format(akey=akey, student=s, cand=k) for k in range(n)]
-                for s in self.tables[ak.table].cfg.students_of(ak.teacher)}
+        return {s: [Layout.ORACLE.format(akey=akey, student=s, cand=k, seed=i)
+                    for k in range(n) for i in range(mcfg.oracle_seeds)]
+                for s in self.tables[ak.table].cfg.students_of(ak.teacher)} if mcfg.oracle_seeds else {}
 
     def audit_file(self, table: str, teacher: str, label: str) -> str:
         return Layout.AUDIT.format(table=table, teacher=teacher, label=label) + ".md"
@@ -754,7 +758,7 @@ class Plan:
     def assistant_key(self, table: str, teacher: str, label: str) -> TeacherKey:
         cfg = self.tables[table].cfg
         tk = self.teacher_key(table, teacher)
-        spec = _h(self.data_key(table), cfg.protocol, cfg.cache, cfg.methods[label], *_reading(cfg.data))
+        spec = _h(self.data_key(table), cfg.protocol, cfg.cache, hashed_entry(cfg.methods[label]), *_reading(cfg.data))
         key = f"{tk.key}.{label}-{spec}"
         return self.teachers.get(key) or TeacherKey(key, table, teacher, label)
 
@@ -834,7 +838,7 @@ class Plan:
         cfg = self.tables[job.table].cfg
         tk = self.job_teacher(job)
         data = dataclasses.replace(cfg.data, shards_per_job=None)  # how the data jobs are split changes no run
-        return _h(cfg.protocol, cfg.cache, data, cfg.methods[job.label], tk.key if tk else None)
+        return _h(cfg.protocol, cfg.cache, data, hashed_entry(cfg.methods[job.label]), tk.key if tk else None)
 
     def render(self) -> str:
         """A plain-text summary: per table its resolved file and jobs; the shared data, teachers and stores."""

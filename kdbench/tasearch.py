@@ -10,9 +10,10 @@
   ``selection.json``.
 * :func:`run_finetune`: the selected candidate, from its searched weights, trained further with AMD's loss
   against the teacher -> the assistant directory (an ordinary teacher for the stores and the students).
-* :func:`run_oracle`: a short candidate -> student run (live candidate), for the audit.
-* :func:`audit`: per candidate, the search's numbers next to the oracle's, the Spearman correlation of the
-  two rankings and the selection's regret.
+* :func:`run_oracle`: a short candidate -> student run (live candidate) with one seed, for the audit
+  (:mod:`kdbench.report.audit`: the search's numbers next to the oracle's, the verdict, the pick's stability).
+* :func:`pick_stability`: how often ``npsd-approx`` keeps its pick under the joint accuracies' evaluation noise
+  (written into ``selection.json`` by :func:`run_select`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from kdbench.distill import cached_teacher, config_hash, run_distill
 from kdbench.errors import ConfigError, NonFiniteLossError
 from kdbench.methods.amd import FEATURE, AMDConfig, amd_terms
 from kdbench.methods.base import METHODS
-from kdbench.modeldir import CANDIDATES_FILE, save_model_dir
+from kdbench.modeldir import CANDIDATES_FILE, SELECTION_FILE, save_model_dir
 from kdbench.models import create_model
 from kdbench.prune import CLASSIFIER_INPUT, Candidate, assistant_grid, param_count, slice_state, sort_channels
 from kdbench.runtime import seed_everything
@@ -58,7 +59,6 @@ from kdbench.train.optim import build_optimizer, lr_factor
 _logger = logging.getLogger(__name__)
 
 CRITERION = "npsd-approx"
-SELECTION_FILE = "selection.json"
 
 
 def amd_config(cfg: Config, label: str) -> AMDConfig:
@@ -251,6 +251,7 @@ def run_search(
         "teacher": job.tmeta["model"],
         "teacher_params": param_count(job.tmeta["model"], data.num_classes, data.in_chans, image_size),
         "teacher_val_top1": job.tmeta["val_top1"],
+        "val_images": len(val),
         "teacher_sha256": job.tmeta["sha256"],
         "grid_step": mcfg.grid_step,
         "joint": {
@@ -455,15 +456,21 @@ def npsd_approx(scales: list[float], accuracies: list[float], teacher_accuracy: 
 
 
 def run_select(search_dir: Path) -> dict:
-    """Applies :func:`npsd_approx` to ``candidates.json`` and writes ``selection.json``."""
+    """Applies :func:`npsd_approx` to ``candidates.json`` and writes ``selection.json``, with the pick's
+    stability (:func:`pick_stability`)."""
     summary = read_json(search_dir / CANDIDATES_FILE, "AMD search summary (the search step did not finish)")
     cands = summary["candidates"]
     result = npsd_approx(
         [c["scale"] for c in cands], [c["val_top1"] for c in cands], summary["teacher_val_top1"]
     )
     chosen = cands[result["selected"]]
+    stability = (  # a search from before it logged its val size has none
+        pick_stability([c["scale"] for c in cands], [c["val_top1"] for c in cands], summary["teacher_val_top1"],
+                       summary["val_images"]) if "val_images" in summary else None
+    )
     selection = {
         **result,
+        "stability": stability,
         "name": chosen["name"],
         "dir": chosen["dir"],
         "params": chosen["params"],
@@ -501,134 +508,42 @@ def run_finetune(
 
 
 def run_oracle(
-    cfg: Config, teacher: str, label: str, student: str, candidate_dir: Path, data_dir: Path, out_dir: Path
+    cfg: Config, teacher: str, label: str, student: str, candidate_dir: Path, data_dir: Path, out_dir: Path,
+    seed: int = 0,
 ):
-    """A short run of AMD's loss from one candidate (live) to a student: what the oracle prefers."""
+    """A short run of AMD's loss from one candidate (live) to a student with one seed: what the oracle prefers.
+    Seed k is the student's init and data order for every candidate, so the candidates are paired by seed."""
     epochs = amd_config(cfg, label).epochs("oracle", cfg.protocol.epochs)
     return run_distill(
-        with_epochs(cfg, epochs), teacher, student, label, 0, data_dir, candidate_dir, {}, out_dir
+        with_epochs(cfg, epochs), teacher, student, label, seed, data_dir, candidate_dir, {}, out_dir
     )
 
 
-def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman's rank correlation (average ranks for ties); ``None`` for fewer than 2 points or no spread."""
-    if len(a) < 2:
-        return None
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    return cov / var if var else None
+STABILITY_DRAWS = 1000
 
 
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
+def pick_stability(
+    scales: list[float], accuracies: list[float], teacher_accuracy: float, val_images: int,
+    draws: int = STABILITY_DRAWS, seed: int = 0,
+) -> dict:
+    """How often :func:`npsd_approx` keeps its pick when the joint accuracies move within their evaluation noise.
 
-
-def audit(search_dir: Path, oracle: dict[str, list[Path]]) -> dict:
-    """The selection next to the oracle, per student.
-
-    Args:
-        search_dir: The search directory (``candidates.json``, ``selection.json``).
-        oracle: Student -> the oracle run records, one per candidate in grid order.
+    Each accuracy ``p`` (%, the teacher's included) measured on ``val_images`` images is redrawn ``draws`` times
+    from a normal with its binomial standard error ``100 * sqrt(p/100 * (1 - p/100) / val_images)``
+    (independently: OUR CHOICE; the candidates share the val images, so this over-states the noise of their
+    differences a little), and the rule is re-applied to each draw.
 
     Returns:
-        ``{"criterion", "selected", "candidates": [...], "students": {student: {"val_top1": [...],
-        "test_top1": [...], "best": k, "spearman": rho, "regret": points, "selected_rank": r}}}``: the
-        Spearman correlation between the rule's preference order and the oracle's (student val top-1), and
-        the regret = best oracle student val top-1 minus the selected candidate's.
+        ``{"draws", "val_images", "share": the fraction that picks the same candidate, "picks": [count per
+        candidate]}`` (the audit and the leaderboard judge the share: :data:`kdbench.report.audit.STABLE_SHARE`).
     """
-    summary = read_json(search_dir / CANDIDATES_FILE, "AMD search summary")
-    sel = read_json(search_dir / SELECTION_FILE, "AMD selection")
-    m = len(summary["candidates"])
-    preference = [0.0] * m
-    for position, k in enumerate(sel["rank"]):
-        preference[k] = float(m - position)  # higher = preferred by the rule
-    students = {}
-    for student, records in oracle.items():
-        if len(records) != m:
-            raise ValueError(f"oracle of {student}: {len(records)} records for {m} candidates")
-        finals = [read_json(r, "oracle run record")["final"] for r in records]
-        val = [f["val_top1"] for f in finals]
-        best = max(range(m), key=lambda k: (val[k], -k))
-        oracle_rank = sorted(range(m), key=lambda k: -val[k])
-        students[student] = {
-            "val_top1": val,
-            "test_top1": [f["test_top1"] for f in finals],
-            "best": best,
-            "spearman": spearman(preference, val),
-            "regret": val[best] - val[sel["selected"]],
-            "selected_rank": oracle_rank.index(sel["selected"]) + 1,
-        }
-    return {
-        "criterion": CRITERION,
-        "selected": sel["selected"],
-        "candidates": summary["candidates"],
-        "slopes": sel["slopes"],
-        "mean_slope": sel["mean_slope"],
-        "teacher": summary["teacher"],
-        "teacher_params": summary["teacher_params"],
-        "teacher_val_top1": summary["teacher_val_top1"],
-        "search_time_s": summary["wall_time_s"],
-        "students": students,
-    }
-
-
-def audit_markdown(result: dict) -> str:
-    """The audit as a Markdown table: one row per candidate, one oracle column per student."""
-    students = list(result["students"])
-    head = [
-        "candidate",
-        "scale",
-        "params (ratio)",
-        "joint val top-1",
-        f"{CRITERION} slope",
-        *(f"oracle {s} val top-1" for s in students),
-    ]
-    lines = [
-        (
-            f"# AMD search audit: {result['teacher']} ({result['teacher_params']:,} params, val top-1"
-            f" {result['teacher_val_top1']:.2f}%)"
-        ),
-        "",
-        (
-            f"Selection: `{CRITERION}` (methods.md §1.3; the paper's exact NPSD was not found). Grid average slope"
-            f" {result['mean_slope']:.2f} points per unit of scale; the rule picks the smallest candidate whose"
-            f" slope from the next larger one is at most that. Search wall time {result['search_time_s']:.0f} s."
-        ),
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    for k, c in enumerate(result["candidates"]):
-        mark = " **(selected)**" if k == result["selected"] else ""
-        cells = [
-            f"{k}: `{c['name']}`{mark}",
-            f"{c['scale']:.2f}",
-            f"{c['params']:,} ({c['ratio']:.3f})",
-            f"{c['val_top1']:.2f}",
-            f"{result['slopes'][k]:.2f}",
-        ]
-        for s in students:
-            st = result["students"][s]
-            cells.append(f"{st['val_top1'][k]:.2f}" + (" (best)" if k == st["best"] else ""))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    for s, st in result["students"].items():
-        rho = "n/a" if st["spearman"] is None else f"{st['spearman']:+.2f}"
-        lines.append(
-            f"- {s}: the oracle prefers candidate {st['best']}; `{CRITERION}`'s pick ranks"
-            f" {st['selected_rank']} of {len(result['candidates'])} (regret {st['regret']:.2f} points,"
-            f" Spearman {rho} between the rule's and the oracle's order)."
-        )
-    return "\n".join(lines) + "\n"
+    picked = npsd_approx(scales, accuracies, teacher_accuracy)["selected"]
+    acc = np.asarray([*accuracies, teacher_accuracy], dtype=np.float64)
+    p = np.clip(acc / 100.0, 0.0, 1.0)
+    se = 100.0 * np.sqrt(p * (1.0 - p) / val_images)
+    noisy = np.random.default_rng(seed).normal(acc, se, size=(draws, len(acc)))
+    picks = [0] * len(scales)
+    for row in noisy:
+        picks[npsd_approx(scales, row[:-1].tolist(), float(row[-1]))["selected"]] += 1
+    share = picks[picked] / draws
+    return {"draws": draws, "val_images": val_images, "share": share, "picks": picks}

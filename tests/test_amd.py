@@ -16,7 +16,8 @@ import yaml
 
 from kdbench.models import create_model, pruned_name, split_pruned_name
 from kdbench.prune import CLASSIFIER_INPUT, candidate_grid, slice_state, sort_channels
-from kdbench.tasearch import npsd_approx, spearman
+from kdbench.report.stats import spearman
+from kdbench.tasearch import npsd_approx
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -109,7 +110,8 @@ def searched(tmp_path_factory):
     from kdbench.config import load_config
     from kdbench.data.prepare import prepare
     from kdbench.data.sources import shard_counts
-    from kdbench.tasearch import audit, run_finetune, run_oracle, run_search, run_select
+    from kdbench.report.audit import audit
+    from kdbench.tasearch import run_finetune, run_oracle, run_search, run_select
     from kdbench.teacher import train_teacher
 
     root = tmp_path_factory.mktemp("amd")
@@ -147,13 +149,14 @@ def searched(tmp_path_factory):
     summary = run_search(cfg, "t", "amd", data, teacher, stores, search)
     selection = run_select(search)
     ta = run_finetune(cfg, "t", "amd", data, teacher, stores, search, assistant)
-    oracle = [
-        run_oracle(cfg, "t", "amd", "cnn_xs", search / c["dir"], data, root / "oracle" / str(c["index"]))
+    oracle = [  # candidate-major, 2 seeds each (paired by seed)
+        run_oracle(cfg, "t", "amd", "cnn_xs", search / c["dir"], data, root / "oracle" / f"{c['index']}-{seed}", seed)
         for c in summary["candidates"]
+        for seed in (0, 1)
     ]
-    result = audit(
-        search, {"cnn_xs": [root / "oracle" / str(c["index"]) / "record.json" for c in summary["candidates"]]}
-    )
+    result = audit(json.loads((search / "candidates.json").read_text()), selection,
+                   {"cnn_xs": [json.loads((root / "oracle" / f"{c['index']}-{seed}" / "record.json").read_text())
+                               for c in summary["candidates"] for seed in (0, 1)]})
     return SimpleNamespace(
         cfg=cfg, root=root, summary=summary, selection=selection, ta=ta, oracle=oracle, result=result,
         data=data, teacher=teacher, stores=stores, search=search,
@@ -202,14 +205,19 @@ def test_finetuned_assistant_starts_from_its_searched_weights_and_is_a_teacher(s
 def test_oracle_runs_distil_live_from_each_candidate_and_the_audit_ranks_them(searched):
     s = searched
     assert all(r.status == "ok" and r.cost.teacher_forward > 0 for r in s.oracle)  # the candidate ran live
+    assert [r.identity.seed for r in s.oracle] == [0, 1] * 3
     st = s.result["students"]["cnn_xs"]
-    assert st["val_top1"] == [r.final.val_top1 for r in s.oracle]
-    assert st["regret"] == pytest.approx(max(st["val_top1"]) - st["val_top1"][s.selection["selected"]])
+    assert st["val_top1"] == [[r.final.val_top1 for r in s.oracle[2 * k : 2 * k + 2]] for k in range(3)]
+    assert st["seeds"] == 2 and st["seed_ids"] == [0, 1]
+    means = [sum(v) / 2 for v in st["val_top1"]]
+    assert st["mean"] == pytest.approx(means)
+    assert st["regret"] == pytest.approx(max(means) - means[s.selection["selected"]])
     assert 1 <= st["selected_rank"] <= 3
-    from kdbench.tasearch import audit_markdown
+    assert s.result["stability"]["val_images"] == 128 and sum(s.result["stability"]["picks"]) == 1000
+    from kdbench.report.audit import audit_markdown
 
     text = audit_markdown(s.result)
-    assert "npsd-approx" in text and "(selected)" in text and text.count("\n| 0") + text.count("| 0:") >= 1
+    assert "npsd-approx" in text and "(selected)" in text and "Stability of the pick" in text
 
 
 @pytest.mark.slow
@@ -230,7 +238,7 @@ def test_the_workflow_runs_amds_search_rules_and_writes_the_audit(tmp_path):
     assert plan.returncode == 0, plan.stderr
     counts = job_counts(plan.stdout)
     assert counts["amd_search"] == 1 and counts["amd_select"] == 1 and counts["amd_audit"] == 1
-    assert counts["amd_oracle"] == 3 and counts["train_assistant"] == 1 and counts["distill"] == 2
+    assert counts["amd_oracle"] == 3 * 3 and counts["train_assistant"] == 1 and counts["distill"] == 2  # 3 seeds
     run = snakemake(tmp_path, config, "--cores", "2")
     assert run.returncode == 0, run.stderr[-3000:]
     audit_md = next((tmp_path / "results" / "tiny" / "audit").rglob("amd.md"))
@@ -269,7 +277,7 @@ def test_the_cifar100_amd_config_plans_the_search_on_files_in_the_real_format(tm
     grid = plan.search_grid(akey)
     assert [c.scale for c in grid] == pytest.approx([0.1 * k for k in range(1, 10)])
     assert all(c.name.startswith("resnet110:w") and abs(c.ratio - c.scale) <= 0.02 for c in grid)
-    assert len(plan.oracle_runs(akey)["resnet8"]) == 9
+    assert len(plan.oracle_runs(akey)["resnet8"]) == 9 * 3  # 3 oracle seeds per candidate
     assert plan.audits("cifar100-amd") == [plan.audit_file("cifar100-amd", teacher, label)]
     # the searched assistant's stores: the method's taps of a resnet110-shaped model
     job = next(j for j in plan.jobs if j.label == "amd")

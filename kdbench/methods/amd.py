@@ -15,7 +15,7 @@ candidate, with ``W`` the selection of the teacher channels the candidate kept (
 
 Defaults (all OUR CHOICE, methods.md §1.5: the paper's values were not found): grid step 0.1, sandwich of the
 largest candidate plus 2 random ones per step, joint, fine-tune and oracle runs each a third of the protocol's
-epochs, tau 1, weights 1 / 1 / 1.
+epochs, 3 oracle seeds per candidate, tau 1, weights 1 / 1 / 1.
 
 Deviations from the paper (its formulas and hyper-parameters could not be verified; methods.md §1.2):
   * Selection is ``npsd-approx`` (:func:`kdbench.tasearch.npsd_approx`, methods.md §1.3: the smallest
@@ -28,6 +28,12 @@ Deviations from the paper (its formulas and hyper-parameters could not be verifi
     channel group; kdbench's staged CNN teachers only (conv channels; no ViT head pruning yet).
   * Joint training: the full teacher is not part of the sandwich (it is the frozen reference); the candidates'
     BatchNorm statistics are recomputed on training views after joint training (as slimmable networks do).
+  * The oracle audit is ours (the paper has none): every candidate distilled into each student for the oracle
+    epochs on ``oracle_seeds`` seeds (seed k the same init and data order for every candidate: paired), and
+    :func:`kdbench.tasearch.audit` names a best candidate only when it beats every other one with a paired 95%
+    interval that excludes 0; the selection's stability re-applies ``npsd-approx`` to the joint accuracies
+    perturbed by their binomial evaluation noise (:func:`kdbench.tasearch.pick_stability`). ``oracle_seeds``
+    and ``oracle_epochs`` change only the audit, so they are left out of every key (``audit_params``).
 
 Search space: kd_weight and feat_weight log-uniform in [0.1, 10] (one decade either side of our 1) and tau
 uniform in [1, 4] (around our 1), for the TA -> student step only: the searched assistant is built once with
@@ -83,14 +89,16 @@ def amd_terms(
 class AMDConfig:
     """Attributes: grid_step (candidate scales are its multiples), sandwich (random candidates per joint step
     besides the largest), joint_epochs / finetune_epochs / oracle_epochs (``None``: a third of the protocol's
-    epochs, at least 1), bn_batches (training batches that recompute a candidate's BatchNorm statistics),
-    tau, ce_weight, kd_weight, feat_weight."""
+    epochs, at least 1), oracle_seeds (seeds of each candidate's oracle run; 0: no oracle runs, the audit then
+    has the search's numbers and the pick's stability only), bn_batches (training batches that recompute a
+    candidate's BatchNorm statistics), tau, ce_weight, kd_weight, feat_weight."""
 
     grid_step: float = 0.1
     sandwich: int = 2
     joint_epochs: int | None = None
     finetune_epochs: int | None = None
     oracle_epochs: int | None = None
+    oracle_seeds: int = 3
     bn_batches: int = 20
     tau: float = 1.0
     ce_weight: float = 1.0
@@ -100,9 +108,10 @@ class AMDConfig:
     def validate(self) -> None:
         if not 0 < self.grid_step < 1:
             raise ValueError(f"method 'amd': parameter 'grid_step' must be in (0, 1), got {self.grid_step}")
-        if self.sandwich < 0 or self.bn_batches < 1 or self.tau <= 0:
+        if self.sandwich < 0 or self.bn_batches < 1 or self.tau <= 0 or self.oracle_seeds < 0:
             raise ValueError(
-                "method 'amd': parameters 'sandwich' >= 0, 'bn_batches' >= 1 and 'tau' > 0 are required"
+                "method 'amd': parameters 'sandwich' >= 0, 'oracle_seeds' >= 0, 'bn_batches' >= 1 and 'tau' > 0"
+                " are required"
             )
         for name in ("joint_epochs", "finetune_epochs", "oracle_epochs"):
             value = getattr(self, name)
@@ -119,6 +128,7 @@ class AMDConfig:
 class AMD(DistillMethod):
     name = "amd"
     Config = AMDConfig
+    audit_params = frozenset({"oracle_epochs", "oracle_seeds"})
     search_space = MappingProxyType(
         {"kd_weight": around(1.0, 10.0), "feat_weight": around(1.0, 10.0), "tau": Uniform(1.0, 4.0)}
     )

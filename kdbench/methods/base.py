@@ -155,6 +155,10 @@ class DistillMethod(nn.Module):
     """The distributions of the method's tunable ``Config`` parameters, around the paper's defaults
     (:mod:`kdbench.space`); a table that tunes draws its trials from them (:mod:`kdbench.tuning`). Empty: the
     method has nothing of its own to tune (the protocol's shared knobs may still be tuned)."""
+    audit_params: ClassVar[frozenset[str]] = frozenset()
+    """``Config`` parameters that change only an audit's runs (AMD's oracle), never an assistant or a student:
+    left out of every key and hash (:func:`kdbench.config.hashed_entry`), so changing them reruns the audit
+    alone."""
 
     def __init__(self, cfg: Any, *, teacher: ModelInfo | None, student: ModelInfo, data: DataInfo) -> None:
         super().__init__()

@@ -26,6 +26,7 @@ from kdbench.report.aggregate import (
     protocols_per_dataset,
     tuning_effect,
 )
+from kdbench.report.audit import stable
 from kdbench.report.provenance import ProvenanceField
 from kdbench.report.published import Published
 from kdbench.report.records import DIRTY_FILES, split_dirty_files
@@ -314,6 +315,10 @@ def group_display(group: Group, variant: str | None = None) -> DisplayTable:
             searched = cell.first("assistant_candidates")
             notes.append(f"+ {fmt.seconds(cell.mean_of('assistant_time_s'))} for its assistant"
                          + (f" (search of {searched} candidates + fine-tuning)" if searched else ""))
+        share = cell.first("prov.assistant_pick_share")
+        if share is not None and not stable(share):
+            notes.append(f"the searched assistant's pick is not stable: {100 * share:.0f}% of re-selections within the"
+                         " joint accuracies' evaluation noise keep it (see the search audit)")
         if cell.top1.n:
             top1 = fmt.mean_std(cell.top1)
             ci = f"±{fmt.num(cell.top1.ci95)}" if cell.top1.ci95 is not None else "n/a (1 seed)"

@@ -161,7 +161,7 @@ def oracle_args(wildcards, output):
     return " ".join([
         f"--config {config_of(ak.table)} --teacher {q(ak.teacher)} --method-label {q(ak.label)}",
         f"--student {q(wildcards.student)} --data {q(PLAN.data_dir(PLAN.data_key(ak.table)))}",
-        f"--search {q(PLAN.search_dir(ak.key))} --candidate {wildcards.cand}",
+        f"--search {q(PLAN.search_dir(ak.key))} --candidate {wildcards.cand} --seed {wildcards.seed}",
     ])
 
 

@@ -103,7 +103,7 @@ rule amd_select:
 
 
 rule amd_oracle:
-    """AMD's audit: a short run from one candidate (live) to one student."""
+    """AMD's audit: a short run from one candidate (live) to one student, one seed (paired across candidates)."""
     input:
         unpack(oracle_inputs),
     output:
@@ -115,13 +115,14 @@ rule amd_oracle:
     resources:
         **needs(lambda wildcards: NEEDS.oracle(PLAN.teachers[wildcards.akey], wildcards.student)),
     log:
-        f"{L.LOGS}/assistants/{{akey}}.oracle.{{student}}.c{{cand}}.log",
+        f"{L.LOGS}/assistants/{{akey}}.oracle.{{student}}.c{{cand}}.seed{{seed}}.log",
     shell:
         "kdbench amd-oracle {params.args} --threads {threads} --out {params.out} 2> {log}"
 
 
 rule amd_audit:
-    """AMD's audit table: per candidate the search's numbers and the oracle's, Spearman and regret."""
+    """AMD's audit table: per candidate the search's numbers and the oracle's (seeds), the verdict, Spearman,
+    regret and the pick's stability."""
     input:
         unpack(audit_inputs),
     output:
