@@ -576,6 +576,37 @@ def test_leaderboard_csv_numbers(report: tuple[dict, Path]) -> None:
     assert kd["map_cosine_delta_note"] == base["map_euclidean_delta_note"] == ""
 
 
+def test_pairs_csv_compares_every_two_cells_of_a_group_paired_by_seed(report: tuple[dict, Path]) -> None:
+    """pairs.csv against the hand values above: each unordered pair once (the first-listed cell as a), per metric."""
+    summary, out = report
+    assert summary["files"]["pairs.csv"] == str(out / "pairs.csv")
+    rows = _csv(out / "pairs.csv")
+
+    def pair(a: str, b: str, metric: str = "top1", student: str = "resnet8x4", proto: str = "proto1") -> dict:
+        found = [r for r in rows if {r["a"], r["b"]} == {a, b} and r["metric"] == metric
+                 and r["student"] == student and r["protocol_hash"] == proto]
+        assert len(found) == 1, found
+        return found[0]
+
+    kd = pair("kd", "baseline")  # d = 2.0, 3.5, 1.1: mean 2.2, ci 3.012105 -> the interval contains 0
+    assert (kd["a"], kd["n"], kd["verdict"]) == ("kd", "3", "not separable")
+    assert float(kd["delta"]) == pytest.approx(2.2) and float(kd["ci95_low"]) == pytest.approx(2.2 - 3.012105, abs=1e-5)
+    dkd = pair("dkd", "kd")  # d = 4.0, 1.7, 3.3: mean 3.0, sd 1.178983, ci 4.303 * 1.178983 / sqrt(3) = 2.928992
+    assert dkd["a"] == "dkd" and float(dkd["delta"]) == pytest.approx(3.0)
+    assert float(dkd["ci95_high"]) == pytest.approx(3.0 + 2.928992, abs=1e-5) and dkd["verdict"] == "a > b"
+    assert pair("fitnet", "baseline")["verdict"] == "fewer than 2 paired seeds"
+    assert not [r for r in rows if "crd" in (r["a"], r["b"])]  # no finished seed
+    r20 = pair("kd", "baseline", student="resnet20")  # d = 1.5 on every seed: a zero-width interval above 0
+    assert r20["verdict"] == "a > b" and float(r20["ci95_low"]) == pytest.approx(1.5)
+    cos = pair("kd", "baseline", "map_cosine", student="resnet20")
+    assert cos["verdict"] == "a > b" and float(cos["ci95_low"]) == pytest.approx(5 - 2.484339, abs=1e-5)
+    assert not [r for r in rows if r["metric"] == "map_cosine" and r["student"] == "resnet8x4"]  # not measured
+    assert {r["protocol_hash"] for r in rows if r["student"] == "resnet8x4"} == {"proto1", "proto2"}
+    n_cells = 4  # baseline, kd, dkd, scalekd with 3 seeds, and fitnet with 1: 5 finished cells -> 10 pairs
+    assert sum(r["metric"] == "top1" and r["student"] == "resnet8x4" and r["protocol_hash"] == "proto1"
+               for r in rows) == (n_cells + 1) * n_cells // 2
+
+
 def test_leaderboard_csv_retrieval_map_with_paired_delta(report: tuple[dict, Path]) -> None:
     _, out = report
     rows = _csv(out / "leaderboard.csv")

@@ -5,6 +5,7 @@ curves read the ``epochs_file`` each row names) and the provenance footer. Outpu
 
 * ``runs.csv``: one row per run record (identity, ``param.*``, final metrics, cost, provenance);
 * ``leaderboard.csv``: one row per (dataset, protocol hash, teacher, student, method label);
+* ``pairs.csv``: every two cells of a group compared paired by seed, per metric (:mod:`kdbench.report.pairs`);
 * ``leaderboard.md`` and ``index.html`` (self-contained): the same tables for people, with plots;
 * ``plots/*.png``.
 
@@ -28,6 +29,7 @@ from kdbench.report.aggregate import LEADERBOARD_COLUMNS, build_tables, leaderbo
 from kdbench.report.display import report_view
 from kdbench.report.html_page import render_html
 from kdbench.report.markdown import render_markdown
+from kdbench.report.pairs import PAIR_COLUMNS, pair_rows
 from kdbench.report.plots import write_plots
 from kdbench.report.provenance import summarize_provenance
 from kdbench.report.records import RecordError, flatten_record, load_runs, runs_columns, sort_runs
@@ -84,6 +86,8 @@ def write_leaderboard(
     files["leaderboard.csv"] = out_dir / "leaderboard.csv"
     cells = leaderboard_rows(tables)
     write_csv(files["leaderboard.csv"], cells, LEADERBOARD_COLUMNS)
+    files["pairs.csv"] = out_dir / "pairs.csv"
+    write_csv(files["pairs.csv"], pair_rows(tables), PAIR_COLUMNS)
 
     plots = write_plots(tables, out_dir / "plots")
     if selection is not None:  # a run of part of the table (`select:`): the title says which part
