@@ -804,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: The commands that run data parallel under torchrun (``runtime.processes`` > 1, :mod:`kdbench.distributed`);
 #: every other command refuses more than one process.
-DATA_PARALLEL = ("distill", "trial", "train-teacher")
+DATA_PARALLEL = ("distill", "trial", "train-teacher", "cache")
 
 
 def _single_process(command: str) -> None:

@@ -130,12 +130,15 @@ def batch_part(rows: np.ndarray, rank: int | None = None, size: int | None = Non
     return np.array_split(rows, size)[rank]
 
 
-def eval_part(n: int, rank: int | None = None, size: int | None = None) -> tuple[int, int]:
+def eval_part(n: int, rank: int | None = None, size: int | None = None, align: int = 1) -> tuple[int, int]:
     """``(start, stop)`` of rank ``rank``'s contiguous part of a split of ``n`` images for evaluation; the parts,
-    in rank order, are the split in order, each image once (no padding)."""
+    in rank order, are the split in order, each image once (no padding). ``align``: every bound but the last is
+    a multiple of it (whole batches per rank: each batch is then the one-process job's, so a forward gives the
+    same bits)."""
     rank = _world.rank if rank is None else rank
     size = _world.size if size is None else size
-    bounds = [int(i * n // size) for i in range(size + 1)]
+    blocks = -(-n // align)  # ceil
+    bounds = [min(n, int(i * blocks // size) * align) for i in range(size + 1)]
     return bounds[rank], bounds[rank + 1]
 
 
@@ -155,6 +158,15 @@ def gather_rows(part: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(padded) for _ in range(_world.size)]
     dist.all_gather(out, padded)
     return torch.cat([o[: c[0]].cpu() for o, c in zip(out, counts)])
+
+
+def gather_array(part: np.ndarray) -> np.ndarray:
+    """:func:`gather_rows` of a NumPy array of any dtype (sent as its bytes, which every backend carries)."""
+    if _world.size <= 1:
+        return part
+    part = np.ascontiguousarray(part)
+    raw = torch.from_numpy(part.view(np.uint8).reshape(len(part), -1))
+    return gather_rows(raw).numpy().view(part.dtype).reshape(-1, *part.shape[1:])
 
 
 def all_sum(values: list[float]) -> list[float]:

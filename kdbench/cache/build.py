@@ -3,7 +3,9 @@
 One job per (teacher, tap, data shard); :func:`finalize_store` (the gather step) writes the manifest
 after every shard exists. The view of (sample, v) is rendered by the same
 :class:`kdbench.data.views.ViewRenderer` the student uses, so the student replays exactly what the
-teacher saw.
+teacher saw. A job of N processes (``runtime.processes``, torchrun; :mod:`kdbench.distributed`) splits the
+shard's rows into N contiguous runs of whole teacher batches, gathers the outputs in order and rank 0 alone
+writes the shard: the same file, bit for bit, as one process writes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from kdbench import distributed
 from kdbench.cache.inputs import open_inputs
 from kdbench.cache.store import encode_tap, identity_attrs, write_manifest, write_shard
 from kdbench.config import CachePolicy, Config
@@ -88,16 +91,21 @@ def build_shard(cfg: Config, teacher_dir: Path, data_dir: Path, tap: str, shard:
     image_size = tmeta["image_size"]
     n = len(split)
     rows = np.arange(n)
+    batch = cfg.protocol.eval_batch_size
+    start, stop = distributed.eval_part(n, align=batch)  # whole batches per process: the one-process bits
     fields: dict[str, list[np.ndarray]] = {}
     params = []
     t0 = time.perf_counter()
     for v in range(recipe.count):
         params.append(renderer.params(v, rows))
-        encoded = encode_view(model, renderer, tap, cfg.cache, v, rows, cfg.protocol.eval_batch_size, image_size, device,
-                              job.numerics)
+        mine = rows[start:stop] if stop > start else rows[:1]  # a process with no rows still names every field
+        encoded = encode_view(model, renderer, tap, cfg.cache, v, mine, batch, image_size, device, job.numerics)
+        encoded = {k: arr[: stop - start] for k, arr in encoded.items()}
         for k, arr in encoded.items():
-            fields.setdefault(k, []).append(arr)
+            fields.setdefault(k, []).append(distributed.gather_array(arr))
     seconds = time.perf_counter() - t0
+    if not distributed.is_writer():
+        return {"seconds": seconds, "views_per_s": n * recipe.count / seconds}
     for p in params:
         p.partner[p.partner >= 0] += first
     stacked = {k: np.stack(v) for k, v in fields.items()}

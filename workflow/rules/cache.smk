@@ -6,15 +6,17 @@ rule cache_shard:
         L.SHARD,
     params:
         args=store_args,
+        **launch(store_geometry),
         store=lambda wildcards, output: Path(output[0]).parent,
-    threads: lambda wildcards: PLAN.job_threads(PLAN.data_key(store_of(wildcards).table))  # + streamed data's workers
+    threads: job_threads(store_geometry)  # every process's CPUs (+ streamed data's workers)
     resources:
         **needs(lambda wildcards: NEEDS.store_shard(store_of(wildcards))),
+        **job_gpus(store_geometry),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/cache/{{key}}/{{spec}}/{{tapdir}}/{{shard}}.log",
     shell:
-        "kdbench cache {params.args} --threads {threads} --store {params.store}"
+        "{params.launch} cache {params.args} --threads {params.threads} --store {params.store}"
         " --shard $((10#{wildcards.shard})) 2> {log}"
 
 

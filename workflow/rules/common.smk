@@ -212,6 +212,13 @@ def teacher_geometry(wildcards):
     return (processes(tk.table) if trained else 1), PLAN.job_threads(PLAN.teacher_data_key(wildcards.tkey), 2)
 
 
+def store_geometry(wildcards):
+    """``(processes, CPUs per process)`` of a cache job: its table's processes (each takes whole teacher batches of
+    the shard; rank 0 writes it)."""
+    table = store_of(wildcards).table
+    return processes(table), PLAN.job_threads(PLAN.data_key(table))
+
+
 def assistant_geometry(wildcards):
     """``(processes, CPUs per process)`` of an assistant job: TAKD's (a distill job) in its table's processes,
     AMD's fine-tuning (its own loop, kdbench.tasearch) in one."""
