@@ -41,8 +41,8 @@ nav { font-size: .9rem; display: flex; flex-wrap: wrap; gap: .2rem 1rem; padding
       border-bottom: 1px solid #ddd; }
 nav a { white-space: nowrap; }
 .scroll { overflow: auto; max-height: 85vh; margin: .3rem 0 .6rem; }
-table { border-collapse: separate; border-spacing: 0; font-size: .82rem; }
-th, td { border: 1px solid #d8d8de; border-width: 0 1px 1px 0; padding: .25rem .5rem; text-align: left;
+table { border-collapse: separate; border-spacing: 0; font-size: .8rem; }
+th, td { border: 1px solid #d8d8de; border-width: 0 1px 1px 0; padding: .2rem .3rem; text-align: left;
          vertical-align: top; }
 tr > :first-child { border-left-width: 1px; } thead tr:first-child > * { border-top-width: 1px; }
 th { background: #eef0f4; position: sticky; top: 0; z-index: 1; }
@@ -69,7 +69,7 @@ _NUMERIC = re.compile(r"^[+\-±]?[\d.,]+( ?± ?[\d.,]+)?( \(1 seed\))?( ?[kMGTP]
 def _cell(text: str, header: str = "", breakable: bool = False) -> str:
     cls = ' class="num"' if _NUMERIC.match(text) else ""
     label = f' data-label="{escape(header)}"' if header else ""
-    body = escape(text)
+    body = re.sub(r"\[([^\]\s]*), ", r"[\1,&nbsp;", escape(text))  # an interval stays on one line
     if breakable:  # a long path or list may wrap after a separator, never inside a word
         body = re.sub(r"\S{21,}", lambda m: re.sub(r"([/\-_.,])", r"\1<wbr>", m.group()), body)
     return f"<td{cls}{label}>{body}</td>"

@@ -14,7 +14,7 @@ counter-based views, no store). :func:`write_study` gathers their records into
 * ``study.png``: top-1 (mean, 95% interval) against store bytes (log scale), one line per method, store
   policy and protocol over V; every run without a store (the live teacher, or a method that needs it online)
   is a horizontal reference line labelled with its teacher compute; drawn from ``study.csv`` alone
-  (:mod:`kdbench.report.study_plot`), so a published study's plot is redrawn by the same code;
+  (:mod:`kdbench.report.study_view`), so a published study's plot is redrawn by the same code;
 * the lossless check: each ``teacher_source: live`` run against the cached run of the same method, protocol
   and seed in the same table at V = E, compared as ``kdbench verify`` compares a re-run
   (:func:`kdbench.verify.compare_runs`: final metrics, every epoch's metrics, the trained weights' digest;
@@ -43,7 +43,7 @@ from kdbench.cache.store import StoreError, read_store_manifest
 from kdbench.report import _format as fmt
 from kdbench.report.aggregate import LeaderboardCell, build_cells
 from kdbench.report.markdown import md_table
-from kdbench.report.study_plot import plot_study, series_label
+from kdbench.report.study_view import LEGEND, plot_study, series_label, study_table
 from kdbench.report.records import load_runs, read_epochs, read_record
 from kdbench.report.stats import PairedDelta, Summary, paired_delta, summarize
 from kdbench.verify import compare_runs
@@ -321,19 +321,6 @@ def read_study_csv(path: Path) -> list[dict[str, Any]]:
     return fmt.read_csv(path, lambda column: column in _TEXT_COLUMNS)
 
 
-def _gap(gap: PairedDelta | None) -> str:
-    """``Δ vs live``: the paired mean and interval, or the mean and the paired seeds when there is no interval."""
-    if gap is None:
-        return ""
-    if gap.diff.ci95 is None:
-        return (
-            f"{fmt.num(gap.diff.mean, 2, sign=True)} (n={gap.diff.n}, no interval)"
-            if gap.diff.n
-            else "no paired seed"
-        )
-    return fmt.delta(gap)
-
-
 def gap_closes(study: Study) -> list[str]:
     """Per line of the plot over V with a live reference: the smallest V from which on every cached run's
     paired 95% interval of ``cached - live`` contains 0 (or that it never does). Lines whose points have
@@ -363,32 +350,14 @@ def gap_closes(study: Study) -> list[str]:
     return lines
 
 
-_LEGEND = (
-    "Last-epoch test top-1, mean ± std over seeds with the 95% t-interval; `Δ vs live` is the paired difference to"
-    " the live-teacher run of the same method and protocol (by seed). Store bytes: the shard files of the store"
-    " the runs read; B/view: the stored teacher outputs per (sample, view). Teacher forwards per run count the"
-    " live teacher; a store's are spent once and shared by every run reading it. `protocol`: the keys (besides V)"
-    " in which a table's protocol differs from the study's other tables."
-)
-
-
-def render_study_markdown(study: Study, plot: Path | None, out_dir: Path) -> str:
-    """The markdown page: the table, what it shows about the gap to the live teacher, the lossless check."""
-    headers = ["table", "method", "teacher", "store", "protocol", "V", "E", "store bytes", "B/view",
-               "top-1 (%)", "95% CI", "n", "Δ vs live (paired)", "teacher fwd/run", "store build fwd",
-               "train loss"]  # fmt: skip
-    body = [
-        [r.table, r.method, r.source, r.policy or fmt.DASH, r.variant, str(r.views or ""), str(r.epochs or ""),
-         fmt.si(r.store_bytes, "B"), str(r.payload_per_view or ""), fmt.mean_std(r.cell.top1),
-         f"± {fmt.num(r.cell.top1.ci95)}" if r.cell.top1.ci95 is not None else "", str(r.cell.top1.n),
-         _gap(r.gap), fmt.si(r.cell.mean_of("teacher_forward")), fmt.si(r.build_forwards),
-         fmt.num(r.train_loss.mean, 4)]
-        for r in study.rows
-    ]  # fmt: skip
+def render_study_markdown(study: Study, rows: Sequence[Mapping[str, Any]], plot: Path | None, out_dir: Path) -> str:
+    """The markdown page: the table (of ``rows``, the study's ``study.csv``), what it shows about the gap to the
+    live teacher, the lossless check."""
+    headers, body = study_table(rows)
     lines = [
         f"# Study {study.name}",
         "",
-        _LEGEND,
+        LEGEND,
         "",
         *md_table(headers, body),
         "",
@@ -435,9 +404,10 @@ def write_study(record_paths: Sequence[Path], out_dir: Path, name: str) -> Study
     out_dir.mkdir(parents=True, exist_ok=True)
     study = build_study(name, record_paths)
     fmt.write_csv(out_dir / "study.csv", study_rows(study), STUDY_COLUMNS)
-    plot = plot_study(read_study_csv(out_dir / "study.csv"), name, out_dir / "study.png")
+    rows = read_study_csv(out_dir / "study.csv")
+    plot = plot_study(rows, name, out_dir / "study.png")
     with atomic_path(out_dir / "study.md") as tmp:
-        tmp.write_text(render_study_markdown(study, plot, out_dir), encoding="utf-8")
+        tmp.write_text(render_study_markdown(study, rows, plot, out_dir), encoding="utf-8")
     _logger.info(
         "study %s: %d rows, %d lossless checks -> %s", name, len(study.rows), len(study.checks), out_dir
     )

@@ -1,9 +1,11 @@
-"""The plot of a study (``study.png``), drawn from the rows of its ``study.csv``.
+"""What a study shows, from the rows of its ``study.csv`` alone: its table (:func:`study_table`) and its plot
+(``study.png``, :func:`plot_study`). The workflow's study report and a published study's page
+(:mod:`kdbench.report.site`) are made by this code from that file.
 
+The plot:
 Top-1 (mean, 95% interval) against store bytes (log x), one line per method, store policy and protocol over V;
 every run without a store (the live teacher, a method that needs it online) is a horizontal reference line with
-its interval as a band. It reads ``study.csv`` and nothing else, so the workflow's study report and a published
-snapshot's page (:mod:`kdbench.report.site`) draw it by the same code from the same file.
+its interval as a band.
 
 Nothing overlaps: the legend is under the axes; each point's label (``V=k``, or the policy of a single store)
 is placed beside its point where it covers no other label, point or reference line
@@ -27,6 +29,53 @@ from kdbench.report.plots import draw_interval, fit_range, place_labels, save_pn
 Row = Mapping[str, Any]
 #: Marker per store policy kind (full logits, top-k; top-k hollow).
 _MARKERS = {"full": "o", "topk": "^"}
+
+
+LEGEND = (
+    "Last-epoch test top-1, mean ± std over seeds with the 95% t-interval; `Δ vs live` is the paired difference to"
+    " the live-teacher run of the same method and protocol (by seed). Store bytes: the shard files of the store"
+    " the runs read; B/view: the stored teacher outputs per (sample, view). Teacher forwards per run count the"
+    " live teacher; a store's are spent once and shared by every run reading it. `protocol`: the keys (besides V)"
+    " in which a table's protocol differs from the study's other tables."
+)
+STUDY_HEADERS = (
+    "table", "method", "teacher", "store", "protocol", "V", "E", "store bytes", "B/view", "top-1 (%)", "95% CI",
+    "n", "Δ vs live (paired)", "teacher fwd/run", "store build fwd", "train loss",
+)  # fmt: skip
+
+
+def _gap(r: Row) -> str:
+    """``Δ vs live``: the paired mean and interval, or the mean and the paired seeds when there is no interval."""
+    n, mean, low, high = r.get("gap_n"), r.get("gap_vs_live"), r.get("gap_ci95_low"), r.get("gap_ci95_high")
+    if n is None:
+        return ""
+    if not n:
+        return "no paired seed"
+    if low is None:
+        return f"{fmt.num(mean, 2, sign=True)} (n={n}, no interval)"
+    return f"{fmt.num(mean, 2, sign=True)} [{fmt.num(low, 2, True)}, {fmt.num(high, 2, True)}] (n={n})"
+
+
+def _top1(r: Row) -> str:
+    if r.get("top1_mean") is None:
+        return ""
+    if r.get("top1_std") is None:
+        return f"{fmt.num(r['top1_mean'])} (1 seed)"
+    return f"{fmt.num(r['top1_mean'])} ± {fmt.num(r['top1_std'])}"
+
+
+def study_table(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
+    """The study's table as text: :data:`STUDY_HEADERS` and one row per ``study.csv`` row."""
+    body = [
+        [str(r["table"]), str(r["method"]), str(r["teacher_source"]), r.get("store_policy") or fmt.DASH,
+         r.get("protocol_variant") or "", str(r.get("views") or ""), str(r.get("epochs") or ""),
+         fmt.si(r.get("store_bytes"), "B"), str(r.get("payload_bytes_per_view") or ""), _top1(r),
+         f"± {fmt.num(r['top1_ci95'])}" if r.get("top1_ci95") is not None else "", str(r.get("seeds") or 0),
+         _gap(r), fmt.si(r.get("teacher_forward")), fmt.si(r.get("store_build_forward")),
+         fmt.num(r.get("train_loss_last"), 4)]
+        for r in rows
+    ]  # fmt: skip
+    return list(STUDY_HEADERS), body
 
 
 def _family(row: Row) -> tuple[str, str]:
