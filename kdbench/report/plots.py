@@ -83,7 +83,7 @@ def draw_interval(ax, center: float, pos: float, half: float, lim: tuple[float, 
         if end == value:  # a cap
             ax.plot(*xy(value, value), marker="_" if vertical else "|", ms=7, **kw)
         else:  # it goes on beyond the axis
-            ax.plot(*xy(edge, edge), marker=arrow, ms=6, ls="", color=color)
+            ax.plot(*xy(edge, edge), marker=arrow, ms=7, ls="", color=color, clip_on=False, zorder=3)
     point = (pos, center) if vertical else (center, pos)
     ax.plot(*point, marker=marker, ms=6, color=color, mfc="white" if hollow else color, ls="")
     return shown != (lo, hi)
@@ -108,11 +108,13 @@ _LABEL_SPOTS = (
 
 
 def place_labels(
-    fig: Figure, ax, labels: Sequence[tuple[float, float, str, Any]], rules: Sequence[float] = ()
+    fig: Figure, ax, labels: Sequence[tuple[float, float, str, Any]], rules: Sequence[float] = (),
+    lines: Sequence[Sequence[tuple[float, float]]] = (),
 ) -> None:
     """Writes each ``(x, y, text, colour)`` label beside its point (data coordinates) where it covers no
-    other label, no labelled point, no horizontal reference line at one of ``rules`` (y values) and stays
-    inside the axes: the first free spot of :data:`_LABEL_SPOTS` (the least covered one when none is free)."""
+    other label, no labelled point, no horizontal reference line at one of ``rules`` (y values), no drawn line
+    through ``lines`` (their points, data coordinates) and stays inside the axes: the first free spot of
+    :data:`_LABEL_SPOTS` (the least covered one when none is free)."""
     FigureCanvasAgg(fig)
     fig.canvas.draw()  # the layout is final: display coordinates hold
     renderer = fig.canvas.get_renderer()
@@ -125,6 +127,12 @@ def place_labels(
     for y in rules:
         py = to_display((1.0, y))[1]
         taken.append((frame.x0, py - 3, frame.x1, py + 3))
+    for line in lines:  # each segment as a chain of small boxes
+        pts = [to_display(p) for p in line]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            steps = max(1, int(max(abs(x1 - x0), abs(y1 - y0)) / 3))
+            taken += [(x0 + (x1 - x0) * k / steps - 1.5, y0 + (y1 - y0) * k / steps - 1.5,
+                       x0 + (x1 - x0) * k / steps + 1.5, y0 + (y1 - y0) * k / steps + 1.5) for k in range(steps + 1)]
 
     def cover(box) -> float:
         inside = box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
@@ -202,7 +210,7 @@ def plot_accuracy_vs_params(table: Table, path: Path) -> Path | None:
     ax.set_ylabel("test top-1 (%), last epoch")
     ax.set_title(
         f"Accuracy vs student size — {table.dataset}, protocol {table.protocol_hash}\n"
-        "mean over seeds, bars = 95% t-interval (hollow = 1 seed; an arrow: the interval goes on)",
+        "mean over seeds, bars = 95% t-interval\n(hollow = 1 seed; an arrow: the interval goes on)",
         fontsize=10,
     )
     ax.grid(alpha=0.3)

@@ -171,5 +171,6 @@ def plot_study(rows: Sequence[Row], name: str, path: Path) -> Path:
     )
     ax.grid(alpha=0.3, which="major")
     fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
-    place_labels(fig, ax, labels, rules)
+    drawn = [[(r["store_bytes"], r["top1_mean"]) for r in members] for members in lines.values() if len(members) > 1]
+    place_labels(fig, ax, labels, rules, drawn)
     return save_png(fig, path)
