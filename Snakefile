@@ -40,6 +40,7 @@ localrules:
     leaderboard,
     compare,
     study,
+    site,
     amd_select,
     amd_audit,
     tune_select,

@@ -435,6 +435,29 @@ def cmd_study(args) -> None:
     _done(f"study {args.name}: {len(study.rows)} rows from {len(args.runs)} runs -> {args.out}")
 
 
+def cmd_site(args) -> int:
+    from kdbench.report.site import snapshot_entries, stale_pages, workflow_entries, write_site
+
+    published = Path(args.published)
+    if args.tables or args.studies:  # the workflow's site of the tables it made
+        if not args.out:
+            raise SystemExit("kdbench: error: kdbench site --tables/--studies needs --out DIR (e.g. results/site)")
+        out = Path(args.out)
+        entries = workflow_entries([Path(t) for t in args.tables], [Path(s) for s in args.studies], published)
+    else:  # the committed snapshots, rebuilt in place
+        out = Path(args.out) if args.out else published
+        if not published.is_dir():
+            raise SystemExit(f"kdbench: error: --published {published}: no such folder (run from the repository's top)")
+        entries = snapshot_entries(published)
+    if not args.check:
+        write_site(entries, out)
+        _done(f"site of {len(entries)} tables and studies -> {out}/index.html")
+    stale = stale_pages(out)
+    for line in stale:
+        print(line)
+    return 1 if stale else 0
+
+
 def cmd_plan(args) -> None:
     from kdbench.plan import Plan, resolve_study
 
@@ -774,6 +797,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="record.json files of every table of the study")
     p.add_argument("--name", required=True, help="the study's name (the suite's study.name)")
     p.add_argument("--out", required=True, help="study directory to write")
+
+    p = add("site", cmd_site, "the results site: rebuild every published snapshot's page and the front page"
+            " results/published/index.html from the committed runs.csv / study.csv (or, with --tables, a"
+            " workflow's site of the tables it made); exit 1 if a page is stale", config=False)
+    p.add_argument("--published", default="results/published", metavar="DIR",
+                   help="the published snapshots (default: results/published)")
+    p.add_argument("--tables", nargs="*", default=[], metavar="DIR", help="leaderboard folders (runs.csv) of a run")
+    p.add_argument("--studies", nargs="*", default=[], metavar="DIR", help="study folders (study.csv) of a run")
+    p.add_argument("--out", metavar="DIR", help="the site's folder (default: --published, rebuilt in place)")
+    p.add_argument("--check", action="store_true", help="write nothing: list the pages written by older code"
+                   " than their records need (exit 1 if any)")
 
     p = add("verify", cmd_verify, "re-run one cell from its record and compare (bit-identical on the same CPU"
             " model and ISA, not across CPUs)", config=False)

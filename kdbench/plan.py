@@ -69,7 +69,7 @@ from kdbench.taps import normalize_tap, parse_tap, tap_dirname
 
 RESULTS = "results"
 DEFAULT_CONFIG = "workflow/config/config.yaml"
-RESERVED = frozenset({"data", "teachers", "assistants", "cache", "published", "logs"})
+RESERVED = frozenset({"data", "teachers", "assistants", "cache", "published", "logs", "site"})
 _HASH = 8
 
 
@@ -107,6 +107,7 @@ class Layout:
     TABLE_LOGS = f"{TABLE}/logs"
     STUDY = f"{RESULTS}/{{study}}"  # a suite's study report (study.md / .csv / .png), over all its tables
     STUDY_LOGS = f"{STUDY}/logs"
+    SITE = f"{RESULTS}/site"  # the run's results site: a page per table and study, a front page (never committed)
 
 
 # --- resolving config files + overrides --------------------------------------------------------------------

@@ -274,5 +274,5 @@ def test_a_pilot_selection_is_reused_by_the_full_run(fmnist, tmp_path):
     assert "a selection of the table: methods kd; seeds 0" in board.splitlines()[0]
     full = snakemake(tmp_path, path, "-n")
     assert full.returncode == 0, full.stderr[-3000:]
-    # Everything the pilot ran is reused: only the other three runs and the leaderboard are left.
-    assert job_counts(full.stdout) == {"distill": 3, "leaderboard": 1, "all": 1, "total": 5}
+    # Everything the pilot ran is reused: only the other three runs, the leaderboard and the site are left.
+    assert job_counts(full.stdout) == {"distill": 3, "leaderboard": 1, "site": 1, "all": 1, "total": 6}

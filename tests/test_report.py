@@ -660,7 +660,9 @@ def test_markdown(report: tuple[dict, Path]) -> None:
     _, out = report
     md = (out / "leaderboard.md").read_text()
     assert "# Synthetic KD leaderboard" in md
-    assert "| 3 | kd | 3 | 73.20 ± 1.25 | ±3.11 | +2.20 [-0.81, +5.21] (n=3) |" in md
+    # A cell's notes are a footnote marked beside its method (not a column).
+    assert "| 3 | kd [3] | 3 | 73.20 ± 1.25 | ±3.11 | +2.20 [-0.81, +5.21] (n=3) |" in md
+    assert "- [3] kd: ranked below dkd: paired Δ -3.00 [-5.93, -0.07] (n=3)" in md and "| Notes |" not in md
     assert "| 3 | baseline | 3 | 71.00 ± 1.00 | ±2.48 | (baseline) |" in md
     assert "skipped: needs sample_index, not provided by this store" in md
     assert "| Teacher fwd (images) |" in md and "**Teacher fwd (images)**: training images" in md
@@ -674,7 +676,7 @@ def test_markdown(report: tuple[dict, Path]) -> None:
     # Published numbers: a legend item and a footnote for each marker, the teacher's included.
     assert "Teacher t32x4 (resnet32x4): test top-1 79.10%, published 79.42 [1]" in md
     assert "- [1] Published teacher resnet32x4: 79.42 — RepDistiller" in md
-    assert "| 73.33 [3] |" in md and "- [3] Published kd: 73.33 — RepDistiller" in md
+    assert "| 73.33 [4] |" in md and "- [4] Published kd: 73.33 — RepDistiller" in md
     assert "- **Published** numbers" in md and "footnote [n]" in md
     assert md.count("### t32x4 (resnet32x4) → resnet8x4") == 2  # once per protocol
     assert "2 different protocols (proto1, proto2)" in md
@@ -689,8 +691,11 @@ def test_html_is_self_contained(report: tuple[dict, Path]) -> None:
     page = (out / "index.html").read_text()
     srcs = re.findall(r"""\bsrc\s*=\s*["']([^"']*)""", page)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert not re.search(r"\bhref\s*=", page)
-    assert "<script" not in page and "<link" not in page and "@import" not in page and "url(" not in page
+    # Its only links are to its own files beside it (relative: the plots, runs.csv, ...).
+    hrefs = re.findall(r"""\bhref\s*=\s*["']([^"']*)""", page)
+    assert hrefs and all(h == "data:," or (out / h).is_file() for h in hrefs), hrefs
+    assert "<script" not in page and "@import" not in page and "url(" not in page
+    assert re.findall(r"<link[^>]*>", page) == ['<link rel="icon" href="data:,">']  # (no favicon request)
     assert "<style>" in page and "<footer>" in page
     footer = page[page.index("<footer>") :]
     assert "0123456789abcdef" in footer and "2.14.1" in footer and "proto1" in footer

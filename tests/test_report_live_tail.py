@@ -89,7 +89,7 @@ def test_leaderboard_csv_marks_the_row_and_keeps_the_numbers_in_their_own_column
 
 
 def _table_row(md: str, method: str) -> list[str]:
-    (line,) = [ln for ln in md.splitlines() if re.match(rf"^\| [^|]* \| {method} \|", ln)]
+    (line,) = [ln for ln in md.splitlines() if re.match(rf"^\| [^|]* \| {method}( \[\d+\])? \|", ln)]
     return [c.strip() for c in line.strip("|").split(" | ")]
 
 

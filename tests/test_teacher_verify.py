@@ -271,5 +271,5 @@ def test_a_wrong_expected_top1_stops_the_workflow_before_the_teacher_is_used(raw
     again = snakemake(work, config, "-n")
     assert again.returncode == 0, again.stderr
     assert planned(again.stdout).get("verify_teacher") == 1
-    assert {k for k in planned(again.stdout) if k not in ("total", "all")} <= {"verify_teacher", "leaderboard"}, \
+    assert {k for k in planned(again.stdout) if k not in ("total", "all")} <= {"verify_teacher", "leaderboard", "site"}, \
         again.stdout

@@ -100,14 +100,20 @@ def test_end_to_end_workflow_builds_the_leaderboard(tmp_path):
     kd = json.loads(next(p for p in records if "/kd/" in str(p)).read_text())
     assert kd["status"] == "ok" and kd["cost"]["teacher_forward"] == 0 and kd["cost"]["cache_bytes_read"] > 0
     assert kd["views"] == {"count": 2, "epochs": 1, "repeats": False}
-    assert (board / "leaderboard.md").read_text().count("| kd |") == len(raw["students"])
+    assert len(re.findall(r"\| kd( \[\d+\])? \|", (board / "leaderboard.md").read_text())) == len(raw["students"])
+    # The run's results site: the table's page rebuilt from its runs.csv, linked from the front page.
+    site = tmp_path / "results" / "site"
+    name = raw["name"]
+    assert f'href="{name}/index.html"' in (site / "index.html").read_text()
+    assert (site / raw["name"] / "runs.csv").read_text() == (board / "runs.csv").read_text()
     # A second run has nothing to do: every output is complete and up to date.
     again = snakemake(tmp_path, TINY, "--cores", "2", "-n")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
-    # One more seed through --config reruns exactly the new seed's jobs and the leaderboard.
+    # One more seed through --config reruns exactly the new seed's jobs, the leaderboard and the site.
     more = snakemake(tmp_path, TINY, "-n", "--config", f"seeds={raw['seeds'] + [7]}")
     assert more.returncode == 0, more.stderr
-    assert job_counts(more.stdout) == {"distill": len(want), "leaderboard": 1, "all": 1, "total": len(want) + 2}
+    assert job_counts(more.stdout) == {"distill": len(want), "leaderboard": 1, "site": 1, "all": 1,
+                                       "total": len(want) + 3}
     planned = set(re.findall(r"^\s+output: (\S+)", more.stdout, re.M))
     assert {p for p in planned if p.endswith("record.json")} == {
         f"results/{raw['name']}/runs/{t}/{s}/{m}/seed7/record.json" for t, s, m in want}

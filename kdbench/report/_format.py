@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from kdbench._util import atomic_path
 from kdbench.report.stats import PairedDelta, Summary
@@ -82,3 +82,28 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[s
         writer.writerow(columns)
         for row in rows:
             writer.writerow([csv_value(row.get(c)) for c in columns])
+
+
+def parse_value(text: str) -> Any:
+    """A CSV cell back to a value (the inverse of :func:`csv_value`): ``""`` -> ``None``, ``true``/``false`` ->
+    bool, an integer or a float literal -> int or float, anything else stays text."""
+    if text == "":
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_csv(path: Path, text_columns: Callable[[str], bool] = lambda column: False) -> list[dict[str, Any]]:
+    """The rows of a CSV file written by :func:`write_csv`, each cell parsed by :func:`parse_value` except in
+    the columns ``text_columns`` names (identities, digests and versions stay text: ``"1.10"``, ``"00e1"``)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [
+        {k: (v if text_columns(k) else parse_value(v)) for k, v in row.items()} for row in rows
+    ]

@@ -145,7 +145,8 @@ class DisplayTable:
         caption: One-paragraph caption (teacher top-1, student size, views).
         headers: Column titles.
         rows: One list of cell texts per leaderboard cell.
-        footnotes: Sources of published numbers and group-level notes.
+        footnotes: The notes on cells (marked ``[n]`` beside the method), sources of published numbers, and
+            group-level notes.
     """
 
     title: str
@@ -295,7 +296,7 @@ def group_display(group: Group, variant: str | None = None) -> DisplayTable:
         headers += [METRIC_HEADERS.get(m, m), f"Δ {METRIC_HEADERS.get(m, m)} [95% CI]"]
     headers += ["Published"] * show_pub
     headers += ["Wall time", *["Tuning time"] * tuned]
-    headers += [TEACHER_FWD, "Cache read", "Extra params", "Teacher", "Notes"]
+    headers += [TEACHER_FWD, "Cache read", "Extra params", "Teacher"]
     footnotes: list[str] = []
     caption = _caption(group, views, footnotes)
     if variant == UNTUNED_VARIANT:
@@ -324,7 +325,10 @@ def group_display(group: Group, variant: str | None = None) -> DisplayTable:
             ci = f"±{fmt.num(cell.top1.ci95)}" if cell.top1.ci95 is not None else "n/a (1 seed)"
         else:
             top1, ci = f"skipped: {cell.skip_reason}", ""
-        row = [str(cell.rank) if cell.rank is not None else fmt.DASH, _method_label(cell)]
+        method = _method_label(cell)
+        if notes:  # a long note would make a column of its own one word wide: it is a footnote
+            method += " " + _footnote(f"{cell.method}: {'; '.join(notes)}", footnotes)
+        row = [str(cell.rank) if cell.rank is not None else fmt.DASH, method]
         row += [tuning_text(cell)] * tuned
         row += [_seeds(cell), top1, ci, _delta(cell, group, HEADLINE)]
         if tuned:
@@ -342,7 +346,6 @@ def group_display(group: Group, variant: str | None = None) -> DisplayTable:
             fmt.si(cell.mean_of("cache_bytes_read"), "B"),
             fmt.si(cell.first("extra_params")),
             fmt.DASH if cell.teacher_source == "none" else cell.teacher_source,
-            "; ".join(notes),
         ]
         rows.append(row)
     notes = group.notes if not group.tuned else _variant_notes(group, variant)

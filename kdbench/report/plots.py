@@ -7,8 +7,11 @@
 * a tuned table's groups (:mod:`kdbench.tuning`): the expected best validation score after k of the K trials
   per method (:func:`kdbench.report.stats.expected_max`), one figure per group.
 
-Each method label keeps one colour in every plot of a report (a tuned cell and its untuned twin share it; the
-untuned one is drawn hollow). In a tuned table the accuracy-vs-size plot shows the tuned cells (the headline).
+Each method label has one colour in every plot of every report (:func:`kdbench.report.colors.method_color`; a
+tuned cell and its untuned twin share it, the untuned one drawn hollow). In a tuned table the accuracy-vs-size
+plot shows the tuned cells (the headline). Axis ranges fit the means: an interval much longer than the others
+(a 2-seed t-interval) is drawn up to the axis and ends in an arrow marker (:func:`fit_range`), and top-1 axes
+stop at 100 %. Value labels sit beside the axes, clear of every reference line.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from matplotlib.ticker import MaxNLocator
 from kdbench._util import atomic_path
 from kdbench.report import _format as fmt
 from kdbench.report.aggregate import BASELINE, TUNED_VARIANT, UNTUNED_VARIANT, Group, LeaderboardCell, Table
+from kdbench.report.colors import BASELINE_COLOR, method_color
 from kdbench.report.records import read_epochs
 from kdbench.report.stats import expected_max_curve, summarize
 
@@ -36,22 +40,57 @@ _logger = logging.getLogger(__name__)
 
 _DPI = 110
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-_BASELINE_COLOR = "0.35"
+_BASELINE_COLOR = BASELINE_COLOR
+# An interval longer than this many times the median half width of its plot is clipped at the axis.
+_CLIP_FACTOR = 2.5
 
 
-def method_colors(methods: Sequence[str]) -> dict[str, Any]:
-    """A stable colour per method label (the baseline is grey)."""
-    import matplotlib as mpl
+def fit_range(
+    centers: Sequence[float], halves: Sequence[float], include: Sequence[float] = (), upper: float | None = None
+) -> tuple[float, float]:
+    """An axis range that fits the points and their typical intervals, not one outlying interval.
 
-    others = sorted(m for m in set(methods) if m != BASELINE)
-    palette = mpl.colormaps["tab10" if len(others) <= 9 else "tab20"].colors
-    palette = [c for c in palette if c[0] != c[1] or c[1] != c[2]]  # drop the greys (baseline is grey)
-    colors: dict[str, Any] = {m: palette[i % len(palette)] for i, m in enumerate(others)}
-    colors[BASELINE] = _BASELINE_COLOR
-    return colors
+    Every point is inside; every interval up to ``_CLIP_FACTOR`` times the median half width (at least 0.5)
+    is inside whole; a longer one is clipped (:func:`draw_interval` marks it). ``include`` values (0 for a
+    gain) are inside too, and the range stops at ``upper`` (100 for a top-1) when given.
+
+    Returns:
+        ``(low, high)`` with a 6% margin.
+    """
+    cap = max(0.5, _CLIP_FACTOR * float(sorted(halves)[len(halves) // 2])) if halves else 0.5
+    lows = [c - min(h, cap) for c, h in zip(centers, halves)] + list(centers) + list(include)
+    highs = [c + min(h, cap) for c, h in zip(centers, halves)] + list(centers) + list(include)
+    lo, hi = min(lows), max(highs)
+    pad = 0.06 * max(hi - lo, 1.0)
+    lo, hi = lo - pad, hi + pad
+    if upper is not None:
+        hi = min(hi, upper + pad / 2)
+    return lo, hi
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def draw_interval(ax, center: float, pos: float, half: float, lim: tuple[float, float], color: Any,
+                  vertical: bool, marker: str = "o", hollow: bool = False) -> bool:
+    """A point with its interval, the interval clipped to ``lim`` with an arrow marker at the axis where it
+    goes on. ``vertical``: the interval runs along y (the point at x = ``pos``). Returns whether it was
+    clipped."""
+    lo, hi = center - half, center + half
+    shown = (max(lo, lim[0]), min(hi, lim[1]))
+    kw = dict(color=color, lw=1.3)
+    xy = (lambda a, b: ([pos, pos], [a, b])) if vertical else (lambda a, b: ([a, b], [pos, pos]))
+    ax.plot(*xy(*shown), **kw)
+    for end, value, edge, arrow in ((lo, shown[0], lim[0], "v" if vertical else "<"),
+                                    (hi, shown[1], lim[1], "^" if vertical else ">")):
+        if end == value:  # a cap
+            ax.plot(*xy(value, value), marker="_" if vertical else "|", ms=7, **kw)
+        else:  # it goes on beyond the axis
+            ax.plot(*xy(edge, edge), marker=arrow, ms=7, ls="", color=color, clip_on=False, zorder=3)
+    point = (pos, center) if vertical else (center, pos)
+    ax.plot(*point, marker=marker, ms=6, color=color, mfc="white" if hollow else color, ls="")
+    return shown != (lo, hi)
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    """Writes ``fig`` as a PNG (atomically) and returns ``path``."""
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=_DPI, format="png")
@@ -59,11 +98,75 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _colour(cell: LeaderboardCell, colors: Mapping[str, Any]) -> Any:
-    return colors.get(BASELINE if cell.method_name == BASELINE else cell.label, _BASELINE_COLOR)
+_save = save_png
+# Where a point's label may go, in order of preference: (dx, dy) in points, horizontal and vertical alignment.
+_LABEL_SPOTS = (
+    (7, 0, "left", "center"), (-7, 0, "right", "center"), (6, 7, "left", "bottom"), (6, -7, "left", "top"),
+    (-6, 7, "right", "bottom"), (-6, -7, "right", "top"), (0, 9, "center", "bottom"), (0, -9, "center", "top"),
+    (14, 0, "left", "center"), (-14, 0, "right", "center"),
+)  # fmt: skip
 
 
-def plot_accuracy_vs_params(table: Table, path: Path, colors: Mapping[str, Any]) -> Path | None:
+def place_labels(
+    fig: Figure, ax, labels: Sequence[tuple[float, float, str, Any]], rules: Sequence[float] = (),
+    lines: Sequence[Sequence[tuple[float, float]]] = (),
+) -> None:
+    """Writes each ``(x, y, text, colour)`` label beside its point (data coordinates) where it covers no
+    other label, no labelled point, no horizontal reference line at one of ``rules`` (y values), no drawn line
+    through ``lines`` (their points, data coordinates) and stays inside the axes: the first free spot of
+    :data:`_LABEL_SPOTS` (the least covered one when none is free)."""
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()  # the layout is final: display coordinates hold
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    to_display = ax.transData.transform
+    taken = []
+    for x, y in {(x, y) for x, y, *_ in labels}:
+        px, py = to_display((x, y))
+        taken.append((px - 5, py - 5, px + 5, py + 5))
+    for y in rules:
+        py = to_display((1.0, y))[1]
+        taken.append((frame.x0, py - 3, frame.x1, py + 3))
+    for line in lines:  # each segment as a chain of small boxes
+        pts = [to_display(p) for p in line]
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            steps = max(1, int(max(abs(x1 - x0), abs(y1 - y0)) / 3))
+            taken += [(x0 + (x1 - x0) * k / steps - 1.5, y0 + (y1 - y0) * k / steps - 1.5,
+                       x0 + (x1 - x0) * k / steps + 1.5, y0 + (y1 - y0) * k / steps + 1.5) for k in range(steps + 1)]
+
+    def cover(box) -> float:
+        inside = box.x0 >= frame.x0 and box.x1 <= frame.x1 and box.y0 >= frame.y0 and box.y1 <= frame.y1
+        area = sum(max(0.0, min(box.x1, b[2]) - max(box.x0, b[0])) * max(0.0, min(box.y1, b[3]) - max(box.y0, b[1]))
+                   for b in taken)
+        return area + (0.0 if inside else 1e6)
+
+    for x, y, text, color in labels:
+        note = ax.annotate(text, (x, y), xytext=(0, 0), textcoords="offset points", fontsize=7, color=color,
+                           annotation_clip=False)
+        note.set_in_layout(False)
+        best = None
+        for dx, dy, ha, va in _LABEL_SPOTS:
+            note.set_position((dx, dy))
+            note.set_ha(ha)
+            note.set_va(va)
+            box = note.get_window_extent(renderer)
+            score = cover(box)
+            if best is None or score < best[0]:
+                best = (score, (dx, dy, ha, va), box)
+            if score == 0:
+                break
+        _, (dx, dy, ha, va), box = best
+        note.set_position((dx, dy))
+        note.set_ha(ha)
+        note.set_va(va)
+        taken.append((box.x0, box.y0, box.x1, box.y1))
+
+
+def _colour(cell: LeaderboardCell) -> str:
+    return method_color(BASELINE if cell.method_name == BASELINE else cell.label)
+
+
+def plot_accuracy_vs_params(table: Table, path: Path) -> Path | None:
     """Last-epoch top-1 (mean, 95% CI bars) against student parameters, one point per cell.
 
     Points of one student are spread a little sideways (by method) so error bars do not overlap; the
@@ -85,22 +188,16 @@ def plot_accuracy_vs_params(table: Table, path: Path, colors: Mapping[str, Any])
     fig = Figure(figsize=(width, 4.8), layout="constrained")
     ax = fig.add_subplot()
     slots = len(methods) * len(teachers)
+    ylim = fit_range([c.top1.mean for c in cells], [c.top1.ci95 or 0.0 for c in cells], upper=100.0)
     for c in cells:
         params = c.first("student_params")
         slot = methods.index(c.method) * len(teachers) + teachers.index(c.teacher)
         offset = (slot - (slots - 1) / 2) * 0.25 / max(slots, 1)
         x = params * 10 ** (offset * 0.5) if log_x else params * (1 + offset * 0.5)
-        ci = c.top1.ci95 or 0.0
-        ax.errorbar(
-            x,
-            c.top1.mean,
-            yerr=ci,
-            fmt=_MARKERS[teachers.index(c.teacher) % len(_MARKERS)],
-            color=_colour(c, colors),
-            capsize=3,
-            markersize=6,
-            mfc="white" if c.top1.ci95 is None else None,
-        )
+        marker = _MARKERS[teachers.index(c.teacher) % len(_MARKERS)]
+        draw_interval(ax, c.top1.mean, x, c.top1.ci95 or 0.0, ylim, _colour(c), vertical=True, marker=marker,
+                      hollow=c.top1.ci95 is None)
+    ax.set_ylim(*ylim)
     if log_x:
         ax.set_xscale("log")
     ax.set_xticks([p for p, _ in students], [f"{s}\n{fmt.si(p)}" for p, s in students], rotation=0)
@@ -113,12 +210,12 @@ def plot_accuracy_vs_params(table: Table, path: Path, colors: Mapping[str, Any])
     ax.set_ylabel("test top-1 (%), last epoch")
     ax.set_title(
         f"Accuracy vs student size — {table.dataset}, protocol {table.protocol_hash}\n"
-        "mean over seeds, bars = 95% t-interval (hollow = 1 seed)",
+        "mean over seeds, bars = 95% t-interval\n(hollow = 1 seed; an arrow: the interval goes on)",
         fontsize=10,
     )
     ax.grid(alpha=0.3)
     handles = [
-        Line2D([], [], color=_colour_by_label(m, cells, colors), marker="o", ls="", label=m) for m in methods
+        Line2D([], [], color=_colour_by_label(m, cells), marker="o", ls="", label=m) for m in methods
     ]
     if len(teachers) > 1:
         handles += [
@@ -137,11 +234,11 @@ def plot_accuracy_vs_params(table: Table, path: Path, colors: Mapping[str, Any])
     return _save(fig, path)
 
 
-def _colour_by_label(method: str, cells: Sequence[LeaderboardCell], colors: Mapping[str, Any]) -> Any:
-    return next(_colour(c, colors) for c in cells if c.method == method)
+def _colour_by_label(method: str, cells: Sequence[LeaderboardCell]) -> Any:
+    return next(_colour(c) for c in cells if c.method == method)
 
 
-def plot_gain(table: Table, path: Path, colors: Mapping[str, Any]) -> Path | None:
+def plot_gain(table: Table, path: Path) -> Path | None:
     """Paired gain over the baseline per cell, with its 95% CI.
 
     Cells with fewer than two seeds paired with the baseline have no interval and are left out (the
@@ -159,31 +256,28 @@ def plot_gain(table: Table, path: Path, colors: Mapping[str, Any]) -> Path | Non
         return None
     fig = Figure(figsize=(7.2, 1.7 + 0.55 * len(entries)), layout="constrained")
     ax = fig.add_subplot()
+    diffs = [c.delta.diff for _, c in entries]
+    xlim = fit_range([d.mean for d in diffs], [d.ci95 for d in diffs], include=[0.0])
     for i, (_, c) in enumerate(entries):
         y = len(entries) - 1 - i
         s = c.delta.diff
-        hollow = "white" if c.variant == UNTUNED_VARIANT else None
-        ax.errorbar(s.mean, y, xerr=s.ci95, fmt="o", color=_colour(c, colors), capsize=4, mfc=hollow)
-        ax.annotate(
-            f"{s.mean:+.2f} (n={s.n})",
-            (s.mean, y),
-            xytext=(0, 7),
-            textcoords="offset points",
-            ha="center",
-            fontsize=8,
-        )
+        clipped = draw_interval(ax, s.mean, y, s.ci95, xlim, _colour(c), vertical=False,
+                                hollow=c.variant == UNTUNED_VARIANT)
+        # The value beside the axes (right), never on the zero line or on a bar.
+        text = f"{s.mean:+.2f} (n={s.n})" + (f"\n[{s.low:+.1f}, {s.high:+.1f}]" if clipped else "")
+        ax.annotate(text, (1.02, y), xycoords=("axes fraction", "data"), ha="left", va="center", fontsize=8)
     for i in range(1, len(entries)):  # a rule between teacher->student groups
         if entries[i][1].key[:4] != entries[i - 1][1].key[:4]:
             ax.axhline(len(entries) - i - 0.5, color="0.75", lw=0.8)
-    ax.axvline(0.0, color="0.3", lw=1, ls="--")
+    ax.axvline(0.0, color="0.3", lw=1, ls="--", zorder=0)
     ax.set_yticks(range(len(entries)), [label for label, _ in reversed(entries)], fontsize=8)
     ax.set_ylim(-0.7, len(entries) - 0.3)
-    ax.margins(x=0.15)
+    ax.set_xlim(*xlim)
     ax.set_xlabel("gain over the student alone (top-1 points, paired by seed)")
     untuned = "\nfilled: tuned, hollow: untuned (each over the student alone of its variant)"
     ax.set_title(
         f"Gain vs baseline — {table.dataset}, protocol {table.protocol_hash}\n"
-        "mean paired difference, bars = paired 95% t-interval"
+        "mean paired difference (value at the right), bars = paired 95% t-interval (arrow: it goes on)"
         f"{untuned if any(c.variant for _, c in entries) else ''}\n"
         "(cells with fewer than 2 paired seeds are not shown)",
         fontsize=10,
@@ -192,28 +286,36 @@ def plot_gain(table: Table, path: Path, colors: Mapping[str, Any]) -> Path | Non
     return _save(fig, path)
 
 
+EpochsReader = Callable[[Mapping[str, Any]], list[dict]]
+
+
+def epochs_of_run(run: Mapping[str, Any]) -> list[dict]:
+    """A run's epochs from the ``epochs_file`` its row names (``[]``, with a warning, when it is absent)."""
+    path = Path(run.get("epochs_file") or "")
+    if not run.get("epochs_file") or not path.exists():
+        _logger.warning("no epochs file for %s (seed %s): no training curve", run["record"], run["seed"])
+        return []
+    return read_epochs(path)
+
+
 def mean_curves(
-    cell: LeaderboardCell, reader: Callable[[Path], list[dict]] = read_epochs
+    cell: LeaderboardCell, reader: EpochsReader = epochs_of_run
 ) -> dict[str, list[tuple[int, float, float | None]]]:
     """Per-epoch mean (and std) over the cell's seeds of ``test_top1`` and ``val_top1``.
 
     Args:
-        cell: The cell; each finished run's ``epochs_file`` is read.
-        reader: Reads one epochs file.
+        cell: The cell; each finished run's epochs are read.
+        reader: A run's epochs, from its runs-table row.
 
     Returns:
-        ``{"test_top1": [(epoch, mean, std), ...], "val_top1": [...]}``; empty lists when no epochs file
-        of the cell exists.
+        ``{"test_top1": [(epoch, mean, std), ...], "val_top1": [...]}``; empty lists when no run of the cell
+        has epochs.
     """
     per_epoch: dict[str, dict[int, list[float]]] = {"test_top1": {}, "val_top1": {}}
     for run in cell.runs:
-        path = Path(run.get("epochs_file") or "")
-        if not run.get("epochs_file") or not path.exists():
-            _logger.warning("no epochs file for %s (seed %s): no training curve", run["record"], run["seed"])
-            continue
-        for ep in reader(path):
+        for ep in reader(run):
             for key, values in per_epoch.items():
-                if ep.get(key) is not None:
+                if ep.get(key) not in (None, ""):
                     values.setdefault(int(ep["epoch"]), []).append(float(ep[key]))
     out = {}
     for key, values in per_epoch.items():
@@ -221,13 +323,14 @@ def mean_curves(
     return out
 
 
-def plot_curves(group: Group, path: Path, colors: Mapping[str, Any]) -> Path | None:
+def plot_curves(group: Group, path: Path, reader: EpochsReader | None = None) -> Path | None:
     """Training curves of a group: one panel per cell with test (solid, ±std band) and val (dashed) top-1.
 
     Returns:
         ``path``, or ``None`` when no cell of the group has an epochs file.
     """
-    curves = {c.method: mean_curves(c) for c in group.cells if c.runs}
+    reader = reader or epochs_of_run
+    curves = {c.method: mean_curves(c, reader) for c in group.cells if c.runs}
     curves = {m: cv for m, cv in curves.items() if cv["test_top1"] or cv["val_top1"]}
     if not curves:
         return None
@@ -236,7 +339,7 @@ def plot_curves(group: Group, path: Path, colors: Mapping[str, Any]) -> Path | N
     for b in {id(b): b for c in cells if (b := group.baseline_for(c)) is not None}.values():
         found = curves.get(b.method) if b in group.cells else None
         if found is None and b.runs:  # borrowed from another teacher's group
-            found = mean_curves(b)
+            found = mean_curves(b, reader)
         bases[b.method] = found
     ncols = min(3, len(cells))
     nrows = math.ceil(len(cells) / ncols)
@@ -245,7 +348,7 @@ def plot_curves(group: Group, path: Path, colors: Mapping[str, Any]) -> Path | N
     fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows + 0.9), layout="constrained")
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
     for ax, cell in zip(axes, cells):
-        color = _colour(cell, colors)
+        color = _colour(cell)
         cv = curves[cell.method]
         baseline = group.baseline_for(cell)
         base = bases.get(baseline.method) if baseline else None
@@ -292,7 +395,7 @@ def plot_curves(group: Group, path: Path, colors: Mapping[str, Any]) -> Path | N
     return _save(fig, path)
 
 
-def plot_expected_val(group: Group, path: Path, colors: Mapping[str, Any]) -> Path | None:
+def plot_expected_val(group: Group, path: Path) -> Path | None:
     """The expected best validation score after k of the K trials (k = 1..K), one line per tuned cell.
 
     Each cell's K trial scores (the mean over the tuning budget's seeds, trial 0 the configured values) go
@@ -314,7 +417,7 @@ def plot_expected_val(group: Group, path: Path, colors: Mapping[str, Any]) -> Pa
         ks = range(1, len(curve) + 1)
         max_k = max(max_k, len(curve))
         marker = _MARKERS[i % len(_MARKERS)] if len(curve) <= 30 else None
-        ax.plot(ks, curve, color=_colour(cell, colors), marker=marker, ms=4, lw=1.6, label=cell.label)
+        ax.plot(ks, curve, color=_colour(cell), marker=marker, ms=4, lw=1.6, label=cell.label)
     ax.set_xlim(0.8, max_k + 0.2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("k, number of trials")
@@ -331,12 +434,13 @@ def plot_expected_val(group: Group, path: Path, colors: Mapping[str, Any]) -> Pa
     return _save(fig, path)
 
 
-def write_plots(tables: Sequence[Table], plot_dir: Path) -> dict[str, list[Path]]:
+def write_plots(tables: Sequence[Table], plot_dir: Path, epochs: EpochsReader | None = None) -> dict[str, list[Path]]:
     """Writes every plot of the report.
 
     Args:
         tables: The leaderboard tables.
         plot_dir: Directory of the PNG files.
+        epochs: A run's epochs (:func:`epochs_of_run`, the file its row names, by default).
 
     Returns:
         Paths per table slug and group (``"<slug>"`` for table plots, ``"<slug>/<teacher>/<student>"`` for
@@ -350,21 +454,20 @@ def write_plots(tables: Sequence[Table], plot_dir: Path) -> dict[str, list[Path]
         _logger.info("removing %d plot(s) of an earlier report in %s", len(stale), plot_dir)
         for p in stale:
             p.unlink()
-    colors = method_colors([c.label for t in tables for c in t.cells])
     out: dict[str, list[Path]] = {}
     for t in tables:
         table_plots = [
-            plot_accuracy_vs_params(t, plot_dir / f"{t.slug}_accuracy_vs_params.png", colors),
-            plot_gain(t, plot_dir / f"{t.slug}_gain_vs_baseline.png", colors),
+            plot_accuracy_vs_params(t, plot_dir / f"{t.slug}_accuracy_vs_params.png"),
+            plot_gain(t, plot_dir / f"{t.slug}_gain_vs_baseline.png"),
         ]
         out[t.slug] = [p for p in table_plots if p]
         for g in t.groups:
             name = _safe(f"{t.slug}_{g.key[2]}_{g.key[3]}_curves")
-            p = plot_curves(g, plot_dir / f"{name}.png", colors)
+            p = plot_curves(g, plot_dir / f"{name}.png", epochs)
             out[f"{t.slug}/{g.key[2]}/{g.key[3]}"] = [p] if p else []
             if g.tuned:
                 name = _safe(f"{t.slug}_{g.key[2]}_{g.key[3]}-expected-val")
-                p = plot_expected_val(g, plot_dir / f"{name}.png", colors)
+                p = plot_expected_val(g, plot_dir / f"{name}.png")
                 out[f"{t.slug}/{g.key[2]}/{g.key[3]}/expected-val"] = [p] if p else []
     return out
 

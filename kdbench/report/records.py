@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from kdbench.errors import RecordError
+from kdbench.report._format import read_csv
 from kdbench.record import SCHEMA_VERSION, optional_keys, required_keys
 
 _logger = logging.getLogger(__name__)
@@ -363,6 +364,69 @@ def runs_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
         return (section, 0, name) if section else (2, pos, "")
 
     return [name for _, name in sorted(enumerate(columns), key=rank)]
+
+
+# Columns of runs.csv that stay text when it is read back (names, paths, digests, versions, provenance).
+_TEXT_COLUMNS = frozenset({"record", "status", "skip_reason", "config", "retrieval_tap", "epochs_file", *IDENTITY_COLUMNS})
+_TEXT_PREFIXES = ("prov.", "pkg.", "plugin.", "store.")
+
+
+def runs_text_column(column: str) -> bool:
+    """Whether a runs-table column holds text (never parsed as a number when ``runs.csv`` is read)."""
+    return (column in _TEXT_COLUMNS and column != "seed") or column.startswith(_TEXT_PREFIXES)
+
+
+def read_runs_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``runs.csv`` (what :func:`load_runs` returned when it was written), values parsed back.
+
+    A published snapshot keeps ``runs.csv`` and not its records: its leaderboard is rebuilt from these rows
+    (:func:`kdbench.report.leaderboard.render_leaderboard`). Floats come back with the 6 decimals the file
+    keeps; empty cells are ``None`` (a column a row never had is ``None`` too, which every reader treats as
+    absent).
+
+    Raises:
+        RecordError: The file is missing or lacks an identity column.
+    """
+    if not Path(path).is_file():
+        raise RecordError(f"runs table {path}: file not found; a snapshot needs the runs.csv of its leaderboard")
+    rows = read_csv(Path(path), runs_text_column)
+    for key in ("record", "status", *IDENTITY_COLUMNS):
+        if rows and key not in rows[0]:
+            raise RecordError(f"runs table {path}: missing column {key!r}")
+    return rows
+
+
+EPOCHS_CSV = "epochs.csv"
+
+
+def epochs_table(epochs: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows and columns of ``epochs.csv``: one row per (run record, epoch), its scalar metrics (a nested
+    mapping such as the loss ``terms`` flattened to ``terms.<name>``), so that a snapshot's training curves can
+    be redrawn without its records."""
+    rows: list[dict[str, Any]] = []
+    columns: dict[str, None] = dict.fromkeys(("record", "epoch"))
+    for record, items in epochs.items():
+        for ep in items:
+            row = {"record": record}
+            for k, v in ep.items():
+                if isinstance(v, Mapping):
+                    row.update({f"{k}.{kk}": vv for kk, vv in v.items() if not isinstance(vv, (Mapping, list))})
+                elif not isinstance(v, list):
+                    row[k] = v
+            columns.update(dict.fromkeys(row))
+            rows.append(row)
+    return rows, list(columns)
+
+
+def read_epochs_csv(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """``epochs.csv`` back as run record -> its epochs in order (``{}`` when the file is absent: a snapshot
+    published before the file existed has no curves)."""
+    if not Path(path).is_file():
+        return {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in read_csv(Path(path), lambda column: column == "record"):
+        out.setdefault(row["record"], []).append(row)
+    return out
 
 
 def read_epochs(path: Path) -> list[dict[str, Any]]:

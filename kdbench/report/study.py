@@ -13,7 +13,8 @@ counter-based views, no store). :func:`write_study` gathers their records into
   build the store (once, shared by every run that reads it), and the last epoch's train loss;
 * ``study.png``: top-1 (mean, 95% interval) against store bytes (log scale), one line per method, store
   policy and protocol over V; every run without a store (the live teacher, or a method that needs it online)
-  is a horizontal reference line labelled with its teacher compute;
+  is a horizontal reference line labelled with its teacher compute; drawn from ``study.csv`` alone
+  (:mod:`kdbench.report.study_view`), so a published study's plot is redrawn by the same code;
 * the lossless check: each ``teacher_source: live`` run against the cached run of the same method, protocol
   and seed in the same table at V = E, compared as ``kdbench verify`` compares a re-run
   (:func:`kdbench.verify.compare_runs`: final metrics, every epoch's metrics, the trained weights' digest;
@@ -35,28 +36,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from kdbench._util import atomic_path, sha256_file, stable_hash
 from kdbench.cache.store import StoreError, read_store_manifest
 from kdbench.report import _format as fmt
 from kdbench.report.aggregate import LeaderboardCell, build_cells
 from kdbench.report.markdown import md_table
-from kdbench.report.plots import method_colors
+from kdbench.report.study_view import LEGEND, plot_study, series_label, study_table
 from kdbench.report.records import load_runs, read_epochs, read_record
 from kdbench.report.stats import PairedDelta, Summary, paired_delta, summarize
 from kdbench.verify import compare_runs
 
 _logger = logging.getLogger(__name__)
-
-_DPI = 110
-#: Marker per store policy kind in the plot (full logits, top-k).
-_MARKERS = {"full": "o", "topk": "^"}
 
 
 @dataclass(eq=False)
@@ -318,17 +310,15 @@ def study_rows(study: Study) -> list[dict[str, Any]]:
     return out
 
 
-def _gap(gap: PairedDelta | None) -> str:
-    """``Δ vs live``: the paired mean and interval, or the mean and the paired seeds when there is no interval."""
-    if gap is None:
-        return ""
-    if gap.diff.ci95 is None:
-        return (
-            f"{fmt.num(gap.diff.mean, 2, sign=True)} (n={gap.diff.n}, no interval)"
-            if gap.diff.n
-            else "no paired seed"
-        )
-    return fmt.delta(gap)
+_TEXT_COLUMNS = frozenset(
+    {"study", "table", "method", "method_name", "params", "teacher_source", "store_policy", "protocol_variant",
+     "live_reference", "notes"}
+)  # fmt: skip
+
+
+def read_study_csv(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``study.csv`` (:data:`STUDY_COLUMNS`), numbers parsed: what the plot is drawn from."""
+    return fmt.read_csv(path, lambda column: column in _TEXT_COLUMNS)
 
 
 def gap_closes(study: Study) -> list[str]:
@@ -346,7 +336,7 @@ def gap_closes(study: Study) -> list[str]:
             if d.low is None or not d.low <= 0 <= d.high:
                 break
             closed = r.views
-        label, live = _series_label(key), members[0].live
+        label, live = series_label(key), members[0].live
         if closed is None:
             lines.append(
                 f"{label}: the gap to the live teacher ({live.method}) does not close: at the largest V"
@@ -360,32 +350,14 @@ def gap_closes(study: Study) -> list[str]:
     return lines
 
 
-_LEGEND = (
-    "Last-epoch test top-1, mean ± std over seeds with the 95% t-interval; `Δ vs live` is the paired difference to"
-    " the live-teacher run of the same method and protocol (by seed). Store bytes: the shard files of the store"
-    " the runs read; B/view: the stored teacher outputs per (sample, view). Teacher forwards per run count the"
-    " live teacher; a store's are spent once and shared by every run reading it. `protocol`: the keys (besides V)"
-    " in which a table's protocol differs from the study's other tables."
-)
-
-
-def render_study_markdown(study: Study, plot: Path | None, out_dir: Path) -> str:
-    """The markdown page: the table, what it shows about the gap to the live teacher, the lossless check."""
-    headers = ["table", "method", "teacher", "store", "protocol", "V", "E", "store bytes", "B/view",
-               "top-1 (%)", "95% CI", "n", "Δ vs live (paired)", "teacher fwd/run", "store build fwd",
-               "train loss"]  # fmt: skip
-    body = [
-        [r.table, r.method, r.source, r.policy or fmt.DASH, r.variant, str(r.views or ""), str(r.epochs or ""),
-         fmt.si(r.store_bytes, "B"), str(r.payload_per_view or ""), fmt.mean_std(r.cell.top1),
-         f"± {fmt.num(r.cell.top1.ci95)}" if r.cell.top1.ci95 is not None else "", str(r.cell.top1.n),
-         _gap(r.gap), fmt.si(r.cell.mean_of("teacher_forward")), fmt.si(r.build_forwards),
-         fmt.num(r.train_loss.mean, 4)]
-        for r in study.rows
-    ]  # fmt: skip
+def render_study_markdown(study: Study, rows: Sequence[Mapping[str, Any]], plot: Path | None, out_dir: Path) -> str:
+    """The markdown page: the table (of ``rows``, the study's ``study.csv``), what it shows about the gap to the
+    live teacher, the lossless check."""
+    headers, body = study_table(rows)
     lines = [
         f"# Study {study.name}",
         "",
-        _LEGEND,
+        LEGEND,
         "",
         *md_table(headers, body),
         "",
@@ -414,97 +386,6 @@ def _series(rows: Sequence[StudyRow]) -> dict[tuple[str, str, str], list[StudyRo
     return {k: sorted(v, key=lambda r: r.store_bytes) for k, v in out.items()}
 
 
-def _series_label(key: tuple[str, str, str]) -> str:
-    method, policy, variant = key
-    return f"{method} ({', '.join(filter(None, [policy, variant]))})"
-
-
-def plot_study(study: Study, path: Path) -> Path:
-    """Accuracy (mean, 95% CI) against store bytes (log x) with the store-free runs as reference lines
-    (a figure saying so when no row has a finished run). Returns ``path``."""
-    series = _series(study.rows)
-    refs = [
-        r
-        for r in study.rows
-        if not r.store_bytes and r.source not in ("", "none") and r.cell.top1.mean is not None
-    ]
-    if not series and not refs:
-        fig = Figure(figsize=(4, 1))
-        fig.text(0.5, 0.5, f"study {study.name}: no finished run", ha="center")
-        return _save_png(fig, path)
-    families = _family_labels(study.rows)
-    colors = method_colors(list(families.values()))
-    fig = Figure(figsize=(9.0, 5.4), layout="constrained")
-    ax = fig.add_subplot()
-    for key, members in series.items():
-        color, topk = colors[key[0]], key[1].startswith("top-")
-        xs, ys = [r.store_bytes for r in members], [r.cell.top1.mean for r in members]
-        ci = [r.cell.top1.ci95 or 0.0 for r in members]
-        ax.errorbar(
-            xs,
-            ys,
-            yerr=ci,
-            color=color,
-            marker=_MARKERS["topk" if topk else "full"],
-            capsize=3,
-            ls=("--" if key[2] else "-") if len(members) > 1 else "",
-            mfc="white" if topk else None,
-            label=_series_label(key),
-        )
-        for r in members:
-            text = (
-                f"V={r.views}"
-                if len(members) > 1
-                else ", ".join(filter(None, [r.policy, f"V={r.views}", r.variant]))
-            )
-            ax.annotate(
-                text,
-                (r.store_bytes, r.cell.top1.mean),
-                xytext=(4, -11),
-                textcoords="offset points",
-                fontsize=7,
-                color=color,
-            )
-    for r in refs:
-        s, color = r.cell.top1, colors[families[r.family]]
-        ls = "--" if r.source == "live" else ":"
-        fwd = r.cell.mean_of("teacher_forward")
-        ax.axhline(
-            s.mean,
-            color=color,
-            ls=ls,
-            lw=1.2,
-            label=f"{r.method} ({r.source}, E={r.epochs}): {s.mean:.2f}%, {fmt.si(fwd)} teacher fwd/run",
-        )
-        if s.ci95:
-            ax.axhspan(s.low, s.high, color=color, alpha=0.08, lw=0)
-    if series:  # ticks at the stores' sizes
-        ax.set_xscale("log")
-        ticks = sorted({r.store_bytes for members in series.values() for r in members})
-        ax.set_xticks(
-            ticks, [fmt.si(b, "B") for b in ticks], rotation=45 if len(ticks) > 4 else 0, fontsize=8
-        )
-        ax.minorticks_off()
-        ax.margins(x=0.08)
-    ax.set_xlabel("teacher-output store (bytes of its shard files, log scale)")
-    ax.set_ylabel("test top-1 (%), last epoch")
-    fig.suptitle(
-        f"Study {study.name}: accuracy vs store bytes\nmean over seeds, bars = 95% t-interval;"
-        " horizontal lines: runs without a store (band: their 95% interval)",
-        fontsize=10,
-    )
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _save_png(fig, path)
-
-
-def _save_png(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=_DPI, format="png")
-    return path
-
-
 def write_study(record_paths: Sequence[Path], out_dir: Path, name: str) -> Study:
     """Writes ``study.csv``, ``study.png`` and ``study.md`` of a study into ``out_dir``.
 
@@ -523,9 +404,10 @@ def write_study(record_paths: Sequence[Path], out_dir: Path, name: str) -> Study
     out_dir.mkdir(parents=True, exist_ok=True)
     study = build_study(name, record_paths)
     fmt.write_csv(out_dir / "study.csv", study_rows(study), STUDY_COLUMNS)
-    plot = plot_study(study, out_dir / "study.png")
+    rows = read_study_csv(out_dir / "study.csv")
+    plot = plot_study(rows, name, out_dir / "study.png")
     with atomic_path(out_dir / "study.md") as tmp:
-        tmp.write_text(render_study_markdown(study, plot, out_dir), encoding="utf-8")
+        tmp.write_text(render_study_markdown(study, rows, plot, out_dir), encoding="utf-8")
     _logger.info(
         "study %s: %d rows, %d lossless checks -> %s", name, len(study.rows), len(study.checks), out_dir
     )

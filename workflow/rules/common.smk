@@ -348,14 +348,24 @@ def study_records(wildcards):
     return [r for t in STUDY.tables for r in PLAN.records(t)]
 
 
+def site_inputs(wildcards):
+    """The site's sources: every table's runs table and the study's table."""
+    return {
+        "tables": [f"{PLAN.leaderboard_dir(t)}/runs.csv" for t in PLAN.tables],
+        "studies": [f"{STUDY.dir}/study.csv"] if STUDY else [],
+    }
+
+
 def final_targets():
     """Per table: the check against its published snapshot where one exists, else its leaderboard; the
-    audit of every searched assistant (AMD); and a suite's study."""
+    audit of every searched assistant (AMD); a suite's study; and the run's results site."""
     return [
         PLAN.compare_file(t) if Path(f"{PLAN.published_dir(t)}/leaderboard.csv").exists()
         else f"{PLAN.leaderboard_dir(t)}/leaderboard.md"
         for t in PLAN.tables
-    ] + [a for t in PLAN.tables for a in PLAN.audits(t)] + ([f"{STUDY.dir}/study.md"] if STUDY else [])
+    ] + [a for t in PLAN.tables for a in PLAN.audits(t)] + ([f"{STUDY.dir}/study.md"] if STUDY else []) + [
+        f"{L.SITE}/index.html"
+    ]
 
 
 for _table in TABLES:  # the second layer after kdbench's own checks (which name the file and the key)

@@ -18,6 +18,7 @@ rule leaderboard:
             category="{table}",
             labels={"table": "{table}", "file": "leaderboard with plots"},
         ),
+        runs=f"{L.LEADERBOARD}/runs.csv",
     params:
         spec=lambda wildcards: PLAN.table_hash(wildcards.table),  # rerun trigger: protocol, grid, name
         config=leaderboard_config,  # (and --selection, for a selection of the table)
@@ -60,3 +61,21 @@ rule study:
         f"{L.STUDY_LOGS}/study.log",
     shell:
         "kdbench study --name {params.name} --runs {input} --out {params.out} 2> {log}"
+
+
+rule site:
+    """The run's results site (results/site/, never committed): every table's page rebuilt from its runs.csv, the
+    study's page, each linked to its neighbours and files, and a front page with the method x table matrix. The
+    committed results/published/ site is rebuilt by `kdbench site` (the same code)."""
+    input:
+        unpack(site_inputs),
+    output:
+        report(f"{L.SITE}/index.html", category="site", labels={"file": "results site"}),
+    params:
+        tables=lambda wildcards, input: " ".join(q(str(Path(p).parent)) for p in input.tables),
+        studies=lambda wildcards, input: " ".join(q(str(Path(p).parent)) for p in input.studies),
+        out=lambda wildcards, output: q(str(Path(output[0]).parent)),
+    log:
+        f"{L.LOGS}/site.log",
+    shell:
+        "kdbench site --tables {params.tables} --studies {params.studies} --out {params.out} 2> {log}"
