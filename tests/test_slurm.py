@@ -334,8 +334,25 @@ def test_tiny_workflow_on_slurm_matches_local_and_survives_an_interrupt(tmp_path
     assert "User defined signal 1" not in log  # the Snakemake in the job ignored it (see the Snakefile)
     kd_log = slurm_dir / "results/tiny-preempt/logs/distill/cnn_s/cnn_xs/baseline/seed0.log"
     assert f"resuming after epoch {held}/30" in kd_log.read_text()
+
+    # 5. A data-parallel job through the profile: the same cell in a copy of the table with runtime.processes 2
+    #    (its data, teacher and store are the table's: no hash has the processes in it). One job, 2 CPUs (the
+    #    rule's threads, no --ntasks: torchrun in the job starts the 2 processes), and its record says so.
+    over = ("--config", "name=tiny-dp", "runtime={processes: 2, device: cpu, threads: 1}")
+    dp_rel = Path("results/tiny-dp/runs/cnn_s/cnn_xs/kd/seed0")
+    before = set(_squeue(slurm_dir, "all"))
+    dp = _start(slurm_dir, str(dp_rel / "record.json"), *over)
+    dp_jobs: dict[str, dict[str, str]] = {}
+    assert _wait(dp, 600, on_poll=lambda: dp_jobs.update(
+        {i: j for i, j in _squeue(slurm_dir, "all").items() if i not in before})) == 0, _output(dp)[-4000:]
+    t5 = time.monotonic()
+    dp_jobs.update({i: j for i, j in _squeue(slurm_dir, "all").items() if i not in before})
+    assert [(_rule(j), j["cpus"], j["state"]) for j in dp_jobs.values()] == [("distill", "2", "COMPLETED")], dp_jobs
+    record = json.loads((slurm_dir / dp_rel / "record.json").read_text())
+    assert record["provenance"]["parallel"]["world_size"] == 2 and record["provenance"]["parallel"]["backend"] == "gloo"
+    assert record["status"] == "ok" and record["cost"]["student_forward"] > 0
     print(f"\nSLURM test: local + SLURM runs {t1 - t0:.0f} s, interrupted run {t2 - t1:.0f} s,"
-          f" rerun {t3 - t2:.0f} s, preempted run {t4 - t3:.0f} s")
+          f" rerun {t3 - t2:.0f} s, preempted run {t4 - t3:.0f} s, 2-process job {t5 - t4:.0f} s")
 
 
 # --- the profile's resources, read as Snakemake reads them (no cluster needed) --------------------------------
