@@ -54,12 +54,36 @@ def _project() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 
-def core_modules() -> dict[str, list[str]]:
-    """The core modules (file path -> the test files that cover it), from pyproject.toml."""
-    return dict(_project()["tool"]["kdbench"]["mutation"]["modules"])
+@dataclass(frozen=True)
+class Module:
+    """A core module: its file, the test files that cover it, and the functions mutated (globs; all by default)."""
+
+    path: str
+    tests: tuple[str, ...]
+    functions: tuple[str, ...] = ("*",)
+
+    def mutates(self, function: str) -> bool:
+        return any(fnmatch.fnmatchcase(function, p) for p in self.functions)
 
 
-def resolve(names: list[str], modules: dict[str, list[str]]) -> list[str]:
+def core_modules() -> dict[str, Module]:
+    """The core modules by file path, from ``[tool.kdbench.mutation.modules]`` in pyproject.toml: a list of test
+    files, or a table ``{tests = [...], functions = [...]}``."""
+    out = {}
+    for path, entry in _project()["tool"]["kdbench"]["mutation"]["modules"].items():
+        if isinstance(entry, list):
+            entry = {"tests": entry}
+        out[path] = Module(path, tuple(entry["tests"]), tuple(entry.get("functions", ["*"])))
+    return out
+
+
+def function_of(name: str) -> str:
+    """``summarize`` or ``Plan.data_key`` for a mutant ``kdbench.report.stats.x_summarize__mutmut_3``."""
+    local = name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[1]
+    return local.removeprefix("x_") if local.startswith("x_") else local.removeprefix("xǁ").replace("ǁ", ".")
+
+
+def resolve(names: list[str], modules: dict[str, Module]) -> list[str]:
     """Module paths for short names (``stats``, ``cache/store``, ``kdbench/plan.py``)."""
     out = []
     for name in names:
@@ -88,6 +112,14 @@ def prepare(module: str, tests: list[str], fresh: bool) -> Path:
         link = work / name
         if not link.is_symlink():
             link.symlink_to(ROOT / name)
+    # The tests read files beside the package (results/published, workflow/, configs): mutmut's copy of the
+    # project (mutants/) gets links to them.
+    (work / "mutants").mkdir(exist_ok=True)
+    for entry in ROOT.iterdir():
+        link = work / "mutants" / entry.name
+        if entry.name not in {"kdbench", "tests", "pyproject.toml", ".mutation", "mutants", ".git"} \
+                and not link.is_symlink() and not link.exists():
+            link.symlink_to(entry)
     project = _project()
     mutmut = dict(project["tool"].get("mutmut", {}))
     mutmut.update(only_mutate=[module], pytest_add_cli_args_test_selection=list(tests))
@@ -152,37 +184,38 @@ def _listed(module: str, survivor: tuple[str, str, str, str], listed: list[dict]
     )
 
 
-def run_module(module: str, tests: list[str], args, listed: list[dict], budget: int | None) -> Outcome:
+def run_module(module: Module, args, listed: list[dict], budget: int | None) -> Outcome:
     start = time.monotonic()
-    work = prepare(module, tests, args.fresh)
+    work = prepare(module.path, list(module.tests), args.fresh)
     names = json.loads(_internal(work, "generate", []))
-    names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in args.skip)]
-    chosen: list[str] = []
-    if budget is not None and len(names) > budget:
-        chosen = sorted(random.Random(f"{args.seed}:{module}").sample(names, budget))
+    candidates = [n for n in names if module.mutates(function_of(n))
+                  and not any(fnmatch.fnmatch(n, p) for p in args.skip)]
+    chosen = candidates
+    if budget is not None and len(candidates) > budget:
+        chosen = sorted(random.Random(f"{args.seed}:{module.path}").sample(candidates, budget))
     log_path = work / "mutmut.log"
     with open(log_path, "w") as log:
-        if chosen:
+        if len(chosen) < len(names):  # named mutants: mutmut runs exactly these (again)
             _mutmut(work, chosen, args.max_children, log)
-        else:
+        else:  # every mutant: mutmut runs those without a cached verdict
             _mutmut(work, [], args.max_children, log)
-            cached_survivors = [n for n, code in verdicts(work, module).items() if code == 0]
+            cached_survivors = [n for n, code in verdicts(work, module.path).items() if code not in KILLED]
             if cached_survivors:  # a test added since may kill them: run them again
                 _mutmut(work, cached_survivors, args.max_children, log)
-    codes = verdicts(work, module)
-    considered = chosen or [n for n in names if n in codes]
-    killed = sum(codes[n] in KILLED for n in considered)
-    not_killed = [n for n in considered if codes[n] not in KILLED]
-    survivors = [tuple(s) for s in json.loads(_internal(work, "diff", [module, *not_killed]))] if not_killed else []
-    unlisted = [s for s in survivors if not _listed(module, s, listed)]
+    codes = verdicts(work, module.path)
+    killed = sum(codes[n] in KILLED for n in chosen)
+    not_killed = [n for n in chosen if codes[n] not in KILLED]
+    survivors = json.loads(_internal(work, "diff", [module.path, *not_killed])) if not_killed else []
+    survivors = [tuple(s) for s in survivors]
+    unlisted = [s for s in survivors if not _listed(module.path, s, listed)]
     for name in not_killed:
-        if codes[name] in NO_TESTS or codes[name] is None or codes[name] != 0:
-            status = "no test calls it" if codes[name] in NO_TESTS else f"exit code {codes[name]}"
+        if codes[name] != 0:
+            status = "no selected test calls it" if codes[name] in NO_TESTS else f"exit code {codes[name]}"
             print(f"  note: {name}: {status}")
-    return Outcome(module, len(considered), killed, survivors, unlisted, time.monotonic() - start)
+    return Outcome(module.path, len(chosen), killed, survivors, unlisted, time.monotonic() - start)
 
 
-def changed_modules(base: str, modules: dict[str, list[str]]) -> list[str] | None:
+def changed_modules(base: str, modules: dict[str, Module]) -> list[str] | None:
     """Core modules whose file differs from ``base`` (``None`` when git cannot tell)."""
     try:
         out = subprocess.run(
@@ -225,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
 
     outcomes = []
     for module in selected:
-        print(f"mutation: {module} against {', '.join(modules[module])}", flush=True)
-        outcome = run_module(module, modules[module], args, listed, budget)
+        print(f"mutation: {module} against {', '.join(modules[module].tests)}", flush=True)
+        outcome = run_module(modules[module], args, listed, budget)
         outcomes.append(outcome)
         for name, function, removed, added in outcome.survivors:
             tag = "equivalent (listed)" if (name, function, removed, added) not in outcome.unlisted else "SURVIVED"
@@ -277,8 +310,7 @@ def _internal_main(command: str, args: list[str]) -> None:
             lines = diff.splitlines()
             removed = "\n".join(l[1:].strip() for l in lines if l.startswith("-") and not l.startswith("---"))
             added = "\n".join(l[1:].strip() for l in lines if l.startswith("+") and not l.startswith("+++"))
-            function = name.rsplit("__mutmut_", 1)[0].rsplit(".", 1)[1].removeprefix("x_").replace("ǁ", ".").strip(".")
-            out.append((name, function, removed, added))
+            out.append((name, function_of(name), removed, added))
         print(json.dumps(out))
 
 
