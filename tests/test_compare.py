@@ -563,11 +563,12 @@ def test_a_not_compared_cell_in_a_multi_metric_table_renders_one_top1_line(tmp_p
 
 
 def test_a_missing_column_is_named(tmp_path: Path) -> None:
-    bad = _board(tmp_path, "bad", ["d,t,s,kd,3,0 1 2,72.0,1.0,1.5,,,,,"], head=_HEAD.replace("protocol_hash,", ""))
+    head = _HEAD.replace("protocol_hash,", "").replace("seed_list,", "")
+    bad = _board(tmp_path, "bad", ["d,t,s,kd,3,72.0,1.0,1.5,,,,,"], head=head)
     with pytest.raises(LeaderboardError) as err:
         compare_leaderboards(bad, bad)
-    assert str(err.value) == (f"{bad / 'leaderboard.csv'}: missing column(s) protocol_hash; regenerate it with this "
-                              "kdbench version (`kdbench leaderboard`)")
+    assert str(err.value) == (f"{bad / 'leaderboard.csv'}: missing column(s) protocol_hash, seed_list; regenerate it "
+                              "with this kdbench version (`kdbench leaderboard`)")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(LeaderboardError) as err:
@@ -581,3 +582,24 @@ def test_a_utf8_leaderboard_with_quoted_newlines_is_read(tmp_path: Path) -> None
     board = _board(tmp_path, "b", ['d,h,t,s,kd → ü,3,0 1 2,72.0,1.0,1.5,,,,,"two\r\nlines"'])
     (row,) = compare_leaderboards(board, board).rows
     assert row.key == ("d", "t", "s", "kd → ü") and row.published_delta.note == "two\r\nlines"
+
+
+_MAPS_HEAD = _MAP_HEAD + ",map_euclidean_mean,map_euclidean_std,map_euclidean_ci95"
+
+
+def test_notes_list_every_absent_and_failing_metric_and_odd_cells(tmp_path: Path) -> None:
+    published = _board(tmp_path, "published", [
+        "d,h,t,s,kd,3,0 1 2,72.0,1.0,1.5,,,,,,60.0,1.0,1.0,,,,,,50.0,1.0,1.0",
+        "d,h,t,s,lost,3,0 1 2,72.0,1.0,1.5,,,,,,60.0,1.0,1.0,,,,,,50.0,1.0,1.0",
+        "d,h,t,s,maponly,3,0 1 2,,,,,,,,,60.0,1.0,1.0,,,,,,,,",  # a mAP but no top-1: not compared
+    ], head=_MAPS_HEAD)
+    new = _board(tmp_path, "new", [
+        "d,h,t,s,kd,3,0 1 2,72.0,1.0,1.5,,,,,,65.0,1.0,1.0,,,,,,55.0,1.0,1.0",  # both mAPs outside
+        "d,h,t,s,lost,3,0 1 2,72.0,1.0,1.5,,,,,,,,,,,,,,,,",  # both mAPs absent
+        "d,h,t,s,maponly,,,,,,,,,,,,,,,,,,,,,",  # no seeds column value at all
+    ], head=_MAPS_HEAD)
+    rows = {r.key[3]: r for r in compare_leaderboards(new, published).rows}
+    assert rows["kd"].notes == ("failing: mAP cosine, mAP Euclidean",)
+    assert rows["lost"].notes == ("the new table has no mAP cosine, mAP Euclidean", "failing: mAP cosine, mAP Euclidean")
+    assert rows["maponly"].status == NOT_COMPARED and rows["maponly"].checks == ()
+    assert rows["maponly"].new_top1.n == 0  # an empty seeds field counts no seed

@@ -61,6 +61,7 @@ class Module:
     path: str
     tests: tuple[str, ...]
     functions: tuple[str, ...] = ("*",)
+    clean: bool = False  # every survivor killed or listed: what CI samples when a change touches no core module
 
     def mutates(self, function: str) -> bool:
         return any(fnmatch.fnmatchcase(function, p) for p in self.functions)
@@ -73,7 +74,7 @@ def core_modules() -> dict[str, Module]:
     for path, entry in _project()["tool"]["kdbench"]["mutation"]["modules"].items():
         if isinstance(entry, list):
             entry = {"tests": entry}
-        out[path] = Module(path, tuple(entry["tests"]), tuple(entry.get("functions", ["*"])))
+        out[path] = Module(path, tuple(entry["tests"]), tuple(entry.get("functions", ["*"])), entry.get("clean", False))
     return out
 
 
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if changed is None:
             print(f"mutation: git cannot diff against {args.changed_since}; sampling core modules")
         if not changed or len(changed) > args.sample_modules:
-            pool = changed or list(modules)
+            pool = changed or [m for m in modules if modules[m].clean]
             changed = sorted(random.Random(args.seed).sample(pool, min(args.sample_modules, len(pool))))
             print(f"mutation: a seeded sample (seed {args.seed}) of the core modules: {', '.join(changed)}")
         selected = changed
