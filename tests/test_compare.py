@@ -20,6 +20,7 @@ from kdbench.report.compare import (
     DIFFERS,
     MISSING,
     NEW,
+    NOT_COMPARED,
     OUTSIDE,
     REPRODUCED,
     REPRODUCED_EXACTLY,
@@ -390,3 +391,215 @@ def test_a_table_without_retrieval_is_checked_on_top1_alone_as_before(
     )
     report = compare_leaderboards(_retrieval(tmp_path, "full", None), empty)
     assert report.ok and report.summary() == "5/5 cells reproduced within the published 95% interval"
+
+
+# --- a hand-built pair of leaderboards: every status, note, count and rendered cell asserted whole ------------------
+
+_HEAD = ("dataset,protocol_hash,teacher,student,method,seeds,seed_list,top1_mean,top1_std,top1_ci95,"
+         "delta_vs_baseline,delta_ci95_low,delta_ci95_high,delta_n,delta_note")
+
+
+def _board(tmp_path: Path, name: str, rows: list[str], head: str = _HEAD) -> Path:
+    out = tmp_path / name
+    out.mkdir()
+    (out / "leaderboard.csv").write_text("\n".join([head, *rows]) + "\n", encoding="utf-8")
+    return out
+
+
+def test_every_status_note_and_count_of_a_top1_comparison(tmp_path: Path, caplog) -> None:
+    published = _board(tmp_path, "published", [
+        "d,h1,t,s,base,3,0 1 2,70.0,1.0,2.0,,,,,",
+        "d,h1,t,s,kd,3,0 1 2,72.0,1.0,1.5,2.0,1.0,3.0,3,",  # interval [70.5, 73.5]
+        "d,h1,t,s,dkd,3,0 1 2,71.0,1.0,1.0,1.0,0.5,1.5,3,",
+        "d,h1,t,s,one,1,0,75.0,,,,,,1,fewer than 2 seeds paired with the baseline (n=1)",
+        "d,h1,t,s,gone,3,0 1 2,74.0,1.0,1.0,,,,,",
+        "d,h1,t,s,never,0,,,,,,,,,",
+        "d,h1,t,s,two,3,0 1 2,60.0,1.0,1.0,,,,,",
+    ])
+    new = _board(tmp_path, "new", [
+        "d,h1,t,s,base,3,0 1 2,70.1,0.9,2.2,,,,,",
+        "d,h1,t,s,kd,2,0 1,70.5,0.5,4.0,0.4,-1.0,1.8,2,",  # the published interval's low end; seeds differ
+        "d,h2,t,s,dkd,3,0 1 2,72.5,1.0,5.0,2.4,1.9,2.9,3,",  # outside (its own wide interval plays no part)
+        "d,h1,t,s,one,1,0,75.0,,,,,,1,",
+        "d,h1,t,s,gone,0,,,,,,,,,",  # no finished seed
+        "d,h3,t,s,two,3,0 1 2,60.0,1.0,1.0,,,,,",
+        "d,h4,t,s,two,3,0 1 2,60.0,1.0,1.0,,,,,",
+        "d,h1,t,s,extra,3,0 1 2,80.0,1.0,1.0,10.0,9.0,11.0,3,",
+    ])
+    with caplog.at_level("INFO", logger="kdbench.report.compare"):
+        report = compare_leaderboards(new, published)
+    rows = {r.key[3]: r for r in report.rows}
+    assert [r.key[3] for r in report.rows] == ["base", "kd", "dkd", "one", "gone", "never", "two", "extra"]
+    assert {m: r.status for m, r in rows.items()} == {
+        "base": REPRODUCED, "kd": REPRODUCED, "dkd": OUTSIDE, "one": REPRODUCED_EXACTLY, "gone": MISSING,
+        "never": NOT_COMPARED, "two": MISSING, "extra": NEW,
+    }
+    assert rows["base"].notes == ()
+    assert rows["kd"].notes == ("seeds differ: new 0 1, published 0 1 2",)
+    assert rows["dkd"].notes == ("protocol hash differs: published h1, new h2",)
+    assert rows["one"].notes == ("published has 1 seed (no interval): compared exactly",)
+    assert rows["gone"].notes == ("no finished seed in the new table", "seeds differ: new none, published 0 1 2")
+    assert rows["never"].notes == () and rows["never"].checks == ()
+    assert rows["two"].notes == ("new has this cell under protocols h3, h4, none of them the published one",)
+    assert rows["extra"].notes == () and [c.status for c in rows["extra"].checks] == [NEW]
+    assert not report.ok and [r.ok for r in report.rows] == [True, True, False, True, False, True, False, True]
+    # What each row carries: the new and published top-1 and deltas (the new cell: its own, nothing published).
+    kd = rows["kd"]
+    assert (kd.new_top1.mean, kd.new_top1.n, kd.new_top1.ci95) == (70.5, 2, 4.0)
+    assert (kd.published_top1.low, kd.published_top1.high) == (70.5, 73.5)
+    assert (kd.new_delta.diff.mean, kd.new_delta.diff.n, kd.new_delta.diff.ci95) == (0.4, 2, pytest.approx(1.4))
+    assert kd.published_delta.diff.mean == 2.0 and kd.published_delta.seeds == ()
+    assert kd.check("top1").published_delta is kd.published_delta and kd.check("top-1").new_delta is kd.new_delta
+    extra = rows["extra"]
+    assert extra.new_top1.mean == 80.0 and extra.published_top1 is None and extra.published_delta is None
+    assert extra.new_delta.diff.mean == 10.0 and extra.checks[0].new.mean == 80.0
+    assert extra.checks[0].metric == "top1" and extra.checks[0].label == "top-1" and extra.checks[0].published is None
+    assert extra.checks[0].new_delta.diff.mean == 10.0 and extra.checks[0].published_delta is None
+    assert rows["one"].published_delta.note == "fewer than 2 seeds paired with the baseline (n=1)"
+    assert rows["gone"].new_top1.mean is None and rows["gone"].check("top-1").new is None
+    assert rows["gone"].new_top1.n == 0 and rows["base"].published_delta.diff.n == 0  # empty cells count none
+    summary = ("3/6 cells reproduced within the published 95% interval; 2 missing; 1 outside; "
+               "1 single-seed compared exactly; 1 with a different protocol hash; "
+               "1 not compared (no finished seed in published); 1 new (not published)")
+    assert report.summary() == summary
+    assert caplog.messages == [f"{new} vs {published}: {summary}"]
+    assert report.render() == "\n".join([
+        f"New:       {new}",
+        f"Published: {published}",
+        "",
+        "| Cell | Status | New top-1 | Published top-1 ± 95% CI [interval] | New Δ vs baseline "
+        "| Published Δ vs baseline | Notes |",
+        "|---|---|---|---|---|---|---|",
+        "| d: t → s, base | reproduced | 70.10 (n=3) | 70.00 ± 2.00 [68.00, 72.00] (n=3) |  |  |  |",
+        "| d: t → s, kd | reproduced | 70.50 (n=2) | 72.00 ± 1.50 [70.50, 73.50] (n=3) | +0.40 [-1.00, +1.80] (n=2) "
+        "| +2.00 [+1.00, +3.00] (n=3) | seeds differ: new 0 1, published 0 1 2 |",
+        "| d: t → s, dkd | outside the published interval | 72.50 (n=3) | 71.00 ± 1.00 [70.00, 72.00] (n=3) "
+        "| +2.40 [+1.90, +2.90] (n=3) | +1.00 [+0.50, +1.50] (n=3) | protocol hash differs: published h1, new h2 |",
+        "| d: t → s, one | reproduced exactly (1 seed) | 75.00 (n=1) | 75.00 (n=1, no interval) |  "
+        "| fewer than 2 seeds paired with the baseline (n=1) | published has 1 seed (no interval): compared exactly |",
+        "| d: t → s, gone | missing |  | 74.00 ± 1.00 [73.00, 75.00] (n=3) |  |  "
+        "| no finished seed in the new table; seeds differ: new none, published 0 1 2 |",
+        "| d: t → s, never | not compared (no finished seed in published) |  |  |  |  |  |",
+        "| d: t → s, two | missing |  | 60.00 ± 1.00 [59.00, 61.00] (n=3) |  |  "
+        "| new has this cell under protocols h3, h4, none of them the published one |",
+        "| d: t → s, extra | new (not published) | 80.00 (n=3) |  | +10.00 [+9.00, +11.00] (n=3) |  |  |",
+    ]) + "\n"
+
+
+def test_the_low_end_of_the_published_interval_is_included(tmp_path: Path) -> None:
+    published = _board(tmp_path, "published", ["d,h,t,s,kd,3,0 1 2,72.0,1.0,1.5,,,,,"])
+    for mean, status in (("70.5", REPRODUCED), ("70.499999", OUTSIDE), ("73.5", REPRODUCED), ("73.500001", OUTSIDE)):
+        new = _board(tmp_path, f"new{mean}", [f"d,h,t,s,kd,3,0 1 2,{mean},1.0,0.1,,,,,"])
+        assert compare_leaderboards(new, published).rows[0].status == status, mean
+
+
+def test_a_single_seed_published_cell_against_a_single_seed_new_one_that_differs(tmp_path: Path) -> None:
+    published = _board(tmp_path, "published", ["d,h,t,s,kd,1,0,72.000001,,,,,,,"])
+    for mean, status in (("72.000001", REPRODUCED_EXACTLY), ("72.000000", DIFFERS), ("72.000002", DIFFERS)):
+        report = compare_leaderboards(_board(tmp_path, f"new{mean}", [f"d,h,t,s,kd,1,0,{mean},,,,,,,"]), published)
+        assert report.rows[0].status == status and report.ok == (status == REPRODUCED_EXACTLY), mean
+        if status == DIFFERS:
+            assert report.summary() == ("0/1 cells reproduced within the published 95% interval; "
+                                        "1 single-seed compared exactly")
+
+
+_MAP_HEAD = _HEAD + ",map_cosine_mean,map_cosine_std,map_cosine_ci95,map_cosine_delta_vs_baseline," \
+    "map_cosine_delta_ci95_low,map_cosine_delta_ci95_high,map_cosine_delta_n,map_cosine_delta_note"
+
+
+def test_every_cell_of_a_multi_metric_comparison_rendered_whole(tmp_path: Path) -> None:
+    published = _board(tmp_path, "published", [
+        "d,h,t,s,kd,3,0 1 2,72.0,1.0,1.5,2.0,1.0,3.0,3,,60.0,1.0,1.0,1.0,0.5,1.5,3,",
+        "d,h,t,s,top,3,0 1 2,71.0,1.0,1.0,,,,,,,,,,,,,",  # claims top-1 only
+        "d,h,t,s,nomap,3,0 1 2,71.0,1.0,1.0,,,,,,50.0,1.0,1.0,,,,,",
+    ], head=_MAP_HEAD)
+    new = _board(tmp_path, "new", [
+        "d,h,t,s,kd,3,0 1 2,72.5,1.0,1.5,2.5,1.5,3.5,3,,62.0,1.0,1.0,3.0,2.0,4.0,3,",  # mAP outside
+        "d,h,t,s,top,3,0 1 2,71.5,1.0,1.0,,,,,,55.0,1.0,1.0,,,,,",
+        "d,h,t,s,nomap,3,0 1 2,71.5,1.0,1.0,,,,,,,,,,,,,",  # lacks the mAP: missing
+        "d,h,t,s,extra,3,0 1 2,80.0,1.0,1.0,,,,,,70.0,1.0,1.0,,,,,",
+    ], head=_MAP_HEAD)
+    report = compare_leaderboards(new, published)
+    rows = {r.key[3]: r for r in report.rows}
+    assert rows["kd"].notes == ("failing: mAP cosine",) and rows["kd"].failing == ("mAP cosine",)
+    assert rows["top"].notes == () and [c.label for c in rows["top"].checks] == ["top-1"]
+    assert rows["nomap"].notes == ("the new table has no mAP cosine", "failing: mAP cosine")
+    assert [c.label for c in rows["extra"].checks] == ["top-1", "mAP cosine"]
+    assert report.metric_counts() == [("top-1", 3, 3), ("mAP cosine", 0, 2)]
+    assert report.summary() == ("1/3 cells reproduced within the published 95% interval of every metric "
+                                "(top-1 3/3, mAP cosine 0/2); 1 missing; 1 outside; 1 new (not published)")
+    assert report.render().splitlines()[3:] == [
+        "| Cell | Cell status | Metric | Metric status | New | Published ± 95% CI [interval] | New Δ vs baseline "
+        "| Published Δ vs baseline | Notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+        "| d: t → s, kd | outside the published interval | top-1 | reproduced | 72.50 (n=3) "
+        "| 72.00 ± 1.50 [70.50, 73.50] (n=3) | +2.50 [+1.50, +3.50] (n=3) | +2.00 [+1.00, +3.00] (n=3) "
+        "| failing: mAP cosine |",
+        "| d: t → s, kd | outside the published interval | mAP cosine | outside the published interval "
+        "| 62.00 (n=3) | 60.00 ± 1.00 [59.00, 61.00] (n=3) | +3.00 [+2.00, +4.00] (n=3) "
+        "| +1.00 [+0.50, +1.50] (n=3) |  |",
+        "| d: t → s, top | reproduced | top-1 | reproduced | 71.50 (n=3) | 71.00 ± 1.00 [70.00, 72.00] (n=3) "
+        "|  |  |  |",
+        "| d: t → s, nomap | missing | top-1 | reproduced | 71.50 (n=3) | 71.00 ± 1.00 [70.00, 72.00] (n=3) "
+        "|  |  | the new table has no mAP cosine; failing: mAP cosine |",
+        "| d: t → s, nomap | missing | mAP cosine | missing |  | 50.00 ± 1.00 [49.00, 51.00] (n=3) |  |  |  |",
+        "| d: t → s, extra | new (not published) | top-1 | new (not published) | 80.00 (n=3) |  |  |  |  |",
+        "| d: t → s, extra | new (not published) | mAP cosine | new (not published) | 70.00 (n=3) |  |  |  |  |",
+    ]
+
+
+def test_a_not_compared_cell_in_a_multi_metric_table_renders_one_top1_line(tmp_path: Path) -> None:
+    published = _board(tmp_path, "published", [
+        "d,h,t,s,kd,3,0 1 2,72.0,1.0,1.5,,,,,,60.0,1.0,1.0,,,,,",
+        "d,h,t,s,never,0,,,,,,,,,,,,,,,,,",
+    ], head=_MAP_HEAD)
+    report = compare_leaderboards(_board(tmp_path, "new", [
+        "d,h,t,s,kd,3,0 1 2,72.0,1.0,1.5,,,,,,60.0,1.0,1.0,,,,,",
+        "d,h,t,s,never,3,0 1 2,70.0,1.0,1.0,,,,,,,,,,,,,"], head=_MAP_HEAD), published)
+    assert report.ok and report.rows[1].status == NOT_COMPARED
+    assert report.render().splitlines()[-1] == (
+        "| d: t → s, never | not compared (no finished seed in published) | top-1 "
+        "| not compared (no finished seed in published) | 70.00 (n=3) |  |  |  | seeds differ: new 0 1 2, published none |")
+
+
+def test_a_missing_column_is_named(tmp_path: Path) -> None:
+    head = _HEAD.replace("protocol_hash,", "").replace("seed_list,", "")
+    bad = _board(tmp_path, "bad", ["d,t,s,kd,3,72.0,1.0,1.5,,,,,"], head=head)
+    with pytest.raises(LeaderboardError) as err:
+        compare_leaderboards(bad, bad)
+    assert str(err.value) == (f"{bad / 'leaderboard.csv'}: missing column(s) protocol_hash, seed_list; regenerate it "
+                              "with this kdbench version (`kdbench leaderboard`)")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LeaderboardError) as err:
+        compare_leaderboards(empty, bad)
+    assert str(err.value) == (f"{empty / 'leaderboard.csv'}: no such file; pass a directory written by "
+                              "`kdbench leaderboard --out DIR` (with leaderboard.csv and runs.csv)")
+
+
+def test_a_utf8_leaderboard_with_quoted_newlines_is_read(tmp_path: Path) -> None:
+    """Notes hold non-ASCII text and may hold line breaks inside quotes, kept as written (csv's newline="")."""
+    board = _board(tmp_path, "b", ['d,h,t,s,kd → ü,3,0 1 2,72.0,1.0,1.5,,,,,"two\r\nlines"'])
+    (row,) = compare_leaderboards(board, board).rows
+    assert row.key == ("d", "t", "s", "kd → ü") and row.published_delta.note == "two\r\nlines"
+
+
+_MAPS_HEAD = _MAP_HEAD + ",map_euclidean_mean,map_euclidean_std,map_euclidean_ci95"
+
+
+def test_notes_list_every_absent_and_failing_metric_and_odd_cells(tmp_path: Path) -> None:
+    published = _board(tmp_path, "published", [
+        "d,h,t,s,kd,3,0 1 2,72.0,1.0,1.5,,,,,,60.0,1.0,1.0,,,,,,50.0,1.0,1.0",
+        "d,h,t,s,lost,3,0 1 2,72.0,1.0,1.5,,,,,,60.0,1.0,1.0,,,,,,50.0,1.0,1.0",
+        "d,h,t,s,maponly,3,0 1 2,,,,,,,,,60.0,1.0,1.0,,,,,,,,",  # a mAP but no top-1: not compared
+    ], head=_MAPS_HEAD)
+    new = _board(tmp_path, "new", [
+        "d,h,t,s,kd,3,0 1 2,72.0,1.0,1.5,,,,,,65.0,1.0,1.0,,,,,,55.0,1.0,1.0",  # both mAPs outside
+        "d,h,t,s,lost,3,0 1 2,72.0,1.0,1.5,,,,,,,,,,,,,,,,",  # both mAPs absent
+        "d,h,t,s,maponly,,,,,,,,,,,,,,,,,,,,,",  # no seeds column value at all
+    ], head=_MAPS_HEAD)
+    rows = {r.key[3]: r for r in compare_leaderboards(new, published).rows}
+    assert rows["kd"].notes == ("failing: mAP cosine, mAP Euclidean",)
+    assert rows["lost"].notes == ("the new table has no mAP cosine, mAP Euclidean", "failing: mAP cosine, mAP Euclidean")
+    assert rows["maponly"].status == NOT_COMPARED and rows["maponly"].checks == ()
+    assert rows["maponly"].new_top1.n == 0  # an empty seeds field counts no seed

@@ -13,10 +13,19 @@ from typing import Any
 import pytest
 from _helpers_store import tiny_raw, write_fmnist_idx
 
-from kdbench.cache.store import IDENTITY_KEYS, POLICY_NOT_STORED, store_identity
-from kdbench.config import CachePolicy, ViewRecipe, parse_config
+from kdbench.cache.store import IDENTITY_KEYS, POLICY_NOT_STORED, check_identity, store_identity
+from kdbench.config import (
+    CachePolicy,
+    DataConfig,
+    MethodEntry,
+    Protocol,
+    TeacherConfig,
+    ViewRecipe,
+    parse_config,
+)
 from kdbench.data.prepare import group_count, merge, write_group
-from kdbench.errors import DataShardError
+from kdbench.errors import DataShardError, StoreError
+from kdbench.plan import DistillJob, Plan, Table
 from kdbench.report.stats import t_critical_95
 
 
@@ -122,3 +131,146 @@ def test_every_field_of_a_data_part_is_checked_by_the_merge(parts):
         changed[1][name] = _other(changed[1][name])
         with pytest.raises(DataShardError, match=rf"its [^)]*\b{name}\b[^)]* differ"):
             merge(cfg.data, out, changed)
+
+
+# --- a store's identity, as the reader checks it -----------------------------------------------------------------
+
+
+def test_the_reader_refuses_a_manifest_that_differs_in_any_identity_field_naming_it():
+    expect = store_identity(*IDENTITY, numerics={"precision": "bf16"})
+    assert set(expect) == set(IDENTITY_KEYS)  # every identity field, the optional one included
+    check_identity("<store>", dict(expect), expect)  # the same identity passes
+    for key in IDENTITY_KEYS:
+        manifest = {**expect, key: _other(expect[key])}
+        with pytest.raises(StoreError, match=rf"field '{key}' is "):
+            check_identity("<store>", manifest, expect)
+        missing = {k: v for k, v in expect.items() if k != key}  # a manifest written without the field
+        with pytest.raises(StoreError, match=rf"field '{key}' is None"):
+            check_identity("<store>", missing, expect)
+    # An optional field the store has but the run does not expect (a bf16 store read by an fp32 run).
+    plain = store_identity(*IDENTITY)
+    with pytest.raises(StoreError, match=r"field 'teacher_numerics' is \{'precision': 'bf16'\} but this run expects None"):
+        check_identity("<store>", expect, plain)
+
+
+# --- the plan's keys and hashes ----------------------------------------------------------------------------------
+
+# Valid other values for the fields whose _other() the config would refuse (the keys are computed from the
+# dataclasses, so only the methods that build models or read data need valid values).
+_VALID_OTHER = {
+    "precision": "bf16", "optimizer": "adamw", "schedule": "step", "student_lr": {"cnn_xs": 0.2},
+    "retrieval_tap": "pre_logits", "logits_dtype": "float32", "feature_dtype": "float32", "stream": True,
+    "source": "cifar100", "milestones": (2,),
+}
+# DataConfig fields that name no data directory, and why (every other field is in the data key).
+DATA_NOT_IN_DATA_KEY = {
+    "shards_per_job": "how the data jobs are split, not what they write",
+    "stream": "how jobs read the shards (in the job and teacher keys instead)",
+    "workers": "how jobs read the shards (in the job and teacher keys instead)",
+    "shuffle_buffer": "how jobs read the shards (in the job and teacher keys instead)",
+}
+# Protocol fields in a teacher-output store's key (the teacher's forward over the views); the others train students.
+PROTOCOL_IN_STORE_KEY = {"views", "eval_batch_size", "precision", "channels_last"}
+# TeacherConfig fields not in a teacher's key: checks of the teacher, not what defines it.
+TEACHER_NOT_IN_KEY = {"expected_top1": "a check of a loaded teacher's accuracy",
+                      "top1_tolerance": "a check of a loaded teacher's accuracy"}
+
+
+def _changed(obj: Any, name: str) -> Any:
+    value = getattr(obj, name)
+    if name in _VALID_OTHER and _VALID_OTHER[name] != value:
+        new = _VALID_OTHER[name]
+    elif dataclasses.is_dataclass(value):  # a nested dataclass: change its first field
+        first = dataclasses.fields(value)[0].name
+        new = _changed(value, first)
+    else:
+        new = _other(value)
+    return dataclasses.replace(obj, **{name: new})
+
+
+def _plan_keys(cfg, stores: bool = True) -> dict[str, Any]:
+    """The keys the plan derives for a config's teacher ``t``, data, ``kd`` job and its stores."""
+    plan = Plan.__new__(Plan)  # the key methods read the tables only; no data is prepared or checked
+    plan.tables, plan.teachers, plan.stores, plan.data = {cfg.name: Table(cfg, "<field-complete>")}, {}, {}, {}
+    job = DistillJob(cfg.name, "t", "cnn_xs", "kd", 0)
+    keys = {"data": plan.data_key(cfg.name), "teacher": plan.teacher_key(cfg.name, "t").key, "job": plan.job_hash(job)}
+    if stores:
+        keys["store"] = sorted(sk.dir for sk in plan.job_stores(job).values())
+    return keys
+
+
+@pytest.fixture(scope="module")
+def key_cfg(tmp_path_factory):
+    root = write_fmnist_idx(tmp_path_factory.mktemp("keys") / "raw")
+    return parse_config(tiny_raw(root), source="<keys>")
+
+
+def test_equal_configs_give_equal_plan_keys(key_cfg):
+    again = copy.deepcopy(key_cfg)
+    assert _plan_keys(again) == _plan_keys(key_cfg)
+    assert len(_plan_keys(key_cfg)["store"]) == 1
+
+
+def test_every_data_field_is_in_the_data_key_unless_listed_and_in_every_jobs_hash(key_cfg):
+    base = _plan_keys(key_cfg, stores=False)
+    for f in dataclasses.fields(DataConfig):
+        cfg = dataclasses.replace(key_cfg, data=_changed(key_cfg.data, f.name))
+        keys = _plan_keys(cfg, stores=False)
+        assert (keys["data"] != base["data"]) == (f.name not in DATA_NOT_IN_DATA_KEY), f.name
+        # The teacher learns on this data (a loaded one would not): it is retrained when the data changes.
+        assert (keys["teacher"] != base["teacher"]) == (f.name != "shards_per_job"), f.name
+        assert (keys["job"] != base["job"]) == (f.name != "shards_per_job"), f.name
+
+
+def test_every_protocol_field_is_in_a_jobs_hash_and_the_stores_ones_in_its_key(key_cfg):
+    base = _plan_keys(key_cfg)
+    assert PROTOCOL_IN_STORE_KEY <= {f.name for f in dataclasses.fields(Protocol)}
+    for f in dataclasses.fields(Protocol):
+        cfg = dataclasses.replace(key_cfg, protocol=_changed(key_cfg.protocol, f.name))
+        keys = _plan_keys(cfg)
+        assert keys["job"] != base["job"], f.name
+        assert (keys["store"] != base["store"]) == (f.name in PROTOCOL_IN_STORE_KEY), f.name
+        assert keys["teacher"] == base["teacher"] and keys["data"] == base["data"], f.name  # the table's protocol
+
+
+def test_every_view_recipe_and_cache_policy_field_changes_the_store_and_the_job(key_cfg):
+    base = _plan_keys(key_cfg)
+    for f in dataclasses.fields(ViewRecipe):
+        protocol = dataclasses.replace(key_cfg.protocol, views=_changed(key_cfg.protocol.views, f.name))
+        keys = _plan_keys(dataclasses.replace(key_cfg, protocol=protocol))
+        assert keys["store"] != base["store"] and keys["job"] != base["job"], f.name
+    for f in dataclasses.fields(CachePolicy):
+        keys = _plan_keys(dataclasses.replace(key_cfg, cache=_changed(key_cfg.cache, f.name)))
+        assert keys["store"] != base["store"] and keys["job"] != base["job"], f.name
+        assert keys["teacher"] == base["teacher"], f.name
+
+
+def test_every_teacher_field_is_in_its_key_unless_listed(key_cfg):
+    base = _plan_keys(key_cfg)
+    teacher = key_cfg.teachers["t"]
+    assert set(TEACHER_NOT_IN_KEY) <= {f.name for f in dataclasses.fields(TeacherConfig)}
+    variants = {f.name: _changed(teacher, f.name) for f in dataclasses.fields(TeacherConfig) if f.name != "model"}
+    variants["model"] = dataclasses.replace(teacher, model="cnn_m")
+    variants["data"] = dataclasses.replace(teacher, data=dataclasses.replace(key_cfg.data, val_size=30))
+    for f in dataclasses.fields(Protocol):  # the teacher's own training protocol, field by field
+        variants[f"train.{f.name}"] = dataclasses.replace(teacher, train=_changed(teacher.train, f.name))
+    for name, changed in variants.items():
+        keys = _plan_keys(dataclasses.replace(key_cfg, teachers={"t": changed}))
+        assert (keys["teacher"] != base["teacher"]) == (name not in TEACHER_NOT_IN_KEY), name
+        # A new teacher means new stores and new jobs.
+        assert (keys["store"] != base["store"]) == (keys["teacher"] != base["teacher"]), name
+        assert (keys["job"] != base["job"]) == (keys["teacher"] != base["teacher"]), name
+
+
+def test_every_method_entry_field_is_in_its_jobs_hash(key_cfg):
+    base = _plan_keys(key_cfg, stores=False)
+    entry = key_cfg.methods["kd"]
+    variants = {"label": dataclasses.replace(entry, label="kd2"),
+                "method": dataclasses.replace(entry, method="dkd"),
+                "params": dataclasses.replace(entry, params={"tau": 2.0}),
+                "teacher_source": dataclasses.replace(entry, teacher_source="live")}
+    assert set(variants) == {f.name for f in dataclasses.fields(MethodEntry)}
+    for name, changed in variants.items():
+        keys = _plan_keys(dataclasses.replace(key_cfg, methods={**key_cfg.methods, "kd": changed}), stores=False)
+        assert keys["job"] != base["job"], name
+        assert keys["teacher"] == base["teacher"] and keys["data"] == base["data"], name
