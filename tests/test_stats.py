@@ -10,7 +10,16 @@ import scipy.stats
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kdbench.report.stats import Kendall, Summary, expected_max, kendall_tau, paired_delta, summarize, t_critical_95
+from kdbench.report.stats import (
+    Kendall,
+    Summary,
+    expected_max,
+    kendall_tau,
+    paired_delta,
+    spearman,
+    summarize,
+    t_critical_95,
+)
 
 # Accuracies in percent, two decimals, as the records have them (bounded: no overflow in the squares).
 accuracy = st.floats(min_value=0.0, max_value=100.0, allow_nan=False).map(lambda x: round(x, 2))
@@ -129,3 +138,33 @@ def test_kendall_reports_an_undefined_p_value_as_none(monkeypatch) -> None:
 
     monkeypatch.setattr(scipy.stats, "kendalltau", lambda a, b: Result())
     assert kendall_tau({"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 1.0, "b": 3.0, "c": 2.0}) == Kendall(0.5, None, 3)
+
+
+# --- Spearman's rank correlation (AMD's audit: the rule's order against the oracle's) ----------------------------
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ([1, 2, 3, 4], [10, 20, 30, 40]),
+    ([1, 2, 3, 4], [4, 3, 2, 1]),
+    ([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]),
+    ([1, 2, 2, 3], [1, 3, 2, 2]),  # ties on both sides: average ranks
+    ([5, 5, 1, 7, 3, 3], [0.5, 0.1, 0.9, 0.3, 0.3, 0.2]),
+    ([1, 2], [2, 1]),
+])
+def test_spearman_equals_scipy_with_and_without_ties(a, b):
+    assert spearman(a, b) == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-12)
+
+
+def test_spearman_is_undefined_below_two_points_or_without_spread():
+    assert spearman([1.0], [2.0]) is None and spearman([], []) is None
+    assert spearman([1, 2, 3], [1, 1, 1]) is None and spearman([4, 4], [1, 2]) is None
+
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=3, max_size=12))
+def test_spearman_matches_scipy_on_any_small_sample(pairs):
+    a, b = [p[0] for p in pairs], [p[1] for p in pairs]
+    ours = spearman(a, b)
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        assert ours is None
+    else:
+        assert ours == pytest.approx(scipy.stats.spearmanr(a, b).statistic, abs=1e-9)

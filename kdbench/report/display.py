@@ -316,7 +316,7 @@ def group_display(group: Group, variant: str | None = None) -> DisplayTable:
             searched = cell.first("assistant_candidates")
             notes.append(f"+ {fmt.seconds(cell.mean_of('assistant_time_s'))} for its assistant"
                          + (f" (search of {searched} candidates + fine-tuning)" if searched else ""))
-        share = cell.first("prov.assistant_pick_share")
+        share = cell.first("assistant_pick_share")
         if share is not None and not stable(share):
             notes.append(f"the searched assistant's pick is not stable: {100 * share:.0f}% of re-selections within the"
                          " joint accuracies' evaluation noise keep it (see the search audit)")

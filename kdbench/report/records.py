@@ -249,6 +249,7 @@ def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
     row.update({k: audit.get(k) if isinstance(audit, Mapping) else None for k in TAIL_COLUMNS})
     row.update({f"req.{k}": _opt(rec, f"requirements.{k}") for k in _REQUIREMENTS})
     prov = rec.get("provenance") or {}
+    row.update({k: prov.get(k) for k in PROVENANCE_NUMBERS})
     row.update({f"prov.{k}": prov.get(k) for k in _PROVENANCE})
     row[DIRTY_FILES] = join_dirty_files(prov.get("dirty_files"))
     # Further scalar provenance (e.g. the student's model digest) is kept too, after the known keys.
@@ -256,7 +257,7 @@ def flatten_record(rec: Mapping[str, Any], path: Path) -> dict[str, Any]:
         {
             f"prov.{k}": _scalar(v)
             for k, v in sorted(prov.items())
-            if k not in _PROVENANCE and k != "plugins" and not isinstance(v, dict)
+            if k not in _PROVENANCE and k not in PROVENANCE_NUMBERS and k != "plugins" and not isinstance(v, dict)
         }
     )
     row.update({f"plugin.{p['package']}": plugin_cell(p) for p in prov.get("plugins") or ()})
@@ -369,6 +370,9 @@ def runs_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 # Columns of runs.csv that stay text when it is read back (names, paths, digests, versions, provenance).
 _TEXT_COLUMNS = frozenset({"record", "status", "skip_reason", "config", "retrieval_tap", "epochs_file", *IDENTITY_COLUMNS})
 _TEXT_PREFIXES = ("prov.", "pkg.", "plugin.", "store.")
+#: Provenance that is a number the report reads (a searched assistant's pick stability, kdbench.tasearch): its own
+#: runs column, not a ``prov.*`` text one.
+PROVENANCE_NUMBERS = ("assistant_pick_share",)
 
 
 def runs_text_column(column: str) -> bool:
