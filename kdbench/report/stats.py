@@ -209,26 +209,11 @@ def kendall_tau(first: Mapping[str, float], second: Mapping[str, float]) -> Kend
     return Kendall(tau, None if math.isnan(p) else p, n)
 
 
-def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman's rank correlation (average ranks for ties); ``None`` for fewer than 2 points or no spread."""
-    if len(a) < 2:
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (``scipy.stats.spearmanr``: average ranks for ties); ``None`` for fewer than 2
+    points or when either side has no spread (every value equal)."""
+    if len(a) < 2 or len(set(a)) < 2 or len(set(b)) < 2:
         return None
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
-    return cov / var if var else None
+    from scipy.stats import spearmanr  # imported on use, as in kendall_tau
 
-
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
+    return float(spearmanr(a, b).statistic)
