@@ -167,7 +167,7 @@ def test_study_page_has_its_redrawn_plot_table_and_checks(site: Path) -> None:
 
 def test_snapshot_facts() -> None:
     facts = snapshot_facts((PUBLISHED / "fashion-mnist-zoo" / SNAPSHOT_MD).read_text())
-    assert facts["wall_time"] == "61 min 09 s" and facts["commit"] == "71d7bae" and facts["date"] == "2026-12-07"
+    assert facts["wall_time"] == "62 min 56 s" and facts["commit"] == "08e0c7e" and facts["date"] == "2026-12-07"
     assert facts["command"].endswith("--configfile workflow/config/fashion-mnist-zoo.yaml")
     assert facts["question"].startswith("With the same tuning budget for every method")
 
