@@ -44,7 +44,8 @@ def oracle_verdict(val: list[list[float]], selected: int, preference: list[float
     """
     m, n = len(val), len(val[0])
     by_seed = [dict(enumerate(v)) for v in val]
-    means = [float(np.mean(v)) for v in val]
+    summaries = [summarize(v) for v in val]
+    means = [s.mean for s in summaries]
     lead = max(range(m), key=lambda k: (means[k], -k))
     deltas = {k: paired_delta(by_seed[lead], by_seed[k]) for k in range(m) if k != lead}
     top = sorted([lead, *(k for k, d in deltas.items() if d.diff.low is None or d.diff.low <= 0)])
@@ -60,7 +61,6 @@ def oracle_verdict(val: list[list[float]], selected: int, preference: list[float
             if r is not None:
                 boot.append(r)
     interval = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))] if boot else None
-    summaries = [summarize(v) for v in val]
     return {
         "seeds": n,
         "mean": means,
@@ -102,15 +102,15 @@ def audit(summary: dict, sel: dict, oracle: dict[str, list[dict]]) -> dict:
         if not records or len(records) % m:
             raise ValueError(f"oracle of {student}: {len(records)} records is not a multiple of {m} candidates")
         n = len(records) // m
-        runs = records
-        seeds = [[run["identity"]["seed"] for run in runs[k * n : (k + 1) * n]] for k in range(m)]
+        runs = [records[k * n : (k + 1) * n] for k in range(m)]  # per candidate, its seeds in order
+        seeds = [[run["identity"]["seed"] for run in group] for group in runs]
         if any(s != seeds[0] for s in seeds) or len(set(seeds[0])) != n:
             raise ValueError(f"oracle of {student}: every candidate needs the same {n} distinct seeds in the same"
                              f" order, got {seeds}")
-        val = [[run["final"]["val_top1"] for run in runs[k * n : (k + 1) * n]] for k in range(m)]
+        val = [[run["final"]["val_top1"] for run in group] for group in runs]
         students[student] = {
             "val_top1": val,
-            "test_top1": [[run["final"]["test_top1"] for run in runs[k * n : (k + 1) * n]] for k in range(m)],
+            "test_top1": [[run["final"]["test_top1"] for run in group] for group in runs],
             "seed_ids": seeds[0],
             **oracle_verdict(val, sel["selected"], preference),
         }
