@@ -625,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of a user error instead of the one-line message")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="run a data-parallel command (" + ", ".join(DATA_PARALLEL) + ") in N processes on"
+                             " this node: kdbench starts them under torchrun itself (default 1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="the step to run ('kdbench COMMAND --help' lists its options)")
 
@@ -851,9 +854,48 @@ def _single_process(command: str) -> None:
                           f" {', '.join(DATA_PARALLEL)} jobs only); run it without torchrun")
 
 
+def _torchrun_argv(argv: list[str], processes: int) -> list[str]:
+    """The command line that runs ``kdbench argv`` (its ``--processes`` left out) in ``processes`` processes:
+    torchrun on this node, a free port of its own (``--standalone``), every process this Python's ``kdbench``."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--processes":
+            skip = True
+        elif not a.startswith("--processes="):
+            rest.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+            f"--nproc-per-node={processes}", "-m", "kdbench.cli", *rest]
+
+
+def _launch(args: argparse.Namespace, argv: list[str]) -> None:
+    """``--processes N``: outside torchrun, replaces this process by torchrun starting N of this command (N > 1);
+    inside it, checks that torchrun started N. A command that runs in one process refuses N > 1."""
+    from kdbench.distributed import env_world_size
+    from kdbench.errors import ConfigError
+
+    n = args.processes
+    if n < 1:
+        raise ConfigError(f"--processes {n}: give a positive number of processes")
+    if n > 1 and args.command not in DATA_PARALLEL:
+        raise ConfigError(f"kdbench --processes {n} {args.command}: {args.command} runs in one process"
+                          f" (--processes applies to {', '.join(DATA_PARALLEL)} jobs only)")
+    world = env_world_size()
+    if world > 1 and n not in (1, world):
+        raise ConfigError(f"kdbench --processes {n} under torchrun with {world} processes: drop --processes, or"
+                          " run kdbench without torchrun (it starts torchrun itself)")
+    if n > 1 and world == 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        command = _torchrun_argv(argv, n)
+        os.execv(command[0], command)
+
+
 def main(argv: list[str] | None = None) -> int:
     from kdbench.distributed import env_rank, shutdown
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     rank = env_rank()  # under torchrun: only rank 0 logs progress; the others log warnings and errors, named
     logging.basicConfig(
@@ -866,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _single_process(args.command)
+        _launch(args, argv)
         code = int(args.fn(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
         return code

@@ -141,6 +141,51 @@ def test_commands_that_run_in_one_process_refuse_torchrun(monkeypatch, capsys):
     assert "kdbench verify-teacher runs in one process" in err and "distill, trial, train-teacher" in err
 
 
+def test_processes_makes_kdbench_start_torchrun_itself(monkeypatch):
+    """``kdbench --processes 2 distill ...`` replaces itself by torchrun starting 2 of the same command (without
+    ``--processes``, this Python's kdbench); 1 process runs the command in place."""
+    from kdbench import cli
+
+    started = []
+    monkeypatch.setattr(cli.os, "execv", lambda path, argv: started.append(argv) or sys.exit(0))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = ["distill", "--config", "c.yaml", "--teacher", "t", "--student", "s", "--method-label", "kd", "--seed",
+            "3", "--data", "d", "--out", "o", "--threads", "2"]
+    for flag in (["--processes", "2"], ["--processes=2"]):
+        with pytest.raises(SystemExit):
+            cli.main([*flag, *args])
+        assert started.pop() == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                                 "--nproc-per-node=2", "-m", "kdbench.cli", *args]
+    # one process, or a process torchrun started: the command runs in place (here: fails on the missing config)
+    assert cli.main(["--processes", "1", *args]) == 2 and not started
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["--processes", "2", *args]) == 2 and not started
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--processes", "2", "verify-teacher", "--config", "x.yaml", "--teacher", "t", "--data", "d", "--out", "o"],
+     "verify-teacher runs in one process (--processes applies to distill, trial, train-teacher, cache"),
+    (["--processes", "0", "train-teacher", "--config", "x.yaml", "--teacher", "t", "--data", "d", "--out", "o"],
+     "--processes 0: give a positive number"),
+])
+def test_processes_is_refused_where_it_cannot_apply(monkeypatch, capsys, argv, message):
+    from kdbench import cli
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(cli.os, "execv", lambda *a: pytest.fail("started torchrun"))
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_processes_must_match_the_torchrun_that_started_the_command(monkeypatch, capsys):
+    from kdbench import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(["--processes", "4", "train-teacher", "--config", "x.yaml", "--teacher", "t", "--data", "d",
+                     "--out", "o"]) == 2
+    assert "under torchrun with 2 processes: drop --processes" in capsys.readouterr().err
+
+
 def test_verify_states_its_tolerance_for_a_multi_process_record():
     from kdbench.verify import tolerance_reasons
 
@@ -498,11 +543,11 @@ def test_a_data_parallel_table_runs_distill_under_torchrun_and_asks_slurm_for_it
     resources = next(ln for ln in distill.splitlines() if ln.strip().startswith("resources:"))
     assert "gpu=2" in resources and "gpu_model=v100" in resources and "cpus_per_gpu=1" in resources
     assert "gres=," in resources and "tasks" not in resources
-    assert "torchrun --standalone --nnodes=1 --nproc-per-node=2 --no-python kdbench distill" in distill
+    assert "kdbench --processes 2 distill" in distill  # kdbench starts torchrun itself
     assert "--threads 1 " in distill  # per process
     teacher = blocks["train_teacher"]  # a trained teacher: 2 processes too (2 CPUs each)
-    assert "torchrun --standalone --nnodes=1 --nproc-per-node=2 --no-python kdbench train-teacher" in teacher
+    assert "kdbench --processes 2 train-teacher" in teacher
     assert "gpu=2" in teacher and "cpus_per_gpu=2" in teacher
     cache = next(ln for ln in blocks["cache_shard"].splitlines() if ln.strip().startswith("resources:"))
     assert "gpu=2" in cache and "gres=," in cache  # a shard's teacher batches split over 2 GPUs
-    assert "torchrun --standalone --nnodes=1 --nproc-per-node=2 --no-python kdbench cache" in blocks["cache_shard"]
+    assert "kdbench --processes 2 cache" in blocks["cache_shard"]

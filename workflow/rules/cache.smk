@@ -6,17 +6,18 @@ rule cache_shard:
         L.SHARD,
     params:
         args=store_args,
-        **launch(store_geometry),
         store=lambda wildcards, output: Path(output[0]).parent,
     threads: job_threads(store_geometry)  # every process's CPUs (+ streamed data's workers)
     resources:
+        **launch(store_geometry),
         **needs(lambda wildcards: NEEDS.store_shard(store_of(wildcards))),
         **job_gpus(store_geometry),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/cache/{{key}}/{{spec}}/{{tapdir}}/{{shard}}.log",
     shell:
-        "{params.launch} cache {params.args} --threads {params.threads} --store {params.store}"
+        "kdbench --processes {resources.processes} cache {params.args} --threads {resources.process_threads}"
+        " --store {params.store}"
         " --shard $((10#{wildcards.shard})) 2> {log}"
 
 

@@ -192,13 +192,6 @@ def processes(table):
     return PLAN.tables[table].cfg.runtime.processes
 
 
-def kdbench_command(n):
-    """How a job of ``n`` processes runs ``kdbench``: as itself in one process; with N > 1 under ``torchrun
-    --standalone`` (one node, a free port of its own), which starts N processes of the same command
-    (kdbench.distributed) and ends the job with an error naming the rank if one of them fails."""
-    return "kdbench" if n == 1 else f"torchrun --standalone --nnodes=1 --nproc-per-node={n} --no-python kdbench"
-
-
 def distill_geometry(wildcards):
     """``(processes, CPUs per process)`` of a distill or trial job (CPUs: + streamed data's workers)."""
     return processes(wildcards.table), PLAN.job_threads(PLAN.data_key(wildcards.table))
@@ -228,10 +221,12 @@ def assistant_geometry(wildcards):
 
 
 def launch(geometry):
-    """A rule's params: ``launch`` (kdbench or torchrun) and ``threads`` (per process: the rule's ``threads``,
-    which Snakemake may lower to ``--cores``, over the processes)."""
-    return dict(launch=lambda wildcards: kdbench_command(geometry(wildcards)[0]),
-                threads=lambda wildcards, threads: max(1, threads // geometry(wildcards)[0]))
+    """A model rule's ``processes`` (kdbench starts torchrun itself when N > 1: ``kdbench --processes N``; one node,
+    a free port of its own; a failing rank ends the job, named) and ``process_threads`` (CPUs per process: the
+    rule's ``threads``, which Snakemake may lower to ``--cores``, over the processes). Resources, not params: a
+    changed N is no rerun trigger (no hash has it: a run resumes or is reused under any N)."""
+    return dict(processes=lambda wildcards: geometry(wildcards)[0],
+                process_threads=lambda wildcards, threads: max(1, threads // geometry(wildcards)[0]))
 
 
 def job_threads(geometry):

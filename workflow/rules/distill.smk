@@ -7,13 +7,14 @@ rule distill:
     params:
         spec=lambda wildcards: PLAN.job_hash(job_of(wildcards)),  # rerun trigger
         args=distill_args,
-        **launch(distill_geometry),
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: job_threads(distill_geometry)
     resources:
+        **launch(distill_geometry),
         **needs(lambda wildcards: NEEDS.distill(job_of(wildcards))),
         **job_gpus(distill_geometry),
     log:
         f"{L.TABLE_LOGS}/distill/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:
-        "{params.launch} distill {params.args} --threads {params.threads} --out {params.out} 2> {log}"
+        "kdbench --processes {resources.processes} distill {params.args} --threads {resources.process_threads}"
+        " --out {params.out} 2> {log}"

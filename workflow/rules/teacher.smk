@@ -9,16 +9,17 @@ rule train_teacher:
         teacher=lambda wildcards, output: q(PLAN.teachers[wildcards.tkey].teacher),
         data=lambda wildcards, input: Path(input.data).parent,
         out=lambda wildcards, output: Path(output[0]).parent,
-        **launch(teacher_geometry),
     threads: job_threads(teacher_geometry)  # 2 per process, + streamed data's workers
     resources:
+        **launch(teacher_geometry),
         **needs(lambda wildcards: NEEDS.teacher(PLAN.teachers[wildcards.tkey])),
         **job_gpus(teacher_geometry),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/teachers/{{tkey}}.log",
     shell:
-        "{params.launch} train-teacher --config {params.config} --threads {params.threads} --teacher {params.teacher}"
+        "kdbench --processes {resources.processes} train-teacher --config {params.config}"
+        " --threads {resources.process_threads} --teacher {params.teacher}"
         " --data {params.data} --out {params.out} 2> {log}"
 
 
@@ -53,16 +54,17 @@ rule train_assistant:
     params:
         command=assistant_command,
         out=lambda wildcards, output: Path(output[0]).parent,
-        **launch(assistant_geometry),
     threads: job_threads(assistant_geometry)  # + streamed data's workers
     resources:
+        **launch(assistant_geometry),
         **needs(lambda wildcards: NEEDS.teacher(PLAN.teachers[wildcards.akey])),
         **job_gpus(assistant_geometry),
     priority: 10  # on the critical path: everything downstream waits for it
     log:
         f"{L.LOGS}/assistants/{{akey}}.log",
     shell:
-        "{params.launch} {params.command} --threads {params.threads} --out {params.out} 2> {log}"
+        "kdbench --processes {resources.processes} {params.command} --threads {resources.process_threads}"
+        " --out {params.out} 2> {log}"
 
 
 rule amd_search:

@@ -13,18 +13,19 @@ rule trial:
         spec=lambda wildcards: tuning.trial_hash(PLAN, wildcards.table, wildcards.teacher, wildcards.student,
                                                  wildcards.label, int(wildcards.trial)),  # rerun trigger
         args=lambda wildcards, output: cell_args(wildcards),
-        **launch(distill_geometry),
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: job_threads(distill_geometry)
     resources:
+        **launch(distill_geometry),
         **needs(lambda wildcards: NEEDS.trial(job_of(wildcards))),
         **job_gpus(distill_geometry),
     priority: 5  # before the untuned runs: a cell's tuned runs wait for all its trials, the untuned runs for nothing
     log:
         f"{L.TABLE_LOGS}/tune/{{teacher}}/{{student}}/{{label}}/trial{{trial}}-seed{{seed}}.log",
     shell:
-        "{params.launch} trial {params.args} --trial {wildcards.trial} --seed {wildcards.seed}"
-        " --threads {params.threads}"
+        "kdbench --processes {resources.processes} trial {params.args} --trial {wildcards.trial}"
+        " --seed {wildcards.seed}"
+        " --threads {resources.process_threads}"
         " --out {params.out} 2> {log}"
 
 
@@ -58,15 +59,16 @@ rule distill_tuned:
     params:
         spec=lambda wildcards: PLAN.job_hash(job_of(wildcards)),  # (the selection is an input)
         args=distill_args,
-        **launch(distill_geometry),
         out=lambda wildcards, output: Path(output[0]).parent,
     threads: job_threads(distill_geometry)
     resources:
+        **launch(distill_geometry),
         **needs(lambda wildcards: NEEDS.distill(job_of(wildcards))),
         **job_gpus(distill_geometry),
     priority: 5  # likewise: the untuned runs, which nothing waits for, fill the cores last
     log:
         f"{L.TABLE_LOGS}/tuned/{{teacher}}/{{student}}/{{label}}/seed{{seed}}.log",
     shell:
-        "{params.launch} distill {params.args} --tuned {input.selected} --threads {params.threads} --out {params.out}"
+        "kdbench --processes {resources.processes} distill {params.args} --tuned {input.selected}"
+        " --threads {resources.process_threads} --out {params.out}"
         " 2> {log}"
