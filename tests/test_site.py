@@ -24,6 +24,7 @@ from kdbench.report.site import (
     snapshot_entries,
     snapshot_facts,
     stale_pages,
+    table_config_hash,
     workflow_entries,
     write_site,
 )
@@ -181,10 +182,10 @@ SNAPSHOT_MD = "SNAPSHOT.md"
 def test_a_leaderboard_rebuilt_from_its_runs_csv_is_the_same(tmp_path: Path) -> None:
     """The workflow's leaderboard (from records) and the page rebuilt from its runs.csv and epochs.csv (a
     snapshot's, a site's) agree cell by cell, curves included."""
-    paths = []
+    paths, flags = [], {"channels_last": True, "torch_threads": 2}
     for seed, (b, k) in enumerate(zip(BASE, KD)):
-        paths += [make_record(tmp_path / "runs", method="baseline", seed=seed, top1=b),
-                  make_record(tmp_path / "runs", method="kd", seed=seed, top1=k)]
+        paths += [make_record(tmp_path / "runs", method="baseline", seed=seed, top1=b, provenance=flags),
+                  make_record(tmp_path / "runs", method="kd", seed=seed, top1=k, provenance=flags)]
     first = tmp_path / "first"
     write_leaderboard(paths, first, "T")
     again = tmp_path / "again"
@@ -202,6 +203,17 @@ def test_a_leaderboard_rebuilt_from_its_runs_csv_is_the_same(tmp_path: Path) -> 
     assert sorted(p.name for p in (again / "plots").glob("*.png")) == sorted(
         p.name for p in (first / "plots").glob("*.png")
     )  # the training curves too
+    # the whole page as text: provenance included (a bool from the records reads as runs.csv's `true`)
+    assert (again / "leaderboard.md").read_text() == (first / "leaderboard.md").read_text()
+    assert "| channels_last | all runs | true |" in (first / "leaderboard.md").read_text()
+
+
+def test_a_rebuilt_page_is_titled_by_its_tables_config_not_a_jobs() -> None:
+    """Each record's ``config_hash`` is its own job's; the table's is in the resolved config file the runs read."""
+    rows = [{"prov.config_hash": h, "prov.config_file": "results/t/config-cf26bc50e512.resolved.yaml"}
+            for h in ("130e4eb6af48", "1a7d3f75d872", "130e4eb6af48")]
+    assert table_config_hash(rows) == "cf26bc50e512"
+    assert table_config_hash([{"prov.config_file": "my.yaml"}]) == "" and table_config_hash([]) == ""
 
 
 def test_workflow_site_copies_its_files_and_names_tables_by_their_runs(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, MutableMapping, Sequence
 
+from kdbench.report._format import csv_value
+
 _SCOPES: dict[str, tuple[str, ...]] = {
     "prov.data_manifest_sha256": ("dataset",),
     "prov.config_hash": ("dataset", "protocol_hash", "method"),  # the hash covers the method's entry
@@ -96,13 +98,15 @@ def summarize_provenance(
             if row.get(column) not in (None, ""):
                 groups.setdefault(_scope(column, row), []).append(row)
         for scope, members in sorted(groups.items()):
-            counts = Counter(row[column] for row in members)
+            # Values as runs.csv writes them, so a table rebuilt from runs.csv (text) reads as one built from
+            # the records (bools, numbers): `true`, not `True`.
+            counts = Counter(csv_value(row[column]) for row in members)
             # Most common first; ties broken by the value's text so the reference is deterministic.
-            values = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
+            values = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
             fields.append(ProvenanceField(column, scope, values))
             reference = values[0][0]
             for row in members:
-                if row[column] != reference:
+                if csv_value(row[column]) != reference:
                     flagged.setdefault(row["record"], []).append(column)
     for row in rows:
         row["provenance_differs"] = ";".join(flagged.get(row["record"], []))

@@ -95,6 +95,14 @@ def _majority(rows: Sequence[Mapping[str, Any]], column: str) -> str:
     return values.most_common(1)[0][0] if values else ""
 
 
+def table_config_hash(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The hash of the table's resolved config, as ``kdbench leaderboard`` titles the page: the one in the name of
+    the file the runs read (``results/<table>/config-<hash>.resolved.yaml``, kdbench.plan.Layout.RESOLVED; a
+    record's ``config_hash`` is its own job's); ``""`` when the rows do not say."""
+    found = re.search(r"config-([0-9a-f]+)\.resolved\.yaml$", _majority(rows, "prov.config_file"))
+    return found.group(1) if found else ""
+
+
 def snapshot_facts(text: str) -> dict[str, str]:
     """From a ``SNAPSHOT.md``: ``question`` (its ``- Question:`` line), ``command`` (the first code span of
     ``Made by:``), ``wall_time`` (``<m> min <s> s``), ``date`` and ``commit`` (the first code span of
@@ -283,7 +291,8 @@ def write_site(entries: Sequence[Entry], out_dir: Path) -> list[Entry]:
         nav = _nav(entries, i, out_dir)
         if entry.kind == TABLE:
             rows = read_runs_csv(target / "runs.csv")
-            title = f"{entry.name} (config {_majority(rows, 'prov.config_hash')})"
+            config = table_config_hash(rows)
+            title = f"{entry.name} (config {config})" if config else entry.name
             render_leaderboard(rows, target, title, read_epochs_csv(target / EPOCHS_CSV), nav=nav)
             cells = fmt.read_csv(target / "leaderboard.csv", lambda c: c in _LEADERBOARD_TEXT)
             matrix.append((entry, cells))
