@@ -4,7 +4,7 @@ driven by Playwright over the site that `kdbench site` makes of every published 
 Every page, at 1400 px and at 420 px wide: loads with no console error and no request leaving the machine,
 every link resolves (a file beside it, an anchor on its page), every image decodes, no table is wider than the
 1400 px window and at 420 px no page scrolls sideways. Screenshots of the front page and of a table at both
-widths are written under the test's temporary folder (their paths are printed).
+widths are written under the test's temporary folder, or into $KDBENCH_SCREENSHOTS (their paths are printed).
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ def test_every_page_in_chromium(site: Path, tmp_path: Path) -> None:
     pages = [site / "index.html", *sorted(site.glob("*/index.html"))]
     assert len(pages) == 1 + len(snapshot_entries(PUBLISHED))
     problems: list[str] = []
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
+    shots = Path(os.environ.get("KDBENCH_SCREENSHOTS") or tmp_path / "screenshots")  # (a folder to keep them in)
+    shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         try:
@@ -99,6 +99,7 @@ def test_every_page_in_chromium(site: Path, tmp_path: Path) -> None:
                 context.close()
         finally:
             browser.close()
-    print("screenshots:", *sorted(str(p) for p in shots.iterdir()), sep="\n  ")
-    assert len(list(shots.iterdir())) == 4
+    taken = [shots / f"{name}-{width}.png" for name in ("front", SHOT_TABLE) for width in WIDTHS]
+    print("screenshots:", *map(str, taken), sep="\n  ")
+    assert all(p.is_file() for p in taken)
     assert not problems, "\n".join(problems)
