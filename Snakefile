@@ -24,6 +24,13 @@ if workflow.remote_exec:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+# Snakemake 9's scheduler starts one more everlasting re-evaluation timer per job event, a CPU cost that grows with
+# every finished job: kdbench/scheduler_timers.py keeps one pending timer per scheduler.
+from kdbench import scheduler_timers
+
+scheduler_timers.apply()
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/teacher.smk"
