@@ -392,6 +392,21 @@ def test_rank_rule_ties_share_a_rank() -> None:
     assert [c.rank for c in cells] == [2, 1, 2]
 
 
+def test_rank_rule_orders_means_equal_up_to_float_noise_by_method_whatever_the_rounding() -> None:
+    # The zoo's tuned pkt and takd: equal means (74.828) that differ in the last float bits depending on whether
+    # the board is built from the records or rebuilt from runs.csv (6 decimals). Both must order pkt first.
+    dist = {s: 76.4 + s / 10 for s in range(5)}
+    for noise in (+1e-9, -1e-9, +4e-6, -4e-6):
+        spread = (0.3, -0.3, 0.2, -0.2, 0.0)  # the same mean, other per-seed values
+        takd = {s: 74.828 + noise + d for s, d in enumerate(spread)}
+        pkt = {s: 74.828 - d for s, d in enumerate(spread)}
+        cells = [_cell("takd", takd), _cell("dist", dist), _cell("pkt", pkt)]
+        rank_cells(cells)
+        first = next(c for c in cells if any(n.startswith("ranked below dist") for n in c.notes))
+        assert first.method == "pkt", noise
+        assert not any("ranked below" in n for n in cells[0].notes)
+
+
 # ---------------------------------------------------------------------------------------------- records
 
 

@@ -15,7 +15,9 @@ of a protocol that measures them (``protocol.retrieval_tap``). Ranks use the hea
 
 Rank rule (within a group, over the cells with at least two finished seeds):
 
-1. Order the cells by mean top-1, highest first (ties by method label).
+1. Order the cells by mean top-1, highest first (ties by method label; means equal to
+   :data:`MEAN_TIE_DECIMALS` decimals are ties, so that a board built from the records and one rebuilt from
+   ``runs.csv``, whose values keep 6 decimals, order them alike).
 2. Walk down that order. The first cell opens tier 1. Each next cell joins the current tier unless it is
    *below* some cell already in the tier: the paired difference ``this - that`` over the seeds both
    finished (at least two) has a 95% t-interval lying entirely below 0
@@ -394,6 +396,9 @@ def _cell_notes(cell: LeaderboardCell) -> None:
 
 
 MIN_SEEDS_TO_RANK = 2
+# Means that agree to this many decimals (points of top-1) are ties for the order: far finer than any test set's
+# accuracy step (100 / 50,000 images = 0.002), far coarser than the float noise of a mean of rounded values.
+MEAN_TIE_DECIMALS = 4
 
 
 def _below(
@@ -407,6 +412,11 @@ def _below(
     return None
 
 
+def _by_mean(cell: LeaderboardCell) -> tuple[float, str]:
+    """Highest mean top-1 first, equal means (to :data:`MEAN_TIE_DECIMALS`) by method label."""
+    return -round(cell.top1.mean or 0.0, MEAN_TIE_DECIMALS), cell.method
+
+
 def rank_cells(cells: Sequence[LeaderboardCell]) -> None:
     """Sets ``rank`` on the cells of one group by the paired tier rule of this module's docstring.
 
@@ -418,9 +428,7 @@ def rank_cells(cells: Sequence[LeaderboardCell]) -> None:
     for c in cells:
         if c.top1.n == 1:
             c.notes.append(f"not ranked: 1 seed (a rank needs {MIN_SEEDS_TO_RANK} paired seeds)")
-    ordered = sorted(
-        (c for c in cells if c.top1.n >= MIN_SEEDS_TO_RANK), key=lambda c: (-c.top1.mean, c.method)
-    )
+    ordered = sorted((c for c in cells if c.top1.n >= MIN_SEEDS_TO_RANK), key=_by_mean)
     tier: list[LeaderboardCell] = []
     rank = 1
     for position, cell in enumerate(ordered, 1):
@@ -514,7 +522,7 @@ def build_group(
     cells = sorted(
         cells,
         key=lambda c: (
-            _variant_order(c.variant), c.rank is None, c.rank or 0, -(c.top1.mean or 0.0), c.method
+            _variant_order(c.variant), c.rank is None, c.rank or 0, *_by_mean(c)
         ),
     )
     notes = [f"{v} runs: {n}" if v == UNTUNED_VARIANT else n for v in variants for n in variant_notes[v]]
