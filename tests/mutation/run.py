@@ -10,7 +10,11 @@ and ``tests/`` and a pyproject.toml whose ``[tool.mutmut]`` mutates that module 
 runs ``mutmut run`` there (mutmut copies the code into ``.mutation/<module>/mutants/`` and the tests import the
 mutated copy; each mutant runs only the selected tests that call the mutated function), and reads the
 verdicts. A surviving mutant fails the run unless ``tests/mutation/equivalent.toml`` lists it (module,
-function, the line it removes, the line it adds) with the reason it cannot change behaviour. Results are
+function, the line it removes, the line it adds) with the reason it cannot change behaviour, or it is a
+*device-only* mutant (it drops a ``device=`` argument or sets it to ``None``, and changes nothing else): on the
+CPU, where the tests run, the tensor is made on the CPU either way, and on a GPU the mutant stops with a device
+mismatch instead of corrupting a number, so no CPU test can tell it apart; these are counted with the listed ones
+and shown as such. Results are
 cached per function by mutmut; a cached survivor is always run again (a new test may kill it).
 
 Exit status: 0 when every mutant is killed or listed, 1 otherwise, 2 on a usage error.
@@ -23,6 +27,7 @@ import fnmatch
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -177,8 +182,22 @@ def equivalents() -> list[dict]:
     return entries
 
 
+def _without_device(line: str) -> str:
+    """``line`` with its ``device=...`` arguments (a name or attribute, or ``None``) and white space taken out."""
+    line = re.sub(r"\s+", "", re.sub(r"\bdevice\s*=\s*[\w.]+", "", line))
+    return re.sub(r",+(?=\))", "", re.sub(r"\(,+", "(", re.sub(r",{2,}", ",", line)))
+
+
+def device_only(removed: str, added: str) -> bool:
+    """The mutant only drops a ``device=`` argument or sets it to ``None`` (see the module docstring)."""
+    return removed != added and "device" in removed and _without_device(removed) == _without_device(added) and (
+        "device=None" in added.replace(" ", "") or added.count("device") < removed.count("device"))
+
+
 def _listed(module: str, survivor: tuple[str, str, str, str], listed: list[dict]) -> bool:
     _, function, removed, added = survivor
+    if device_only(removed, added):
+        return True
     return any(
         e["module"] == module and e["function"] == function and e["removed"] == removed and e["added"] == added
         for e in listed
@@ -267,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run_module(modules[module], args, listed, budget)
         outcomes.append(outcome)
         for name, function, removed, added in outcome.survivors:
-            tag = "equivalent (listed)" if (name, function, removed, added) not in outcome.unlisted else "SURVIVED"
+            tag = ("SURVIVED" if (name, function, removed, added) in outcome.unlisted
+                   else "device-only" if device_only(removed, added) else "equivalent (listed)")
             print(f"  {tag}: {name}\n      - {removed}\n      + {added}")
         print(f"  {outcome.killed}/{outcome.total} killed ({100 * outcome.killed / max(1, outcome.total):.1f}%), "
               f"{len(outcome.survivors) - len(outcome.unlisted)} listed as equivalent, "
