@@ -1,11 +1,14 @@
 """The plugin path end to end: a fresh virtual environment with kdbench and ``examples/kdbench-plugin-example``
-installed (``pip install -e``, no system site-packages), a tiny table naming the plugin's method (``nkd``) and
-model (``cnn_micro``) through Snakemake, its rows on the leaderboard with the plugin in the provenance;
-``kdbench check-method`` passes on the plugin and fails, in words, on a broken copy of it, which ``kdbench
-verify`` then refuses to re-run the table's record with.
+installed (``pip install -e``), a tiny table naming the plugin's method (``nkd``) and model (``cnn_micro``)
+through Snakemake, its rows on the leaderboard with the plugin in the provenance; ``kdbench check-method`` passes
+on the plugin and fails, in words, on a broken copy of it, which ``kdbench verify`` then refuses to re-run the
+table's record with.
 
-The environment takes a few minutes to build (pip reuses its cache); the table trains for one epoch on 100
-synthetic Fashion-MNIST-format images.
+The new environment is layered on the test's own by a ``.pth`` file that adds its site-packages (torch and the
+other dependencies, as `.ci/run` and the README install them): pip installs kdbench's commands and the plugin in
+seconds instead of unpacking a second torch for minutes. The plugin, its entry points and the broken copy live in
+the new environment only, and the test's own commands are taken off ``PATH``. The table trains for one epoch on
+100 synthetic Fashion-MNIST-format images.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -34,18 +38,26 @@ def _run(cmd: list[str], env: dict | None = None, timeout: int = 3600, **kw) -> 
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
-    """A fresh venv with kdbench and the example plugin, both editable."""
+    """A fresh venv layered on this one (kdbench and its dependencies) with the example plugin, editable."""
     root = tmp_path_factory.mktemp("venv") / "venv"
     assert _run([sys.executable, "-m", "venv", str(root)]).returncode == 0
-    for target in (REPO, EXAMPLE):
-        out = _run([str(root / "bin" / "python"), "-m", "pip", "install", "-q", "-e", str(target)])
+    python = str(root / "bin" / "python")
+    own = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    base = sysconfig.get_paths()["purelib"]
+    Path(own, "_kdbench_test_base.pth").write_text(f"import site; site.addsitedir({base!r})\n")
+    for args in (["--no-deps", "-e", str(REPO)], ["-e", str(EXAMPLE)]):  # kdbench's commands in this venv's bin too
+        out = _run([python, "-m", "pip", "install", "-q", *args])
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    where = _run([python, "-c", "import kdbench_plugin_example, sys; print(kdbench_plugin_example.__file__, sys.prefix)"])
+    assert where.stdout.split() == [str(EXAMPLE / "kdbench_plugin_example" / "__init__.py"), str(root)], where
     return root
 
 
 def _env(venv: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", "VIRTUAL_ENV": str(venv)}
+    own_bin = str(Path(sys.executable).parent)  # this environment's commands would not see the plugin
+    path = [d for d in env.get("PATH", "").split(os.pathsep) if d and d != own_bin]
+    return {**env, "PATH": os.pathsep.join([str(venv / "bin"), *path]), "VIRTUAL_ENV": str(venv)}
 
 
 def _is_commit_of_this_repo(commit: str) -> bool:
