@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -313,3 +314,80 @@ def test_errors():
         retrieval_map(q[:2], ql[:2], d.clone().fill_(float("nan")), dl, metric="cosine", top_k=5)
     with pytest.raises(ValueError, match="labels must be"):
         retrieval_map(q[:2], ql, d, dl, metric="cosine", top_k=5)
+
+
+# Every check of the arguments, each on its own (one bad argument, the rest good), with its whole message.
+_Q, _QL = torch.zeros(3, 2), torch.tensor([0, 1, 0])
+_D, _DL = torch.ones(5, 2), torch.tensor([0, 1, 1, 0, 0])
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"query_emb": torch.zeros(3)}, "embeddings must be [Q, D] and [N, D], got (3,) and (5, 2)"),
+    ({"db_emb": torch.ones(5, 2, 1)}, "embeddings must be [Q, D] and [N, D], got (3, 2) and (5, 2, 1)"),
+    ({"query_emb": torch.zeros(3, 3)}, "embeddings must be [Q, D] and [N, D], got (3, 3) and (5, 2)"),
+    ({"query_labels": _QL.double()}, "labels must be integers"),
+    ({"db_labels": _DL.float()}, "labels must be integers"),
+    ({"query_emb": torch.zeros(0, 2), "query_labels": torch.zeros(0, dtype=torch.int64)},
+     "retrieval needs at least one query and one database item"),
+    ({"db_emb": torch.zeros(0, 2), "db_labels": torch.zeros(0, dtype=torch.int64)},
+     "retrieval needs at least one query and one database item"),
+    ({"chunk": 0}, "chunk must be >= 1, got 0"),
+    ({"top_k": 0}, "top_k must be in [1, 5], got 0"),
+])
+def test_each_bad_argument_alone_gets_its_own_message(change, message):
+    args = {"query_emb": _Q, "query_labels": _QL, "db_emb": _D, "db_labels": _DL, "metric": "cosine", "top_k": 5,
+            **change}
+    with pytest.raises(ValueError) as err:
+        retrieval_map(args.pop("query_emb"), args.pop("query_labels"), args.pop("db_emb"), args.pop("db_labels"),
+                      **args)
+    assert str(err.value) == message
+
+
+def test_one_database_item_is_enough():
+    got = retrieval_map(torch.ones(2, 2), torch.tensor([3, 3]), torch.ones(1, 2), torch.tensor([3]),
+                        metric="euclidean", top_k=1)
+    assert (got.map, got.precision_at_k) == (100.0, 100.0)
+
+
+@pytest.mark.parametrize("protocol", retrieval.PROTOCOLS)
+@pytest.mark.parametrize("metric", retrieval.METRICS)
+def test_the_result_names_what_was_measured(metric, protocol):
+    got = retrieval_map(_Q, _QL, _D, _DL, metric=metric, top_k=4, protocol=protocol)
+    assert (got.metric, got.protocol, got.k, got.num_queries, got.num_database) == (metric, protocol, 4, 3, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.int16])
+def test_labels_of_any_integer_type_give_the_int64_result(dtype):
+    rng = np.random.default_rng(5)
+    q, d = rng.normal(size=(40, 3)), rng.normal(size=(60, 3))
+    ql, dl = skewed_labels(rng, 40, 4), skewed_labels(rng, 60, 4)
+    for protocol in retrieval.PROTOCOLS:
+        want = retrieval_map(torch.from_numpy(q), torch.from_numpy(ql), torch.from_numpy(d), torch.from_numpy(dl),
+                             metric="euclidean", top_k=7, protocol=protocol)
+        got = retrieval_map(torch.from_numpy(q), torch.from_numpy(ql).to(dtype), torch.from_numpy(d),
+                            torch.from_numpy(dl).to(dtype), metric="euclidean", top_k=7, protocol=protocol)
+        assert got == want
+
+
+@pytest.mark.parametrize("metric", retrieval.METRICS)
+def test_precision_at_k_at_the_size_of_the_last_official_batch(metric):
+    """131 queries: the last official batch holds 3, so k = 3 is interpolated over it and k = 4 is not."""
+    rng = np.random.default_rng(11)
+    q, d = rng.normal(size=(131, 3)), rng.normal(size=(90, 3))
+    check_against_brute(q, skewed_labels(rng, 131, 3), d, skewed_labels(rng, 90, 3), metric, top_ks=(3, 4))
+
+
+@pytest.mark.parametrize("protocol", retrieval.PROTOCOLS)
+def test_the_debug_line_names_the_run_and_counts_every_sorted_query(protocol, caplog):
+    """All database items equal: every query ties, so both protocols rank all 3 by a full sort (2 chunks)."""
+    caplog.set_level(logging.DEBUG, logger="kdbench.retrieval")
+    got = retrieval_map(_Q, _QL, _D, _DL, metric="euclidean", top_k=4, protocol=protocol, chunk=2)
+    line = [r.getMessage() for r in caplog.records if r.name == "kdbench.retrieval"][-1]
+    assert re.fullmatch(rf"retrieval {protocol}/euclidean: 3 queries x 5 database items in \d+\.\d\d s \(3 queries by "
+                        rf"full sort\); mAP {got.map:.3f}, P@4 {got.precision_at_k:.3f}", line), line
+
+
+def test_non_finite_embeddings_are_named():
+    with pytest.raises(ValueError) as err:
+        retrieval_map(_Q, _QL, _D.clone().fill_(float("inf")), _DL, metric="cosine", top_k=5)
+    assert str(err.value) == "embeddings must be finite"
