@@ -391,3 +391,12 @@ def test_non_finite_embeddings_are_named():
     with pytest.raises(ValueError) as err:
         retrieval_map(_Q, _QL, _D.clone().fill_(float("inf")), _DL, metric="cosine", top_k=5)
     assert str(err.value) == "embeddings must be finite"
+
+
+@pytest.mark.parametrize("labels", [[1, 0, 0, 1, 0, 1], [1, 0, 0, 0, 1, 1], [0, 1, 0, 1, 0, 1], [0, 1, 1, 0, 0, 0]])
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_tie_across_the_edge_of_the_leading_window(labels, k):
+    """Distances 1, 2, 3, 3, 3, 5 from the query: the window of k ranks ends inside or at the tie, and which tied
+    item falls inside (the smaller database index) decides the hits counted there."""
+    query, db = np.zeros((1, 1)), np.array([[3.0], [1.0], [3.0], [2.0], [3.0], [5.0]])
+    check_against_brute(query, np.array([1]), db, np.array(labels), "euclidean", top_ks=(k,))
