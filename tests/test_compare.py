@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+import scipy.stats
 
 from kdbench import cli
 from kdbench.errors import USER_ERRORS
 from kdbench.report.compare import (
     DIFFERS,
+    DIFFERS_SEEDS,
     MISSING,
     NEW,
     NOT_COMPARED,
@@ -402,7 +404,7 @@ _HEAD = ("dataset,protocol_hash,teacher,student,method,seeds,seed_list,top1_mean
 
 def _board(tmp_path: Path, name: str, rows: list[str], head: str = _HEAD) -> Path:
     out = tmp_path / name
-    out.mkdir()
+    out.mkdir(parents=True)
     (out / "leaderboard.csv").write_text("\n".join([head, *rows]) + "\n", encoding="utf-8")
     return out
 
@@ -604,3 +606,137 @@ def test_notes_list_every_absent_and_failing_metric_and_odd_cells(tmp_path: Path
     assert rows["lost"].notes == ("the new table has no mAP cosine, mAP Euclidean", "failing: mAP cosine, mAP Euclidean")
     assert rows["maponly"].status == NOT_COMPARED and rows["maponly"].checks == ()
     assert rows["maponly"].new_top1.n == 0  # an empty seeds field counts no seed
+
+
+# --- a rerun on another platform: each mean tested against the published seeds (Welch's t, Holm) --------------
+
+AVX2 = {"prov.device": "cpu (x86_64)", "prov.cpu": "AMD EPYC", "prov.cpu_capability": "AVX2"}
+AVX512 = {**AVX2, "prov.cpu_capability": "AVX512"}
+
+
+def _runs(board: Path, *platforms: dict[str, str]) -> Path:
+    """``board`` with a ``runs.csv`` of one run per platform given (other columns as a record has them)."""
+    columns = ["label", "seed", *AVX2]
+    lines = [",".join(columns)] + [",".join(["kd", str(i), *p.values()]) for i, p in enumerate(platforms)]
+    (board / "runs.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return board
+
+
+def _pair(tmp_path: Path, published: list[str], new: list[str], new_platform=AVX512, head: str = _HEAD):
+    return (_runs(_board(tmp_path, "new", new, head), new_platform),
+            _runs(_board(tmp_path, "published", published, head), AVX2))
+
+
+def test_across_platforms_a_mean_outside_the_interval_but_within_the_seeds_spread_reproduces(tmp_path: Path) -> None:
+    new, published = _pair(tmp_path, [
+        "d,h,t,s,base,5,0 1 2 3 4,70.0,1.0,1.2,,,,,",
+        "d,h,t,s,kd,5,0 1 2 3 4,72.0,1.0,1.2,2.0,1.0,3.0,5,",  # interval [70.8, 73.2]
+        "d,h,t,s,fitnet,5,0 1 2 3 4,67.2,1.1685,1.45,,,,,",
+    ], [
+        "d,h,t,s,base,5,0 1 2 3 4,70.0,1.0,1.2,,,,,",
+        "d,h,t,s,kd,5,0 1 2 3 4,73.5,1.5,1.9,,,,,",  # outside [70.8, 73.2]; Welch p = 0.10
+        "d,h,t,s,fitnet,5,0 1 2 3 4,71.08,1.6,2.0,,,,,",  # Welch p = 0.0012, x 3 (Holm) < 0.05
+    ])
+    report = compare_leaderboards(new, published)
+    rows = {r.key[3]: r for r in report.rows}
+    assert {m: r.status for m, r in rows.items()} == {"base": REPRODUCED, "kd": REPRODUCED, "fitnet": DIFFERS_SEEDS}
+    assert not report.ok and [r.ok for r in report.rows] == [True, True, False]
+    welch = {m: scipy.stats.ttest_ind_from_stats(*a, *b, equal_var=False).pvalue
+             for m, a, b in (("kd", (73.5, 1.5, 5), (72.0, 1.0, 5)), ("fitnet", (71.08, 1.6, 5), (67.2, 1.1685, 5)))}
+    # Holm over the 3 tested means: the smallest x 3, the next x 2 (or the one before it), the largest x 1.
+    assert rows["fitnet"].check("top1").p == pytest.approx(3 * welch["fitnet"])
+    assert rows["kd"].check("top1").p == pytest.approx(2 * welch["kd"])
+    assert rows["base"].check("top1").p == 1.0
+    assert report.platforms == ("cpu (x86_64) / AMD EPYC / AVX2", "cpu (x86_64) / AMD EPYC / AVX512")
+    assert report.summary() == (
+        "2/3 cells reproduced on another platform; 1 differing from the published seeds; published on "
+        "cpu (x86_64) / AMD EPYC / AVX2, new on cpu (x86_64) / AMD EPYC / AVX512: each mean tested against the "
+        "published seeds (Welch's t, Holm over 3 metrics, 5% family-wise)"
+    )
+    text = report.render()
+    assert (f"| d: t → s, fitnet | differs from the published seeds | 71.08 (n=5, Holm p {3 * welch['fitnet']:.3g}) "
+            "| 67.20 ± 1.45 [65.75, 68.65] (n=5) |") in text
+    assert f"| d: t → s, kd | reproduced | 73.50 (n=5, Holm p {2 * welch['kd']:.3g}) |" in text
+
+
+def test_across_platforms_holm_decides_a_p_just_below_alpha(tmp_path: Path) -> None:
+    published = ["d,h,t,s,kd,5,0 1 2 3 4,72.0,1.0,1.2,,,,,"]
+    one = ["d,h,t,s,kd,5,0 1 2 3 4,73.6,1.0,1.2,,,,,"]
+    p = scipy.stats.ttest_ind_from_stats(73.6, 1.0, 5, 72.0, 1.0, 5, equal_var=False).pvalue
+    assert 0.025 < p < 0.05
+    alone = compare_leaderboards(*_pair(tmp_path / "a", published, one))
+    assert alone.rows[0].status == DIFFERS_SEEDS and alone.rows[0].check("top1").p == pytest.approx(p)
+    # The same cell among a second, identical one: Holm doubles the smaller p, and it no longer differs.
+    twice = compare_leaderboards(*_pair(tmp_path / "b", [*published, published[0].replace("kd", "dkd")],
+                                        [*one, "d,h,t,s,dkd,5,0 1 2 3 4,72.0,1.0,1.2,,,,,"]))
+    assert [r.status for r in twice.rows] == [REPRODUCED, REPRODUCED] and twice.ok
+    assert twice.rows[0].check("top1").p == pytest.approx(2 * p)
+
+
+def test_across_platforms_a_threshold_p_of_exactly_alpha_reproduces(tmp_path: Path, monkeypatch) -> None:
+    import kdbench.report.compare as compare
+
+    new, published = _pair(tmp_path, ["d,h,t,s,kd,5,0 1 2 3 4,72.0,1.0,1.2,,,,,"],
+                           ["d,h,t,s,kd,5,0 1 2 3 4,73.0,1.0,1.2,,,,,"])
+    for p, status in ((0.05, REPRODUCED), (0.0499999, DIFFERS_SEEDS)):
+        monkeypatch.setattr(compare, "two_sample_p", lambda a, b, p=p: p)
+        assert compare_leaderboards(new, published).rows[0].status == status, p
+
+
+def test_across_platforms_single_seed_cells(tmp_path: Path) -> None:
+    # A single-seed side is tested by the other side's prediction interval; two single seeds, exactly.
+    new, published = _pair(tmp_path, [
+        "d,h,t,s,kd,4,0 1 2 3,70.0,2.0,3.18,,,,,",
+        "d,h,t,s,one,1,0,75.0,,,,,,,",
+        "d,h,t,s,both,1,0,60.0,,,,,,,",
+    ], [
+        "d,h,t,s,kd,1,0,75.0,,,,,,,",  # outside [66.82, 73.18], inside the prediction interval
+        "d,h,t,s,one,4,0 1 2 3,70.0,2.0,3.18,,,,,",
+        "d,h,t,s,both,1,0,60.000001,,,,,,,",
+    ])
+    report = compare_leaderboards(new, published)
+    rows = {r.key[3]: r for r in report.rows}
+    prediction = 2 * scipy.stats.t.sf(5.0 / (2.0 * (1 + 1 / 4) ** 0.5), 3)
+    assert rows["kd"].check("top1").p == pytest.approx(min(1.0, 2 * prediction))
+    assert rows["one"].check("top1").p == pytest.approx(min(1.0, 2 * prediction))
+    assert rows["both"].check("top1").p is None
+    assert {m: r.status for m, r in rows.items()} == {"kd": REPRODUCED, "one": REPRODUCED, "both": DIFFERS}
+    assert "Holm over 2 metrics" in report.summary()
+
+
+def test_across_platforms_every_claimed_map_is_tested(tmp_path: Path) -> None:
+    head = _HEAD + ",map_cosine_mean,map_cosine_std,map_cosine_ci95"
+    new, published = _pair(tmp_path, ["d,h,t,s,kd,5,0 1 2 3 4,72.0,1.0,1.2,,,,,,66.76,0.2,0.25"],
+                           ["d,h,t,s,kd,5,0 1 2 3 4,72.0,1.0,1.2,,,,,,67.59,0.2,0.25"], head=head)
+    report = compare_leaderboards(new, published)
+    assert [(c.label, c.status) for c in report.rows[0].checks] == [("top-1", REPRODUCED),
+                                                                    ("mAP cosine", DIFFERS_SEEDS)]
+    assert report.rows[0].check("map_cosine").p < 0.05 and report.rows[0].check("top1").p == 1.0
+    assert "Holm over 2 metrics" in report.summary() and "| mAP cosine | differs from the published seeds |" in (
+        report.render())
+
+
+def test_the_interval_rule_holds_on_one_platform_or_when_a_side_is_unknown(tmp_path: Path) -> None:
+    published = ["d,h,t,s,kd,5,0 1 2 3 4,72.0,1.0,1.2,,,,,"]
+    new = ["d,h,t,s,kd,5,0 1 2 3 4,73.5,1.5,1.9,,,,,"]  # outside [70.8, 73.2], consistent with the seeds
+    same = compare_leaderboards(*_pair(tmp_path / "same", published, new, new_platform=AVX2))
+    assert same.platforms is None and same.rows[0].status == OUTSIDE and same.rows[0].check("top1").p is None
+    assert same.summary() == "0/1 cells reproduced within the published 95% interval; 1 outside"
+    # Several platforms on each side: the sorted sets are compared, not the first row.
+    mixed = tmp_path / "mixed"
+    a, b = _pair(mixed, published, new, new_platform=AVX512)
+    _runs(a, AVX512, AVX2)
+    _runs(b, AVX2, AVX512, AVX2)
+    assert compare_leaderboards(a, b).platforms is None
+    _runs(a, AVX512, AVX512)
+    assert compare_leaderboards(a, b).platforms == (
+        "cpu (x86_64) / AMD EPYC / AVX2, cpu (x86_64) / AMD EPYC / AVX512", "cpu (x86_64) / AMD EPYC / AVX512")
+    for name, side in (("no-runs", "new"), ("old-runs", "published")):
+        x, y = _pair(tmp_path / name, published, new)
+        board = x if side == "new" else y
+        if name == "no-runs":
+            (board / "runs.csv").unlink()
+        else:
+            (board / "runs.csv").write_text("label,seed,prov.device,prov.cpu\nkd,0,cpu,AMD EPYC\n")
+        report = compare_leaderboards(x, y)
+        assert report.platforms is None and report.rows[0].status == OUTSIDE, name

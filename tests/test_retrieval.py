@@ -239,6 +239,67 @@ def test_tie_in_the_leading_ranks(first_rank, num_queries, top_ks):
                         top_ks=top_ks)
 
 
+def test_a_tie_of_two_across_the_window_edge_is_ranked_by_database_index():
+    """k = 140 reads the last of the 140 leading ranks; two items at the same distance sit at ranks 139 and 140
+    (ranks 0-based), the rest distinct. Which one ``topk`` keeps inside the window is its own affair, so the
+    counting path must see the tie and rank that query by the full sort: the official order keeps the one with the
+    smaller database index, relevant in one layout and not in the other. Several layouts, so that ``topk`` keeps
+    the wrong one in some of them."""
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        spread = np.arange(1.0, 401.0)
+        spread[139:141] = 139.5  # ranks 139 and 140 tie; rank 138 (139.0) is strictly nearer
+        order = rng.permutation(len(spread))
+        db = spread[order][:, None]
+        db_labels = rng.integers(0, 2, size=len(db))
+        tied = np.flatnonzero(db[:, 0] == 139.5)
+        for relevant_first in (True, False):
+            db_labels[tied] = (0, 1) if relevant_first else (1, 0)
+            check_against_brute(np.zeros((1, 1)), np.zeros(1, int), db, db_labels.copy(), "euclidean",
+                                top_ks=(140,))
+
+
+def test_the_counting_path_does_not_depend_on_topk_returning_sorted_values(monkeypatch, caplog):
+    """``topk(sorted=False)`` returns its values in any order (on CUDA, and on CPU for some sizes): with tie-free
+    data every query must still stay on the counting path, which it does only if the head asks for them sorted."""
+    real = torch.topk
+
+    def any_order(*args, sorted=True, **kwargs):
+        vals, idx = real(*args, sorted=sorted, **kwargs)
+        return (vals, idx) if sorted else (vals.flip(-1), idx.flip(-1))
+
+    monkeypatch.setattr(torch, "topk", any_order)
+    db, db_labels, query, query_labels = _random_case(8, 600, 150, 6, 5)
+    with caplog.at_level(logging.DEBUG, logger="kdbench.retrieval"):
+        got = retrieval_map(query, query_labels, db, db_labels, metric="euclidean")
+    assert "(0 queries by full sort)" in caplog.records[-1].getMessage()
+    monkeypatch.setattr(torch, "topk", real)
+    assert got == retrieval_map(query, query_labels, db, db_labels, metric="euclidean")
+
+
+def test_small_classes_stay_on_the_counting_path():
+    """Classes of 6 to 14 database items: the 0.1 recall level needs h* = 1 hit (its threshold is the nearest
+    relevant distance; only h* = 0 has none), and tie-free data ranks every query without a full sort."""
+    rng = np.random.default_rng(12)
+    db_labels = np.repeat(np.arange(5), [6, 8, 10, 12, 14])
+    query_labels = rng.integers(0, 5, size=40)
+    db, query = rng.normal(size=(len(db_labels), 4)), rng.normal(size=(40, 4))
+    handler_records = []
+    logger = logging.getLogger("kdbench.retrieval")
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = handler_records.append  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        check_against_brute(query, query_labels, db, db_labels, "euclidean", top_ks=(5,))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    indistill = [r.getMessage() for r in handler_records if r.getMessage().startswith("retrieval indistill/")]
+    assert len(indistill) == 1 and "(0 queries by full sort)" in indistill[0], indistill
+
+
 def test_float32_against_brute_force():
     rng = np.random.default_rng(4)
     db_labels, query_labels = skewed_labels(rng, 500, 4), skewed_labels(rng, 200, 4)

@@ -11,6 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kdbench.report.stats import (
+    holm,
+    two_sample_p,
     Kendall,
     Summary,
     expected_max,
@@ -168,3 +170,57 @@ def test_spearman_is_symmetric_bounded_and_defined_exactly_with_spread(pairs):
     else:
         assert -1 - 1e-12 <= rho <= 1 + 1e-12 and spearman(b, a) == pytest.approx(rho)
         assert spearman(a, [-y for y in b]) == pytest.approx(-rho)
+
+
+# --- a rerun on another platform: Welch's t against the published seeds, Holm over a table ----------------------
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ((67.2, 1.1685, 5), (71.08, 1.6, 5)),  # the zoo's FitNet row on two CPU kinds
+    ((70.0, 0.5, 3), (71.0, 2.0, 7)),  # unequal n and spread: Welch's df is far from n_a + n_b - 2
+    ((80.0, 3.0, 2), (80.5, 0.2, 10)),
+])
+def test_two_sample_p_is_welchs_t_test(a, b):
+    want = scipy.stats.ttest_ind_from_stats(*a, *b, equal_var=False).pvalue
+    got = two_sample_p(Summary(a[2], a[0], a[1], None), Summary(b[2], b[0], b[1], None))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert two_sample_p(Summary(b[2], b[0], b[1], None), Summary(a[2], a[0], a[1], None)) == pytest.approx(want)
+
+
+def test_a_single_seed_side_is_tested_by_the_other_sides_prediction_interval():
+    seeds = Summary(4, 70.0, 2.0, None)
+    t = (75.0 - 70.0) / (2.0 * math.sqrt(1 + 1 / 4))  # df 3
+    want = 2 * scipy.stats.t.sf(t, 3)
+    assert two_sample_p(Summary(1, 75.0, None, None), seeds) == pytest.approx(want, rel=1e-12)
+    assert two_sample_p(seeds, Summary(1, 75.0, None, None)) == pytest.approx(want, rel=1e-12)
+    assert 0.05 < want < 0.2  # 5 points is 2.2 prediction sds, inside t(0.975, 3) = 3.182
+
+
+def test_two_sample_p_without_spread_or_without_values():
+    flat = Summary(3, 70.0, 0.0, 0.0)
+    assert two_sample_p(flat, Summary(3, 70.0, 0.0, 0.0)) == 1.0
+    assert two_sample_p(flat, Summary(3, 70.000001, 0.0, 0.0)) == 0.0
+    assert two_sample_p(flat, Summary(1, 70.0, None, None)) == 1.0
+    assert two_sample_p(Summary(1, 70.0, None, None), Summary(1, 70.0, None, None)) is None
+    assert two_sample_p(Summary.empty(), Summary(3, 70.0, 1.0, 1.0)) is None
+    assert two_sample_p(Summary(3, 70.0, 1.0, 1.0), Summary.empty()) is None
+
+
+@pytest.mark.parametrize(("p", "adjusted"), [
+    ([0.01, 0.04, 0.03, 0.5], [0.04, 0.09, 0.09, 0.5]),  # 0.04 * 2 = 0.08 is lifted to the 0.09 before it
+    ([0.02, 0.01], [0.02, 0.02]),
+    ([0.3, 0.6, 0.001], [0.6, 0.6, 0.003]),
+    ([0.9], [0.9]),
+    ([], []),
+])
+def test_holm_against_hand_values(p, adjusted):
+    assert holm(p) == pytest.approx(adjusted, abs=1e-15)
+
+
+@given(st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12))
+def test_holm_never_lowers_a_p_value_keeps_the_order_and_caps_at_one(p):
+    q = holm(p)
+    assert all(a <= b <= 1.0 for a, b in zip(p, q))
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    assert all(q[i] <= q[j] for i, j in zip(order, order[1:]))
+    assert min(q) == pytest.approx(min(1.0, len(p) * min(p)))

@@ -17,6 +17,16 @@ the metric is not claimed). For every claimed metric of every cell of the *publi
 * a metric the new table has no value for (its cell is absent, has no finished seed, or lacks that
   metric) is *missing*.
 
+Across platforms the interval is the wrong yardstick: its width is the published mean's uncertainty, not a
+rerun's, and a rerun on another device or CPU kind (another ``prov.device``, ``prov.cpu`` or
+``prov.cpu_capability`` in the two ``runs.csv``) takes other floating-point paths from the first step (another
+teacher, other stores, other picks). Then each claimed metric is tested against the published *seeds*: Welch's
+t test of the two means (:func:`kdbench.report.stats.two_sample_p`; a single-seed side borrows the other's
+variance), the p-values of the whole table adjusted by Holm's method (:func:`kdbench.report.stats.holm`), and
+a metric *differs* when its adjusted p is below :data:`ALPHA`: at most a 5% chance that a faithful rerun shows any
+"differs". Both sides with one seed are compared exactly. Where either ``runs.csv`` is missing or predates those
+columns, the platforms are unknown and the interval rule applies.
+
 A cell is reproduced only when every metric it claims is; its status is the worst of its metrics' (missing,
 then outside, then differs). A published cell without a finished seed itself is not compared.
 
@@ -43,7 +53,7 @@ from kdbench.report.aggregate import (
 )
 from kdbench.report.markdown import md_table
 from kdbench.report.records import RecordError
-from kdbench.report.stats import PairedDelta, Summary
+from kdbench.report.stats import PairedDelta, Summary, holm, two_sample_p
 
 _logger = logging.getLogger(__name__)
 
@@ -62,6 +72,11 @@ _COLUMNS = (
     *TOP1_COLUMNS,
     *DELTA_COLUMNS,
 )
+# The provenance columns of runs.csv that decide which floating-point paths a run took.
+PLATFORM_COLUMNS = ("prov.device", "prov.cpu", "prov.cpu_capability")
+RUNS_CSV = "runs.csv"
+#: Family-wise error rate of the test across platforms.
+ALPHA = 0.05
 # leaderboard.csv keeps 6 decimals: a single-seed cell is "exact" within half of the last one.
 _EXACT_TOLERANCE = 5e-7
 
@@ -94,13 +109,14 @@ TOP1 = METRICS[0].name
 REPRODUCED = "reproduced"
 REPRODUCED_EXACTLY = "reproduced exactly (1 seed)"
 OUTSIDE = "outside the published interval"
+DIFFERS_SEEDS = "differs from the published seeds"
 DIFFERS = "differs (1 seed, compared exactly)"
 MISSING = "missing"
 NOT_COMPARED = "not compared (no finished seed in published)"
 NEW = "new (not published)"
-_FAILING = (OUTSIDE, DIFFERS, MISSING)
+_FAILING = (OUTSIDE, DIFFERS_SEEDS, DIFFERS, MISSING)
 # A cell's status is the first of these that one of its metrics has.
-_PRECEDENCE = (MISSING, OUTSIDE, DIFFERS, REPRODUCED_EXACTLY, REPRODUCED)
+_PRECEDENCE = (MISSING, OUTSIDE, DIFFERS_SEEDS, DIFFERS, REPRODUCED_EXACTLY, REPRODUCED)
 
 
 class LeaderboardError(RecordError):
@@ -133,13 +149,14 @@ class MetricCheck:
     Attributes:
         metric: The metric's ``leaderboard.csv`` name (:attr:`Metric.name`).
         label: Its name in the report.
-        status: :data:`REPRODUCED`, :data:`REPRODUCED_EXACTLY`, :data:`OUTSIDE`, :data:`DIFFERS`,
-            :data:`MISSING` or (for a cell the published table lacks) :data:`NEW`.
+        status: :data:`REPRODUCED`, :data:`REPRODUCED_EXACTLY`, :data:`OUTSIDE`, :data:`DIFFERS_SEEDS`,
+            :data:`DIFFERS`, :data:`MISSING` or (for a cell the published table lacks) :data:`NEW`.
         new: The regenerated value over seeds (``None`` when missing).
         published: The published value (``None`` for a new cell); its ``ci95`` is the half width of the
             interval the new mean is checked against.
         new_delta: The regenerated paired gain over the baseline (context only).
         published_delta: The published one (context only).
+        p: Across platforms, the Holm-adjusted p-value of the test against the published seeds (else ``None``).
     """
 
     metric: str
@@ -149,6 +166,7 @@ class MetricCheck:
     published: Summary | None
     new_delta: PairedDelta | None = None
     published_delta: PairedDelta | None = None
+    p: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -215,11 +233,14 @@ class CompareReport:
         new: The new leaderboard directory.
         published: The published leaderboard directory.
         rows: One per published cell (in the published order), then one per new cell it lacks.
+        platforms: Across platforms, ``(published, new)``: each side's platforms (``device, CPU, capability``
+            joined by ``/``); ``None`` when they are the same or unknown (the interval rule).
     """
 
     new: Path
     published: Path
     rows: tuple[CompareRow, ...]
+    platforms: tuple[str, str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -257,7 +278,8 @@ class CompareReport:
         """
         compared = self._compared
         reproduced = self._count(REPRODUCED, REPRODUCED_EXACTLY)
-        head = f"{reproduced}/{len(compared)} cells reproduced within the published 95% interval"
+        where = "within the published 95% interval" if self.platforms is None else "on another platform"
+        head = f"{reproduced}/{len(compared)} cells reproduced {where}"
         counts = self.metric_counts()
         if any(label != METRICS[0].label for label, _, _ in counts):
             per_metric = ", ".join(f"{label} {k}/{n}" for label, k, n in counts)
@@ -266,12 +288,19 @@ class CompareReport:
         counts = (
             (self._count(MISSING), "missing"),
             (self._count(OUTSIDE), "outside"),
+            (self._count(DIFFERS_SEEDS), "differing from the published seeds"),
             (self._count(REPRODUCED_EXACTLY, DIFFERS), "single-seed compared exactly"),
             (sum(r.protocol_differs for r in self.rows), "with a different protocol hash"),
             (self._count(NOT_COMPARED), "not compared (no finished seed in published)"),
             (self._count(NEW), "new (not published)"),
         )
         parts += [f"{n} {what}" for n, what in counts if n]
+        if self.platforms is not None:
+            tested = sum(c.p is not None for r in compared for c in r.checks)
+            parts.append(
+                f"published on {self.platforms[0]}, new on {self.platforms[1]}: each mean tested against the "
+                f"published seeds (Welch's t, Holm over {tested} metrics, {ALPHA:.0%} family-wise)"
+            )
         return "; ".join(parts)
 
     def render(self) -> str:
@@ -301,7 +330,7 @@ class CompareReport:
             [
                 r.label,
                 r.status,
-                _top1_text(r.new_top1),
+                _top1_text(r.new_top1, c.p if (c := r.check(TOP1)) else None),
                 _published_text(r.published_top1),
                 fmt.delta(r.new_delta),
                 fmt.delta(r.published_delta),
@@ -335,7 +364,7 @@ class CompareReport:
                         r.status,
                         c.label,
                         c.status,
-                        _top1_text(c.new),
+                        _top1_text(c.new, c.p),
                         _published_text(c.published),
                         fmt.delta(c.new_delta),
                         fmt.delta(c.published_delta),
@@ -345,8 +374,10 @@ class CompareReport:
         return md_table(headers, rows)
 
 
-def _top1_text(s: Summary | None) -> str:
-    return "" if s is None or s.mean is None else f"{fmt.num(s.mean)} (n={s.n})"
+def _top1_text(s: Summary | None, p: float | None = None) -> str:
+    if s is None or s.mean is None:
+        return ""
+    return f"{fmt.num(s.mean)} (n={s.n}" + ("" if p is None else f", Holm p {p:.3g}") + ")"
 
 
 def _published_text(s: Summary | None) -> str:
@@ -422,10 +453,13 @@ def _match(published: _Entry, candidates: Sequence[_Entry]) -> tuple[_Entry | No
     return None, []
 
 
-def _verdict(new: Summary | None, published: Summary) -> str:
-    """The status of one metric of a cell, checked against the *published* interval only."""
+def _verdict(new: Summary | None, published: Summary, p: float | None = None) -> str:
+    """The status of one metric of a cell: against the *published* interval only, or across platforms from
+    the Holm-adjusted ``p`` of its test against the published seeds."""
     if new is None or new.mean is None:
         return MISSING
+    if p is not None:
+        return REPRODUCED if p >= ALPHA else DIFFERS_SEEDS
     if published.ci95 is None:
         exact = abs(new.mean - published.mean) <= _EXACT_TOLERANCE
         return REPRODUCED_EXACTLY if exact else DIFFERS
@@ -433,15 +467,25 @@ def _verdict(new: Summary | None, published: Summary) -> str:
     return REPRODUCED if inside else OUTSIDE
 
 
-def _compare_row(published: _Entry, candidates: Sequence[_Entry]) -> CompareRow:
+def _claimed(published: _Entry) -> list[Metric]:
+    """The metrics a published cell claims (a mean in its row), top-1 first."""
+    return [m for m in METRICS if published.stats[m.name].mean is not None]
+
+
+def _compare_row(
+    published: _Entry, candidates: Sequence[_Entry], p_values: Mapping[str, float] | None = None
+) -> CompareRow:
     """The comparison of one published cell with the new cells of the same key.
 
     Args:
         published: The published cell.
         candidates: The new table's cells with the same (dataset, teacher, student, method label).
+        p_values: Across platforms, the Holm-adjusted p-value per metric name tested against the published
+            seeds (a metric without one, or ``None``: the interval or exact rule).
     """
     new, notes = _match(published, candidates)
-    claimed = [m for m in METRICS if published.stats[m.name].mean is not None]
+    p_values = p_values or {}
+    claimed = _claimed(published)
     checks: list[MetricCheck] = []
     if published.top1.mean is None or not claimed:
         status = NOT_COMPARED
@@ -450,15 +494,17 @@ def _compare_row(published: _Entry, candidates: Sequence[_Entry]) -> CompareRow:
             notes.append("no finished seed in the new table")
         for m in claimed:
             pub, fresh = published.stats[m.name], (new.stats[m.name] if new else None)
+            p = p_values.get(m.name)
             checks.append(
                 MetricCheck(
                     m.name,
                     m.label,
-                    _verdict(fresh, pub),
+                    _verdict(fresh, pub, p),
                     fresh if fresh is not None and fresh.mean is not None else None,
                     pub,
                     new.deltas[m.name] if new else None,
                     published.deltas[m.name],
+                    p,
                 )
             )
         if any(c.new is None for c in checks) and new is not None and new.top1.mean is not None:
@@ -495,6 +541,34 @@ def _new_row(entry: _Entry) -> CompareRow:
     return CompareRow(entry.key, NEW, entry.top1, None, entry.delta, None, (), checks)
 
 
+def _platforms(directory: Path) -> tuple[str, ...] | None:
+    """The platforms (``device / CPU / capability``, sorted) of the runs in ``directory``'s ``runs.csv``;
+    ``None`` when the file is missing or lacks a :data:`PLATFORM_COLUMNS` column (written before them)."""
+    path = Path(directory) / RUNS_CSV
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if any(c not in (reader.fieldnames or ()) for c in PLATFORM_COLUMNS):
+            return None
+        return tuple(sorted({" / ".join(row[c] for c in PLATFORM_COLUMNS) for row in reader}))
+
+
+def _tests_against_seeds(
+    published_entries: Sequence[_Entry], by_key: Mapping[tuple[str, str, str, str], Sequence[_Entry]]
+) -> dict[tuple[int, str], float]:
+    """The unadjusted p-value of every claimed metric that can be tested against the published seeds, keyed
+    by (published row index, metric name)."""
+    tested = {}
+    for index, published in enumerate(published_entries):
+        new, _ = _match(published, by_key.get(published.key, []))
+        for m in _claimed(published) if new is not None else ():
+            p = two_sample_p(new.stats[m.name], published.stats[m.name])
+            if p is not None:
+                tested[(index, m.name)] = p
+    return tested
+
+
 def compare_leaderboards(new: Path, published: Path) -> CompareReport:
     """Checks that a regenerated leaderboard reproduces a published one, cell by cell and metric by metric.
 
@@ -505,7 +579,7 @@ def compare_leaderboards(new: Path, published: Path) -> CompareReport:
     Returns:
         The :class:`CompareReport`; its ``ok`` is False when a metric a published cell claims (top-1, each
         retrieval mAP it has) is missing from the new table or its new mean falls outside the published 95%
-        interval (differs, for a single-seed cell).
+        interval (differs, for a single-seed cell), or, across platforms, differs from the published seeds.
 
     Raises:
         LeaderboardError: A directory lacks ``leaderboard.csv`` or a column of it the comparison needs.
@@ -515,9 +589,17 @@ def compare_leaderboards(new: Path, published: Path) -> CompareReport:
     by_key: dict[tuple[str, str, str, str], list[_Entry]] = {}
     for entry in new_entries:
         by_key.setdefault(entry.key, []).append(entry)
-    rows = [_compare_row(p, by_key.get(p.key, [])) for p in published_entries]
+    platforms = _platforms(published), _platforms(new)
+    across = None not in platforms and platforms[0] != platforms[1]
+    tested = _tests_against_seeds(published_entries, by_key) if across else {}
+    adjusted = dict(zip(tested, holm(list(tested.values()))))
+    rows = [
+        _compare_row(p, by_key.get(p.key, []), {m: q for (i, m), q in adjusted.items() if i == index})
+        for index, p in enumerate(published_entries)
+    ]
     published_keys = {p.key for p in published_entries}
     rows += [_new_row(e) for e in new_entries if e.key not in published_keys]
-    report = CompareReport(new, published, tuple(rows))
+    shown = (", ".join(platforms[0]), ", ".join(platforms[1])) if across else None  # type: ignore[arg-type]
+    report = CompareReport(new, published, tuple(rows), shown)
     _logger.info("%s vs %s: %s", new, published, report.summary())
     return report

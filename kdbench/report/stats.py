@@ -19,6 +19,16 @@ Tuning (:mod:`kdbench.tuning`) adds two statistics:
 * Kendall's tau-b between two orders of the same methods, with its two-sided p-value
   (:func:`kendall_tau`, ``scipy.stats.kendalltau``).
 
+A rerun on another platform (:mod:`kdbench.report.compare`) is tested against the published seeds, not
+against their interval:
+
+* two independent sets of seeds ``a`` and ``b`` differ in mean when Welch's t test rejects
+  (:func:`two_sample_p`): ``t = (m_a - m_b) / sqrt(s_a^2 / n_a + s_b^2 / n_b)`` with the
+  Welch-Satterthwaite degrees of freedom; a side with one value borrows the other side's variance, which
+  makes the test the t prediction interval of that value (``df = n - 1`` of the other side);
+* over a table's many cells, the p-values are adjusted by Holm's step-down method (:func:`holm`), so
+  that the chance of any false "differs" is at most 5% when every cell is a faithful rerun.
+
 The t critical values come from a small table for df 1..30 (three decimals, as printed in every
 statistics textbook); beyond 30 degrees of freedom the normal value 1.960 is used, which makes the
 interval at most 4% narrower than the exact one (df = 31).
@@ -217,3 +227,42 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     from scipy.stats import spearmanr  # imported on use, as in kendall_tau
 
     return float(spearmanr(a, b).statistic)
+
+
+def two_sample_p(a: Summary, b: Summary) -> float | None:
+    """The two-sided p-value of Welch's t test that ``a`` and ``b`` (independent seeds) have equal means.
+
+    A side with a single value has no variance of its own: it borrows the other side's, so the test becomes
+    the t prediction interval of that value. With no spread on either side, equal means give 1 and
+    different means 0.
+
+    Returns:
+        ``None`` when either side has no value or neither has two.
+    """
+    if a.mean is None or b.mean is None or (a.std is None and b.std is None):
+        return None
+    var_a = a.std**2 if a.std is not None else b.std**2  # type: ignore[operator]
+    var_b = b.std**2 if b.std is not None else a.std**2  # type: ignore[operator]
+    se2 = var_a / a.n + var_b / b.n
+    if se2 == 0:
+        return 1.0 if a.mean == b.mean else 0.0
+    if a.std is None or b.std is None:
+        df = float((b.n if a.std is None else a.n) - 1)
+    else:
+        df = se2**2 / ((var_a / a.n) ** 2 / (a.n - 1) + (var_b / b.n) ** 2 / (b.n - 1))
+    from scipy.stats import t as student_t  # imported on use, as in kendall_tau
+
+    return float(2 * student_t.sf(abs(a.mean - b.mean) / math.sqrt(se2), df))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` (in their order): the ``i``-th smallest of ``m`` is
+    multiplied by ``m - i`` (``i`` from 0), made non-decreasing in that order and capped at 1. Rejecting an
+    adjusted p below ``alpha`` keeps the family-wise error rate at most ``alpha``."""
+    m = len(p_values)
+    adjusted = [0.0] * m
+    running = 0.0
+    for i, j in enumerate(sorted(range(m), key=lambda k: p_values[k])):
+        running = max(running, min(1.0, (m - i) * p_values[j]))
+        adjusted[j] = running
+    return adjusted
