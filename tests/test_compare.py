@@ -640,6 +640,12 @@ def test_across_platforms_a_mean_outside_the_interval_but_within_the_seeds_sprea
     report = compare_leaderboards(new, published)
     rows = {r.key[3]: r for r in report.rows}
     assert {m: r.status for m, r in rows.items()} == {"base": REPRODUCED, "kd": REPRODUCED, "fitnet": DIFFERS_SEEDS}
+    gone = compare_leaderboards(_board(tmp_path, "without-kd", [
+        "d,h,t,s,base,5,0 1 2 3 4,70.0,1.0,1.2,,,,,", "d,h,t,s,fitnet,5,0 1 2 3 4,71.08,1.6,2.0,,,,,"]), published)
+    assert [r.status for r in gone.rows] == [REPRODUCED, MISSING, OUTSIDE]  # no runs.csv beside it: the interval
+    _runs(tmp_path / "without-kd", AVX512)
+    gone = compare_leaderboards(tmp_path / "without-kd", published)
+    assert [r.status for r in gone.rows] == [REPRODUCED, MISSING, DIFFERS_SEEDS] and "Holm over 2" in gone.summary()
     assert not report.ok and [r.ok for r in report.rows] == [True, True, False]
     welch = {m: scipy.stats.ttest_ind_from_stats(*a, *b, equal_var=False).pvalue
              for m, a, b in (("kd", (73.5, 1.5, 5), (72.0, 1.0, 5)), ("fitnet", (71.08, 1.6, 5), (67.2, 1.1685, 5)))}
@@ -712,8 +718,9 @@ def test_across_platforms_every_claimed_map_is_tested(tmp_path: Path) -> None:
     assert [(c.label, c.status) for c in report.rows[0].checks] == [("top-1", REPRODUCED),
                                                                     ("mAP cosine", DIFFERS_SEEDS)]
     assert report.rows[0].check("map_cosine").p < 0.05 and report.rows[0].check("top1").p == 1.0
-    assert "Holm over 2 metrics" in report.summary() and "| mAP cosine | differs from the published seeds |" in (
-        report.render())
+    p = report.rows[0].check("map_cosine").p
+    assert "Holm over 2 metrics" in report.summary()
+    assert f"| mAP cosine | differs from the published seeds | 67.59 (n=5, Holm p {p:.3g}) |" in report.render()
 
 
 def test_the_interval_rule_holds_on_one_platform_or_when_a_side_is_unknown(tmp_path: Path) -> None:
@@ -731,6 +738,10 @@ def test_the_interval_rule_holds_on_one_platform_or_when_a_side_is_unknown(tmp_p
     _runs(a, AVX512, AVX512)
     assert compare_leaderboards(a, b).platforms == (
         "cpu (x86_64) / AMD EPYC / AVX2, cpu (x86_64) / AMD EPYC / AVX512", "cpu (x86_64) / AMD EPYC / AVX512")
+    _runs(b, AVX2)
+    _runs(a, AVX512, AVX2, {**AVX2, "prov.device": "cuda (NVIDIA A100)"})
+    assert compare_leaderboards(a, b).platforms == ("cpu (x86_64) / AMD EPYC / AVX2", (
+        "cpu (x86_64) / AMD EPYC / AVX2, cpu (x86_64) / AMD EPYC / AVX512, cuda (NVIDIA A100) / AMD EPYC / AVX2"))
     for name, side in (("no-runs", "new"), ("old-runs", "published")):
         x, y = _pair(tmp_path / name, published, new)
         board = x if side == "new" else y
@@ -740,3 +751,10 @@ def test_the_interval_rule_holds_on_one_platform_or_when_a_side_is_unknown(tmp_p
             (board / "runs.csv").write_text("label,seed,prov.device,prov.cpu\nkd,0,cpu,AMD EPYC\n")
         report = compare_leaderboards(x, y)
         assert report.platforms is None and report.rows[0].status == OUTSIDE, name
+    # Platform fields are text as written: an empty capability (not reported) or a CPU named by a number.
+    _runs(a, {**AVX2, "prov.cpu_capability": ""}, {**AVX2, "prov.cpu": "7763"})
+    assert compare_leaderboards(a, b).platforms == ("cpu (x86_64) / AMD EPYC / AVX2",
+                                                    "cpu (x86_64) / 7763 / AVX2, cpu (x86_64) / AMD EPYC / ")
+    x, y = _pair(tmp_path / "no-run", published, new)
+    (y / "runs.csv").write_text(",".join(["label", "seed", *AVX2]) + "\n")  # a header, no run
+    assert compare_leaderboards(x, y).platforms is None

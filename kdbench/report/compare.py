@@ -543,15 +543,15 @@ def _new_row(entry: _Entry) -> CompareRow:
 
 def _platforms(directory: Path) -> tuple[str, ...] | None:
     """The platforms (``device / CPU / capability``, sorted) of the runs in ``directory``'s ``runs.csv``;
-    ``None`` when the file is missing or lacks a :data:`PLATFORM_COLUMNS` column (written before them)."""
+    ``None`` when the file is missing, has no run or lacks a :data:`PLATFORM_COLUMNS` column (written before
+    them)."""
     path = Path(directory) / RUNS_CSV
     if not path.is_file():
         return None
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if any(c not in (reader.fieldnames or ()) for c in PLATFORM_COLUMNS):
-            return None
-        return tuple(sorted({" / ".join(row[c] for c in PLATFORM_COLUMNS) for row in reader}))
+    rows = fmt.read_csv(path, PLATFORM_COLUMNS.__contains__)
+    if not rows or any(c not in rows[0] for c in PLATFORM_COLUMNS):
+        return None
+    return tuple(sorted({" / ".join(row[c] for c in PLATFORM_COLUMNS) for row in rows}))
 
 
 def _tests_against_seeds(
