@@ -305,3 +305,51 @@ def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+# --- requeue(): scontrol's answer, one case at a time ----------------------------------------------------------------
+
+
+def _scontrol(monkeypatch, tmp_path: Path, body: str, job: str | None = "4242") -> Path:
+    """An ``scontrol`` on PATH running ``body`` (sh), inside SLURM job ``job`` (``None``: outside SLURM)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\n{body}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    if job is None:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+    return bin_dir
+
+
+def test_requeue_asks_scontrol_to_requeue_this_job_and_says_so(monkeypatch, tmp_path, caplog):
+    calls = tmp_path / "calls"
+    _scontrol(monkeypatch, tmp_path, f'echo "$@" >> {calls}; echo chatter; echo noise >&2', job="977")
+    with caplog.at_level("INFO", logger="kdbench.train.checkpoint"):
+        assert ckpt.requeue() is True
+    assert calls.read_text() == "requeue 977\n"
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("INFO", "SLURM job 977 requeued")]
+
+
+def test_a_failed_requeue_returns_false_and_warns_with_scontrols_message(monkeypatch, tmp_path, caplog, capfd):
+    _scontrol(monkeypatch, tmp_path, 'echo "  scontrol: error: Invalid job id specified  " >&2; exit 1', job="55")
+    with caplog.at_level("INFO", logger="kdbench.train.checkpoint"):
+        assert ckpt.requeue() is False
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "scontrol requeue 55 failed: scontrol: error: Invalid job id specified")]
+    assert capfd.readouterr() == ("", "")  # scontrol's output is captured, not left on the job's log
+
+
+def test_requeue_outside_slurm_or_without_scontrol_does_nothing(monkeypatch, tmp_path, caplog):
+    calls = tmp_path / "calls"
+    _scontrol(monkeypatch, tmp_path, f'echo "$@" >> {calls}', job=None)
+    with caplog.at_level("INFO", logger="kdbench.train.checkpoint"):
+        assert ckpt.requeue() is False
+    monkeypatch.setenv("SLURM_JOB_ID", "")
+    assert ckpt.requeue() is False
+    monkeypatch.setenv("SLURM_JOB_ID", "8")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert ckpt.requeue() is False
+    assert not calls.exists() and caplog.records == []
