@@ -277,26 +277,16 @@ def test_the_counting_path_does_not_depend_on_topk_returning_sorted_values(monke
     assert got == retrieval_map(query, query_labels, db, db_labels, metric="euclidean")
 
 
-def test_small_classes_stay_on_the_counting_path():
+def test_small_classes_stay_on_the_counting_path(caplog):
     """Classes of 6 to 14 database items: the 0.1 recall level needs h* = 1 hit (its threshold is the nearest
     relevant distance; only h* = 0 has none), and tie-free data ranks every query without a full sort."""
     rng = np.random.default_rng(12)
     db_labels = np.repeat(np.arange(5), [6, 8, 10, 12, 14])
     query_labels = rng.integers(0, 5, size=40)
     db, query = rng.normal(size=(len(db_labels), 4)), rng.normal(size=(40, 4))
-    handler_records = []
-    logger = logging.getLogger("kdbench.retrieval")
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = handler_records.append  # type: ignore[method-assign]
-    logger.addHandler(handler)
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    try:
+    with caplog.at_level(logging.DEBUG, logger="kdbench.retrieval"):
         check_against_brute(query, query_labels, db, db_labels, "euclidean", top_ks=(5,))
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    indistill = [r.getMessage() for r in handler_records if r.getMessage().startswith("retrieval indistill/")]
+    indistill = [r.getMessage() for r in caplog.records if r.getMessage().startswith("retrieval indistill/")]
     assert len(indistill) == 1 and "(0 queries by full sort)" in indistill[0], indistill
 
 

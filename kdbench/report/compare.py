@@ -473,18 +473,17 @@ def _claimed(published: _Entry) -> list[Metric]:
 
 
 def _compare_row(
-    published: _Entry, candidates: Sequence[_Entry], p_values: Mapping[str, float] | None = None
+    published: _Entry, new: _Entry | None, notes: list[str], p_values: Mapping[str, float]
 ) -> CompareRow:
-    """The comparison of one published cell with the new cells of the same key.
+    """The comparison of one published cell with its new cell.
 
     Args:
         published: The published cell.
-        candidates: The new table's cells with the same (dataset, teacher, student, method label).
+        new: The new cell :func:`_match` chose (``None``: none).
+        notes: :func:`_match`'s notes on the match; the row's other notes are appended.
         p_values: Across platforms, the Holm-adjusted p-value per metric name tested against the published
-            seeds (a metric without one, or ``None``: the interval or exact rule).
+            seeds (a metric without one: the interval or exact rule).
     """
-    new, notes = _match(published, candidates)
-    p_values = p_values or {}
     claimed = _claimed(published)
     checks: list[MetricCheck] = []
     if published.top1.mean is None or not claimed:
@@ -555,18 +554,22 @@ def _platforms(directory: Path) -> tuple[str, ...] | None:
 
 
 def _tests_against_seeds(
-    published_entries: Sequence[_Entry], by_key: Mapping[tuple[str, str, str, str], Sequence[_Entry]]
-) -> dict[tuple[int, str], float]:
-    """The unadjusted p-value of every claimed metric that can be tested against the published seeds, keyed
-    by (published row index, metric name)."""
-    tested = {}
-    for index, published in enumerate(published_entries):
-        new, _ = _match(published, by_key.get(published.key, []))
+    published_entries: Sequence[_Entry], new_entries: Sequence[_Entry | None]
+) -> list[dict[str, float]]:
+    """Per published cell, the Holm-adjusted p-value of each claimed metric that can be tested against the
+    published seeds (the adjustment over every such metric of the table), by metric name."""
+    tested: list[tuple[int, str]] = []
+    raw: list[float] = []
+    for index, (published, new) in enumerate(zip(published_entries, new_entries)):
         for m in _claimed(published) if new is not None else ():
             p = two_sample_p(new.stats[m.name], published.stats[m.name])
             if p is not None:
-                tested[(index, m.name)] = p
-    return tested
+                tested.append((index, m.name))
+                raw.append(p)
+    adjusted: list[dict[str, float]] = [{} for _ in published_entries]
+    for (index, name), q in zip(tested, holm(raw)):
+        adjusted[index][name] = q
+    return adjusted
 
 
 def compare_leaderboards(new: Path, published: Path) -> CompareReport:
@@ -589,13 +592,15 @@ def compare_leaderboards(new: Path, published: Path) -> CompareReport:
     by_key: dict[tuple[str, str, str, str], list[_Entry]] = {}
     for entry in new_entries:
         by_key.setdefault(entry.key, []).append(entry)
+    matches = [_match(p, by_key.get(p.key, [])) for p in published_entries]
     platforms = _platforms(published), _platforms(new)
     across = None not in platforms and platforms[0] != platforms[1]
-    tested = _tests_against_seeds(published_entries, by_key) if across else {}
-    adjusted = dict(zip(tested, holm(list(tested.values()))))
+    if across:
+        p_values = _tests_against_seeds(published_entries, [m for m, _ in matches])
+    else:
+        p_values = [{} for _ in published_entries]
     rows = [
-        _compare_row(p, by_key.get(p.key, []), {m: q for (i, m), q in adjusted.items() if i == index})
-        for index, p in enumerate(published_entries)
+        _compare_row(p, match, notes, q) for p, (match, notes), q in zip(published_entries, matches, p_values)
     ]
     published_keys = {p.key for p in published_entries}
     rows += [_new_row(e) for e in new_entries if e.key not in published_keys]
