@@ -353,3 +353,154 @@ def test_requeue_outside_slurm_or_without_scontrol_does_nothing(monkeypatch, tmp
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert ckpt.requeue() is False
     assert not calls.exists() and caplog.records == []
+
+
+def test_requeue_gives_up_when_scontrol_does_not_answer(monkeypatch, tmp_path, caplog):
+    """A controller that hangs must not hold the preempted job past its limit: no requeue, a warning, False."""
+    _scontrol(monkeypatch, tmp_path, "exec sleep 20", job="31")
+    monkeypatch.setattr(ckpt, "REQUEUE_TIMEOUT_S", 0.3)
+    with caplog.at_level("INFO", logger="kdbench.train.checkpoint"):
+        assert ckpt.requeue() is False
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "scontrol requeue 31 did not answer in 0.3 s; the job is not requeued")]
+
+
+# --- the stop message, the schedule, the RNG state on a CUDA machine ---------------------------------------------
+
+
+@pytest.mark.parametrize(("kept", "first", "progressed"), [(None, 0, False), (2, 2, False), (3, 2, True), (1, 0, True)])
+def test_a_stop_says_what_is_on_disk_and_whether_the_run_progressed(tmp_path, kept, first, progressed):
+    checkpoint = ckpt.Checkpointing(tmp_path / CHECKPOINT_FILE, {})
+    stop = ckpt.stopped("kd/s0", 2, 5, checkpoint, kept, first)
+    where = (f"{tmp_path / CHECKPOINT_FILE} holds {kept} epoch(s); run the job again to resume" if kept is not None
+             else "no checkpoint holds any of it; run the job again to start over")
+    assert str(stop) == (f"kd/s0: stopped on request after 2 of 5 epochs (steps of an unfinished epoch are lost);"
+                         f" {where}")
+    assert stop.progressed is progressed
+    none = ckpt.stopped("kd/s0", 2, 5, None, kept, first)  # checkpoints off: nothing on disk whatever ``kept``
+    assert str(none).endswith("no checkpoint holds any of it; run the job again to start over")
+
+
+def test_a_stop_outside_the_epoch_loop_counts_as_progress():
+    """AMD's search stops between its candidates after the joint training (kept on disk) without a count."""
+    assert Preempted("search stopped").progressed is True
+    assert Preempted("x", progressed=False).progressed is False
+
+
+def test_a_checkpoint_is_due_every_n_epochs_after_the_last_and_at_a_stop():
+    every2 = ckpt.Checkpointing(Path("c.pt"), {}, every=2)
+    assert [e for e in range(1, 8) if every2.due(e, 7)] == [2, 4, 6, 7]
+    assert [e for e in range(1, 8) if ckpt.Checkpointing(Path("c.pt"), {}, every=0).due(e, 7)] == []
+    with ckpt.stop_on_signal():
+        ckpt.request_stop()
+        assert every2.due(3, 7) and not ckpt.Checkpointing(Path("c.pt"), {}, every=0).due(3, 7)
+
+
+def _fake_cuda(monkeypatch, initialised: bool) -> list:
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.tensor([7, 8], dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    return restored
+
+
+def test_the_cuda_rng_state_is_saved_once_cuda_is_initialised_and_restored_where_cuda_is(monkeypatch):
+    restored = _fake_cuda(monkeypatch, initialised=False)
+    assert "cuda" not in ckpt.rng_state()  # reading it would initialise CUDA in a CPU-only job
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    state = ckpt.rng_state()
+    assert torch.equal(state["cuda"][0], torch.tensor([7, 8], dtype=torch.uint8))
+    ckpt.set_rng_state(state)
+    assert len(restored) == 1 and restored[0] is state["cuda"]
+    ckpt.set_rng_state({k: v for k, v in state.items() if k != "cuda"})  # written on a CPU: nothing to restore
+    assert len(restored) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ckpt.set_rng_state(state)  # written on a GPU, resumed on a CPU
+    assert len(restored) == 1
+
+
+# --- load(): which files are this job's progress, and what the warning says ------------------------------------
+
+
+FINGERPRINT = {"method": "kd", "seed": 0, "teacher": "t"}
+
+
+def _load(tmp_path: Path, caplog, fingerprint=FINGERPRINT) -> tuple[dict | None, list[str]]:
+    checkpoint = ckpt.Checkpointing(tmp_path / CHECKPOINT_FILE, fingerprint)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kdbench.train.checkpoint"):
+        state = checkpoint.load()
+    return state, [r.getMessage() for r in caplog.records]
+
+
+def _deleted(tmp_path: Path, why: str) -> list[str]:
+    return [f"{tmp_path / CHECKPOINT_FILE}: {why}; deleted, the job starts over"]
+
+
+def test_load_returns_this_jobs_checkpoint_and_nothing_without_one(tmp_path, caplog):
+    assert _load(tmp_path, caplog) == (None, [])
+    ckpt.Checkpointing(tmp_path / CHECKPOINT_FILE, FINGERPRINT).save({"epochs_done": 2, "w": torch.ones(2)})
+    state, warnings = _load(tmp_path, caplog)
+    assert warnings == [] and state["epochs_done"] == 2 and torch.equal(state["w"], torch.ones(2))
+    assert state["format"] == ckpt.FORMAT_VERSION and state["fingerprint"] == FINGERPRINT
+
+
+def test_a_checkpoint_of_another_job_names_every_difference(tmp_path, caplog):
+    ckpt.Checkpointing(tmp_path / CHECKPOINT_FILE, {**FINGERPRINT, "student": "cnn_xs"}).save({})
+    state, warnings = _load(tmp_path, caplog, {**FINGERPRINT, "seed": 1, "protocol": "ab12"})
+    assert state is None and not (tmp_path / CHECKPOINT_FILE).exists()
+    assert warnings == _deleted(tmp_path, "another job wrote it (protocol: checkpoint None, this job 'ab12'; seed:"
+                                          " checkpoint 0, this job 1; student: checkpoint 'cnn_xs', this job None)")
+
+
+@pytest.mark.parametrize("content", [["a", "list"], {"format": ckpt.FORMAT_VERSION + 1, "fingerprint": FINGERPRINT},
+                                     {"fingerprint": FINGERPRINT}])
+def test_a_file_that_is_not_a_checkpoint_of_this_format_is_deleted(tmp_path, caplog, content):
+    torch.save(content, tmp_path / CHECKPOINT_FILE)
+    assert _load(tmp_path, caplog) == (
+        None, _deleted(tmp_path, f"it is not a training checkpoint of format {ckpt.FORMAT_VERSION}"))
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+def test_an_unreadable_checkpoint_is_deleted_with_the_first_line_of_the_error(tmp_path, caplog, monkeypatch):
+    path = tmp_path / CHECKPOINT_FILE
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception) as error:  # noqa: PT011  (whatever torch raises on it)
+        torch.load(path, weights_only=True)
+    first_line = str(error.value).splitlines()[0][:200]
+    assert _load(tmp_path, caplog) == (None, _deleted(tmp_path, f"it cannot be read ({first_line})"))
+    assert not path.exists()
+    for raised, shown in [(EOFError(), "EOFError"), (ValueError("x" * 300 + "\nsecond"), "x" * 200),
+                          (OSError("first line\nsecond line"), "first line")]:
+        path.write_bytes(b"")
+
+        def fail(*_a, raised=raised, **_k):
+            raise raised
+
+        monkeypatch.setattr(torch, "load", fail)
+        assert _load(tmp_path, caplog) == (None, _deleted(tmp_path, f"it cannot be read ({shown})"))
+
+
+def test_a_checkpoint_holding_arbitrary_objects_is_not_unpickled(tmp_path, caplog):
+    """A checkpoint is loaded weights-only: a file whose pickle names other objects is refused, not executed."""
+    from fractions import Fraction
+
+    torch.save({"format": ckpt.FORMAT_VERSION, "fingerprint": FINGERPRINT, "lr": Fraction(1, 3)},
+               tmp_path / CHECKPOINT_FILE)
+    state, warnings = _load(tmp_path, caplog)
+    assert state is None and len(warnings) == 1 and "it cannot be read (Weights only load failed" in warnings[0]
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
+
+
+def test_discard_deletes_the_checkpoint_and_left_temporaries_and_needs_neither(tmp_path):
+    checkpoint = ckpt.Checkpointing(tmp_path / CHECKPOINT_FILE, FINGERPRINT)
+    checkpoint.discard()  # nothing there
+    checkpoint.save({})
+    (tmp_path / f"{CHECKPOINT_FILE}.tmp-123").write_bytes(b"half")
+    (tmp_path / "other.pt").write_bytes(b"kept")
+    checkpoint.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt"]
+    (tmp_path / f"{CHECKPOINT_FILE}.tmp-9").write_bytes(b"half")
+    checkpoint.discard()  # a temporary without a checkpoint
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.pt"]

@@ -30,6 +30,7 @@ from _helpers_store import (
     flip_byte,
     make_teacher_dir,
     setup_world,
+    synthetic_store,
     tiny_config,
 )
 
@@ -39,15 +40,24 @@ import kdbench.train.loop as loop_mod
 from kdbench.cache.build import build_shard, finalize_store
 from kdbench.cache.check import ROUNDOFF, check_store
 from kdbench.cache.source import CachedTeacher
+from kdbench._util import sha256_file, stable_hash, write_json_atomic
 from kdbench.cache.store import (
+    IDENTITY_KEYS,
+    VIEW_PARAM_FIELDS,
+    ShardedTeacherStore,
     StoreError,
     TeacherStore,
+    bytes_per_view,
     encode_tap,
+    identity_attrs,
+    read_store_manifest,
     read_view_params,
     reconstruct_topk,
     record_bytes,
+    write_manifest,
 )
 from kdbench.cli import main as cli_main
+from kdbench.config import CachePolicy
 from kdbench.data.shards import load_split, read_manifest
 from kdbench.data.views import ViewRenderer
 from kdbench.meta import data_info
@@ -243,6 +253,13 @@ def test_store_holds_the_tap_under_the_policy(world, tmp_path, tap, policy, fiel
         live = compute_taps(teacher, x.contiguous(memory_format=torch.channels_last), {tap})[tap]
     full_shape = tuple(live.shape[1:])
     assert store.bytes_per_record() == record_bytes(full_shape, cfg.cache, tap)
+    # The size estimate (resources, the study) is what the shards' datasets hold, per (sample, view).
+    stored = 0
+    for shard in m["shards"]:
+        with h5py.File(store_dir / shard["file"], "r") as f:
+            stored += sum(f[k].nbytes for k in f)
+    per_view = bytes_per_view(full_shape, cfg.cache, tap, m["views"])
+    assert stored == pytest.approx(per_view * m["num_samples"] * m["views"], rel=1e-12)
     served = store.fetch(v, torch.from_numpy(rows))
     if policy.get("feature_pool"):
         live = F.adaptive_avg_pool2d(live, policy["feature_pool"])
@@ -458,3 +475,156 @@ def test_exception_while_writing_leaves_neither_final_nor_temporary_file(world, 
     with pytest.raises(OSError, match="disk full"):
         build_shard(world["cfg"], world["teacher"], world["data"], "logits", 0, final)
     assert list(final.parent.iterdir()) == []
+
+
+# --- the store layer's own rules, on synthetic stores written by the real writer ----------------------------------
+
+
+def _synthetic(root: Path, views: int = 2, n: int = 25, classes: int = 10, shard_size: int = 10, **policy):
+    g = torch.Generator().manual_seed(5)
+    return synthetic_store(root, torch.randn(views, n, classes, generator=g), CachePolicy(**policy),
+                           shard_size=shard_size)
+
+
+@pytest.mark.parametrize(("classes", "dtype"), [(32767, np.int16), (32768, np.int32), (40000, np.int32)])
+def test_top_k_class_indices_fit_their_dtype_up_to_the_last_class(classes, dtype):
+    logits = torch.zeros(2, classes)
+    logits[0, classes - 1], logits[1, 0] = 9.0, 9.0  # the last class and the first on top
+    enc = encode_tap("logits", logits, CachePolicy(topk=2))
+    assert enc["topk_indices"].dtype == dtype and enc["topk_indices"][:, 0].tolist() == [classes - 1, 0]
+    rebuilt = reconstruct_topk(*(torch.from_numpy(enc[k]) for k in ("topk_values", "topk_indices", "lse")), classes)
+    assert rebuilt.argmax(1).tolist() == [classes - 1, 0]
+
+
+@pytest.mark.parametrize(("tap", "shape", "policy"), [
+    ("logits", (10,), {}), ("logits", (10,), {"logits_dtype": "float32", "feature_dtype": "float16"}),
+    ("logits", (100,), {"topk": 5}), ("logits", (40000,), {"topk": 3}), ("logits", (4,), {"topk": 9}),
+    ("feature[1]", (8, 6, 6), {"logits_dtype": "float32"}), ("feature[1]", (8, 6, 6), {"feature_dtype": "float32"}),
+    ("feature[1]", (8, 6, 6), {"feature_dtype": "bfloat16", "feature_pool": 2}), ("pre_logits", (12,), {}),
+])
+def test_record_bytes_is_what_encode_tap_stores_per_sample(tap, shape, policy):
+    policy = CachePolicy(**policy)
+    encoded = encode_tap(tap, torch.randn(3, *shape), policy)
+    assert record_bytes(shape, policy, tap) == sum(a.nbytes for a in encoded.values()) / 3
+
+
+def test_identity_attrs_keep_scalars_hash_mappings_and_drop_the_rest():
+    policy = {"logits_dtype": "float16", "topk": None}
+    identity = {"teacher_sha256": "ab", "tap": "logits", "view_recipe_hash": "cd", "views": 3, "policy": policy,
+                "teacher_image_size": 28, "teacher_numerics": {"precision": "bf16"}, "num_classes": 10}
+    assert identity_attrs(identity) == {
+        "teacher_sha256": "ab", "tap": "logits", "view_recipe_hash": "cd", "views": 3, "policy": stable_hash(policy),
+        "teacher_image_size": 28, "teacher_numerics": stable_hash({"precision": "bf16"})}
+    assert identity_attrs({**identity, "policy": {**policy, "topk": 5}})["policy"] != stable_hash(policy)
+
+
+def _expect(store) -> dict:
+    return {k: v for k, v in store.manifest.items() if k in IDENTITY_KEYS}
+
+
+def _rewrite_shard(store_dir: Path, index: int, **changes) -> None:
+    """Rewrites shard ``index`` in place with ``changes``: ``attrs`` updated, or ``field`` -> a new array."""
+    path = store_dir / shard_file(index)
+    with h5py.File(path, "r") as f:
+        data = {k: f[k][()] for k in f}
+        attrs = dict(f.attrs)
+    attrs.update(changes.pop("attrs", {}))
+    data.update(changes)
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            f.create_dataset(k, data=v)
+        f.attrs.update(attrs)
+
+
+def test_the_manifest_step_names_a_stale_shards_attribute_with_both_values(tmp_path):
+    store = _synthetic(tmp_path)
+    _rewrite_shard(tmp_path, 2, attrs={"teacher_image_size": 32})
+    with pytest.raises(StoreError) as error:
+        write_manifest(tmp_path, 3, read_store_manifest(tmp_path))
+    path = tmp_path / shard_file(2)
+    assert str(error.value) == (
+        f"store shard {path}: attribute 'teacher_image_size' is 32 but the store is for 28 (a stale shard built for"
+        f" another teacher/view recipe/policy). Fix: delete {path} and rerun the cache step for shard 2")
+    assert store.views == 2
+
+
+def test_the_manifest_step_refuses_a_shard_laid_out_unlike_the_first(tmp_path):
+    _synthetic(tmp_path)
+    with h5py.File(tmp_path / shard_file(2), "r") as f:
+        values = f["values"][()]
+    _rewrite_shard(tmp_path, 2, values=values.astype(np.float32))
+    with pytest.raises(StoreError) as error:
+        write_manifest(tmp_path, 3, read_store_manifest(tmp_path))
+    assert str(error.value) == (
+        f"store shard {tmp_path / shard_file(2)} holds {{'values': ('float32', (10,))}} but {shard_file(0)} holds"
+        f" {{'values': ('float16', (10,))}}. Fix: delete {tmp_path} and rerun the cache steps")
+
+
+def test_the_manifest_lists_each_shards_rows_first_row_size_and_digest(tmp_path):
+    manifest = _synthetic(tmp_path, n=25, shard_size=10).manifest
+    assert [(s["file"], s["count"], s["first_position"]) for s in manifest["shards"]] == [
+        (shard_file(0), 10, 0), (shard_file(1), 10, 10), (shard_file(2), 5, 20)]
+    for s in manifest["shards"]:
+        path = tmp_path / s["file"]
+        assert (s["bytes"], s["sha256"]) == (path.stat().st_size, sha256_file(path))
+    with h5py.File(tmp_path / shard_file(2), "r") as f:  # the writer's dtypes, whatever it was given
+        assert f["ids"].dtype == np.int64 and f["ids"][()].tolist() == list(range(20, 25))
+        assert {k: f[k].dtype for k in VIEW_PARAM_FIELDS} == {k: np.dtype(d) for k, (d, _) in VIEW_PARAM_FIELDS.items()}
+
+
+@pytest.mark.parametrize("reader", ["memory", "sharded"])
+def test_both_readers_refuse_a_manifest_whose_shards_do_not_follow_one_another(tmp_path, reader):
+    store = _synthetic(tmp_path)
+    manifest = dict(store.manifest)
+    manifest["shards"] = [dict(s) for s in manifest["shards"]]
+    manifest["shards"][2]["first_position"] = 19
+    write_json_atomic(tmp_path / "manifest.json", manifest)
+    opener = TeacherStore if reader == "memory" else ShardedTeacherStore
+    with pytest.raises(StoreError) as error:
+        opener.open(tmp_path, _expect(store), verify=False)
+    assert str(error.value) == (f"{tmp_path / 'manifest.json'}: shard {shard_file(2)} starts at row 19, expected 20;"
+                                f" delete {tmp_path} and rerun the workflow")
+
+
+@pytest.mark.parametrize("reader", ["memory", "sharded"])
+def test_both_readers_refuse_a_shard_with_other_row_counts_than_its_manifest(tmp_path, reader):
+    store = _synthetic(tmp_path)
+    with h5py.File(tmp_path / shard_file(1), "r") as f:
+        values = f["values"][()]
+    _rewrite_shard(tmp_path, 1, values=values[:, :7])
+    path = tmp_path / shard_file(1)
+    message = (f"{path}: field 'values' has 7 rows, {tmp_path / 'manifest.json'} says 10. Fix: delete {path} and"
+               f" {tmp_path / 'manifest.json'} and rerun the workflow")
+    with pytest.raises(StoreError) as error:
+        if reader == "memory":
+            TeacherStore.open(tmp_path, _expect(store), verify=False)
+        else:
+            ShardedTeacherStore.open(tmp_path, _expect(store), verify=False).fetch(0, torch.tensor([12]))
+    assert str(error.value) == message
+
+
+def test_a_view_outside_the_store_is_an_index_error(tmp_path):
+    store = _synthetic(tmp_path, views=3)
+    for served in (store, ShardedTeacherStore.open(tmp_path, _expect(store))):
+        assert served.fetch(2, torch.tensor([0])).shape == (1, 10)
+        for view in (3, -1):
+            with pytest.raises(IndexError, match=rf"^view {view} out of range: the store holds 3 views$"):
+                served.fetch(view, torch.tensor([0]))
+
+
+def test_shards_are_read_while_another_process_holds_one_open(tmp_path):
+    """Reading takes no HDF5 lock: a shard another process has open (check-cache, a copy) is still read."""
+    store = _synthetic(tmp_path)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, h5py; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True);"
+         " sys.stdin.read()", str(tmp_path / shard_file(1))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert write_manifest(tmp_path, 3, read_store_manifest(tmp_path))["num_samples"] == 25
+        assert torch.equal(TeacherStore.open(tmp_path, _expect(store)).fetch(1, torch.tensor([12])),
+                           store.fetch(1, torch.tensor([12])))
+        sharded = ShardedTeacherStore.open(tmp_path, _expect(store))
+        assert torch.equal(sharded.fetch(1, torch.tensor([12])), store.fetch(1, torch.tensor([12])))
+    finally:
+        holder.communicate("")

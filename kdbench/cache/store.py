@@ -168,10 +168,37 @@ def identity_attrs(identity: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _open_shard(path: Path) -> h5py.File:
+    """A shard opened for reading without HDF5's file lock: a shard is only read once its writer has renamed it
+    into place, and a lock would refuse readers while another process holds the file open (and fails outright
+    on file systems without locks)."""
+    return h5py.File(path, "r", locking=False)
+
+
+def _read_shard(path: Path, names: list[str], count: int, view: int | None = None) -> dict[str, np.ndarray]:
+    """Datasets ``names`` of a shard listed in its store's manifest, ``[V, n, ...]`` each (or ``[n, ...]`` of one
+    ``view``), refused unless each holds the manifest's ``count`` rows."""
+    manifest = path.parent / "manifest.json"
+    try:
+        with _open_shard(path) as f:
+            got = {k: f[k][()] if view is None else f[k][view] for k in names}
+    except (OSError, KeyError) as e:
+        raise StoreError(
+            f"store shard {path} cannot be read ({e}): it is truncated or corrupt. "
+            f"Fix: delete it and {manifest} and rerun the workflow"
+        ) from e
+    for k, v in got.items():
+        rows = v.shape[1 if view is None else 0]
+        if rows != count:
+            raise StoreError(f"{path}: field '{k}' has {rows} rows, {manifest} says {count}. Fix: delete {path}"
+                             f" and {manifest} and rerun the workflow")
+    return got
+
+
 def _inspect_shard(path: Path, index: int) -> tuple[dict[str, Any], dict[str, tuple], int]:
     """Reads a shard's attributes, field layout (name -> (dtype, row shape)) and row count."""
     try:
-        with h5py.File(path, "r", locking=False) as f:
+        with _open_shard(path) as f:
             attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
             layout = {k: (str(f[k].dtype), tuple(f[k].shape[2:])) for k in sorted(f.keys()) if k not in _AUDIT_FIELDS}
             count = int(f["ids"].shape[0])
@@ -280,31 +307,23 @@ def shard_problems(store_dir: str | Path, manifest: Mapping[str, Any], verify: b
     return problems
 
 
-def _read_fields(store_dir: Path, manifest: Mapping[str, Any], names: list[str]) -> dict[str, np.ndarray]:
-    """Reads datasets ``names`` (``[V, n, ...]``) of every shard and concatenates them along the rows."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
-    expected_first = 0
+def _check_positions(store_dir: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuses a manifest whose shards do not follow one another (each starts at the row the one before ends)."""
+    expected = 0
     for shard in manifest["shards"]:
-        path = store_dir / shard["file"]
-        if shard["first_position"] != expected_first:
+        if shard["first_position"] != expected:
             raise StoreError(
                 f"{store_dir / 'manifest.json'}: shard {shard['file']} starts at row {shard['first_position']}, "
-                f"expected {expected_first}; delete {store_dir} and rerun the workflow"
+                f"expected {expected}; delete {store_dir} and rerun the workflow"
             )
-        try:
-            with h5py.File(path, "r", locking=False) as f:
-                for k in names:
-                    arr = f[k][()]
-                    if arr.shape[1] != shard["count"]:
-                        raise StoreError(f"{path}: field '{k}' has {arr.shape[1]} rows, manifest says {shard['count']}")
-                    parts[k].append(arr)
-        except (OSError, KeyError) as e:
-            raise StoreError(
-                f"store shard {path} cannot be read ({e}): it is truncated or corrupt. "
-                f"Fix: delete it and {store_dir / 'manifest.json'} and rerun the workflow"
-            ) from e
-        expected_first += shard["count"]
-    return {k: np.ascontiguousarray(np.concatenate(v, axis=1)) for k, v in parts.items()}
+        expected += shard["count"]
+
+
+def _read_fields(store_dir: Path, manifest: Mapping[str, Any], names: list[str]) -> dict[str, np.ndarray]:
+    """Reads datasets ``names`` (``[V, n, ...]``) of every shard and concatenates them along the rows."""
+    _check_positions(store_dir, manifest)
+    parts = [_read_shard(store_dir / shard["file"], names, shard["count"]) for shard in manifest["shards"]]
+    return {k: np.ascontiguousarray(np.concatenate([part[k] for part in parts], axis=1)) for k in names}
 
 
 def read_view_params(store_dir: str | Path, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -415,16 +434,8 @@ class ShardedTeacherStore(_Served):
         self.bytes_read = 0
         self.shard_reads = 0
         self._fields = list(manifest["fields"])
+        _check_positions(store_dir, manifest)
         self._starts = np.array([s["first_position"] for s in manifest["shards"]], dtype=np.int64)
-        counts = np.array([s["count"] for s in manifest["shards"]], dtype=np.int64)
-        expected = np.concatenate([[0], np.cumsum(counts)[:-1]]) if len(counts) else counts
-        bad = np.flatnonzero(self._starts != expected)
-        if len(bad):
-            shard = manifest["shards"][bad[0]]
-            raise StoreError(
-                f"{store_dir / 'manifest.json'}: shard {shard['file']} starts at row {shard['first_position']}, "
-                f"expected {expected[bad[0]]}; delete {store_dir} and rerun the workflow"
-            )
         self._cache: OrderedDict[tuple[int, int], dict[str, torch.Tensor]] = OrderedDict()
 
     @classmethod
@@ -449,17 +460,7 @@ class ShardedTeacherStore(_Served):
             return self._cache[key]
         entry = self.manifest["shards"][shard]
         path = self.store_dir / entry["file"]
-        try:
-            with h5py.File(path, "r", locking=False) as f:
-                got = {k: torch.from_numpy(f[k][view]) for k in self._fields}
-        except (OSError, KeyError) as e:
-            raise StoreError(
-                f"store shard {path} cannot be read ({e}): it is truncated or corrupt. "
-                f"Fix: delete it and {self.store_dir / 'manifest.json'} and rerun the workflow"
-            ) from e
-        for k, v in got.items():
-            if v.shape[0] != entry["count"]:
-                raise StoreError(f"{path}: field '{k}' has {v.shape[0]} rows, manifest says {entry['count']}")
+        got = {k: torch.from_numpy(v) for k, v in _read_shard(path, self._fields, entry["count"], view).items()}
         self.shard_reads += 1
         self._cache[key] = got
         while len(self._cache) > self.cache_shards:

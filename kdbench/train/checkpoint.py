@@ -61,6 +61,9 @@ cluster may list it in slurm.conf's ``RequeueExit``)."""
 STOP_SIGNAL = signal.SIGUSR1
 """The signal that asks a training job to stop and be requeued (SLURM's ``--signal``)."""
 
+REQUEUE_TIMEOUT_S = 60
+"""How long :func:`requeue` waits for ``scontrol`` (a controller that does not answer must not hold the job)."""
+
 
 class Preempted(Exception):
     """Training stopped because :data:`STOP_SIGNAL` arrived; the last checkpoint (if any) holds the progress.
@@ -75,7 +78,7 @@ class Preempted(Exception):
 
 
 def stopped(label: str, done: int, epochs: int, checkpoint: Checkpointing | None, kept: int | None,
-            first: int = 0) -> Preempted:
+            first: int) -> Preempted:
     """The :class:`Preempted` of a training loop that stopped on request after ``done`` of ``epochs`` epochs,
     saying what is on disk: ``kept`` epochs in ``checkpoint`` (``None``: no checkpoint holds any of it), of which
     the run found ``first`` when it started."""
@@ -116,12 +119,17 @@ def stop_on_signal(sig: int = STOP_SIGNAL) -> Iterator[None]:
 
 def requeue() -> bool:
     """Requeues the SLURM job this process runs in (``scontrol requeue $SLURM_JOB_ID``); ``False`` outside SLURM
-    or when ``scontrol`` fails (the job's next run resumes from the checkpoint all the same)."""
+    or when ``scontrol`` fails or does not answer within :data:`REQUEUE_TIMEOUT_S` (the job's next run resumes from
+    the checkpoint all the same)."""
     job = os.environ.get("SLURM_JOB_ID")
     scontrol = shutil.which("scontrol")
     if not job or not scontrol:
         return False
-    done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60, check=False)
+    try:
+        done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=REQUEUE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _logger.warning("scontrol requeue %s did not answer in %s s; the job is not requeued", job, REQUEUE_TIMEOUT_S)
+        return False
     if done.returncode != 0:
         _logger.warning("scontrol requeue %s failed: %s", job, done.stderr.strip())
         return False
