@@ -1,0 +1,565 @@
+"""Unit tests of the training loop's pieces (:mod:`kdbench.train.loop`) on tiny in-memory data.
+
+30 random 1x8x8 images of 4 classes in shards of 10, 3 views with mixup, batches of 8 (4 steps per epoch, the
+last one short), a ``cnn_xs`` student, and a fake teacher source that records what it was asked for. Every
+expected value is a hand value or computed independently of the function under test.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import time
+from dataclasses import replace
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from kdbench import distributed
+from kdbench.config import Protocol, ViewRecipe
+from kdbench.data.shards import Split
+from kdbench.data.views import ViewRenderer
+from kdbench.errors import NonFiniteLossError
+from kdbench.meta import DataInfo
+from kdbench.methods.base import LossOutput, Requirements, create_method
+from kdbench.methods.baseline import Baseline
+from kdbench.models import create_model, model_info
+from kdbench.train import loop
+from kdbench.train.checkpoint import Preempted
+from kdbench.train.loop import Batch, _Run, _SplitBatches, epoch_order, fit, teacher_view_index, view_targets
+
+N, K, HW = 30, 4, 8
+CPU = torch.device("cpu")
+DATA = DataInfo(num_classes=K, in_chans=1, image_size=HW, num_train=N, mean=(0.5,), std=(0.25,))
+PROTOCOL = Protocol(epochs=3, batch_size=8, eval_batch_size=16, lr=0.1,
+                    views=ViewRecipe(count=3, seed=7, mixup=0.5))
+PLAIN_SGD = replace(PROTOCOL, momentum=0.0, nesterov=False, weight_decay=0.0)
+
+
+def _split(n: int = N, seed: int = 0) -> Split:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, HW, HW), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, K, (n,), generator=g)
+    return Split(images, labels, torch.arange(1000, 1000 + n), shard_size=10)
+
+
+TRAIN = _split()
+
+
+class FakeTeacher:
+    """A teacher source: deterministic logits per (view, row); records every request."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, list[int], dict]] = []
+        self.forward_count = 0
+
+    def outputs(self, view, rows, device, **kw):
+        self.calls.append((view, rows.tolist(), kw))
+        self.forward_count += len(rows)
+        r = torch.from_numpy(rows).float()[:, None]
+        return {"logits": torch.sin(r + 3.0 * view + torch.arange(K, dtype=torch.float32)).to(device)}
+
+    def bytes_read(self) -> int:
+        return 7 * self.forward_count
+
+
+class Indexing(Baseline):
+    """The baseline's loss, declaring that it indexes samples."""
+
+    @classmethod
+    def requirements(cls, cfg):
+        return Requirements(sample_index=True)
+
+
+class Counting(Baseline):
+    """The baseline's loss, with a buffer and a counter that change every step."""
+
+    def __init__(self, *a, **k) -> None:
+        super().__init__(*a, **k)
+        self.register_buffer("label_sum", torch.zeros(()))
+        self.calls = 0
+
+    def loss(self, student, teacher, targets, ctx):
+        self.calls += 1
+        self.label_sum += targets.labels.sum()
+        return super().loss(student, teacher, targets, ctx)
+
+
+def _method(name, params: dict | None = None):
+    info = model_info(create_model("cnn_xs", K, 1, HW), "cnn_xs", 1, HW)
+    if isinstance(name, type):
+        return name(name.make_config(params or {}), teacher=None, student=info, data=DATA)
+    teacher = None if name == "baseline" else info
+    return create_method(name, params or {}, teacher=teacher, student=info, data=DATA)
+
+
+def _run(method="baseline", params=None, protocol=PROTOCOL, teacher=None, rows=None, seed=0, train=TRAIN) -> _Run:
+    torch.manual_seed(seed)
+    model = create_model("cnn_xs", K, 1, HW)
+    return _Run(model, _method(method, params), train, DATA, protocol, CPU, teacher, "lbl", rows)
+
+
+def _record_steps(monkeypatch) -> list[dict]:
+    """Wraps ``_Run.train_step``; returns the list it appends each step's epoch, view, batch and loss to."""
+    steps = []
+    orig = _Run.train_step
+
+    def step(self, epoch, view, batch):
+        out = orig(self, epoch, view, batch)
+        steps.append({"epoch": epoch, "view": view, "rows": batch.rows.tolist(), "loss": out.loss.item(),
+                      "terms": {k: v.item() for k, v in out.terms.items()}})
+        return out
+
+    monkeypatch.setattr(_Run, "train_step", step)
+    return steps
+
+
+def _first_batch(run: _Run, view: int = 0) -> Batch:
+    return next(iter(run.batches.epoch(0, view, 1)))
+
+
+def _reference_grads(run: _Run, batch: Batch) -> list[torch.Tensor]:
+    """The gradient of the mixup cross-entropy of a copy of the student on the batch (the baseline's loss)."""
+    model = copy.deepcopy(run.model).train()
+    logp = torch.log_softmax(model(batch.x), dim=1)
+    t = batch.targets
+    own, other = logp[torch.arange(len(t.labels)), t.labels], logp[torch.arange(len(t.labels)), t.partner_labels]
+    loss = -(t.lam * own + (1 - t.lam) * other).mean()
+    return list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+# --- teacher_view_index --------------------------------------------------------------------------------------------
+
+
+def test_teacher_view_same_is_the_students_own_view():
+    assert [teacher_view_index("same", v, 3) for v in range(3)] == [0, 1, 2]
+    assert teacher_view_index("same", 0, 1) == 0
+
+
+def test_teacher_view_other_is_the_next_view_wrapping_around():
+    assert [teacher_view_index("other", v, 3) for v in range(3)] == [1, 2, 0]
+    assert [teacher_view_index("other", v, 2) for v in range(2)] == [1, 0]
+
+
+def test_teacher_view_clean_is_the_clean_view_for_every_student_view():
+    assert [teacher_view_index("clean", v, 3) for v in range(3)] == [-1, -1, -1]
+    assert teacher_view_index("clean", 0, 1) == -1
+
+
+def test_teacher_view_other_with_one_view_per_image_is_refused_with_the_count():
+    with pytest.raises(ValueError) as e:
+        teacher_view_index("other", 0, 1)
+    assert str(e.value) == "teacher_view 'other' needs at least 2 views per image; protocol.views.count is 1"
+
+
+def test_an_unknown_teacher_view_is_refused_with_the_valid_kinds():
+    with pytest.raises(ValueError) as e:
+        teacher_view_index("fresh", 0, 3)
+    assert str(e.value) == "unknown teacher_view 'fresh'; valid: same, other, clean"
+
+
+def test_a_run_whose_method_declares_an_impossible_teacher_view_fails_when_built():
+    with pytest.raises(ValueError, match="protocol.views.count is 1"):
+        _run("funmatch", {"teacher_view": "other"}, protocol=replace(PROTOCOL, views=ViewRecipe(count=1)))
+
+
+# --- view_targets --------------------------------------------------------------------------------------------------
+
+
+def test_view_targets_are_own_labels_partner_labels_where_mixed_and_the_weights():
+    labels = torch.tensor([3, 1, 2, 0, 1, 2], dtype=torch.int64)
+    train = Split(torch.zeros(6, 1, 2, 2, dtype=torch.uint8), labels, torch.arange(6), shard_size=6)
+    rows = np.array([1, 2, 4, 5])
+    lam = np.array([1.0, 0.75, 0.5, 0.625], dtype=np.float32)
+    params = SimpleNamespace(partner=np.array([-1, 0, 3, 2], dtype=np.int64), lam=lam)
+    t = view_targets(train, rows, params, CPU)
+    assert t.labels.tolist() == [1, 2, 1, 2]
+    assert t.partner_labels.tolist() == [1, 3, 0, 2]  # row 1 unmixed keeps its own; partner 0 is a real row
+    assert t.labels.dtype == t.partner_labels.dtype == torch.int64
+    assert t.lam.dtype == torch.float32 and t.lam.tolist() == [1.0, 0.75, 0.5, 0.625]
+
+
+# --- epoch_order ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 31])
+def test_epoch_order_is_a_permutation_of_the_rows(n):
+    order = epoch_order(n, 5, 3)
+    assert isinstance(order, np.ndarray) and order.dtype == np.int64
+    assert sorted(order.tolist()) == list(range(n))
+
+
+def test_epoch_order_is_the_published_order():
+    # The batch order is part of every published number: a change here changes every run's results.
+    assert epoch_order(12, 3, 2).tolist() == [6, 11, 9, 5, 4, 0, 3, 10, 8, 7, 1, 2]
+
+
+def test_epoch_order_depends_on_the_seed_and_the_epoch_only():
+    assert np.array_equal(epoch_order(40, 3, 2), epoch_order(40, 3, 2))
+    others = [epoch_order(40, 3, 1), epoch_order(40, 3, 3), epoch_order(40, 2, 2), epoch_order(40, 4, 2)]
+    assert all(not np.array_equal(o, epoch_order(40, 3, 2)) for o in others)
+    assert not np.array_equal(epoch_order(40, 1, 0), epoch_order(40, 0, 1))
+
+
+# --- Batch ---------------------------------------------------------------------------------------------------------
+
+
+def test_global_rows_is_the_batch_length_unless_a_total_is_given():
+    rows, x = np.array([4, 7, 9]), torch.zeros(3)
+    assert Batch(rows, x, None).global_rows == 3
+    assert Batch(rows, x, None, total=8).global_rows == 8
+
+
+# --- _SplitBatches -------------------------------------------------------------------------------------------------
+
+
+def _batches(protocol=PROTOCOL, rows=None, image_size=HW, epoch=1, view=2, seed=4) -> list[Batch]:
+    return list(_SplitBatches(TRAIN, protocol, DATA, image_size, CPU, rows).epoch(epoch, view, seed))
+
+
+def test_split_batches_cover_every_row_once_in_sorted_batches_of_the_batch_size():
+    batches = _batches()
+    assert [len(b.rows) for b in batches] == [8, 8, 8, 6]
+    assert [b.global_rows for b in batches] == [8, 8, 8, 6]
+    assert all(np.all(np.diff(b.rows) > 0) for b in batches)
+    assert sorted(np.concatenate([b.rows for b in batches]).tolist()) == list(range(N))
+
+
+def test_split_batches_are_the_seeded_epoch_order_cut_into_batches():
+    order = epoch_order(N, 4, 1)
+    assert [b.rows.tolist() for b in _batches(epoch=1, seed=4)] == [sorted(order[i:i + 8]) for i in range(0, N, 8)]
+    assert [b.rows.tolist() for b in _batches(epoch=2, seed=4)] != [b.rows.tolist() for b in _batches(epoch=1, seed=4)]
+
+
+def test_split_batches_of_a_row_subset_cover_exactly_the_subset_in_its_seeded_order():
+    subset = np.array([29, 3, 17, 5, 11, 0, 23, 8, 14, 26, 2, 20, 9])
+    batches = _batches(rows=subset)
+    assert [len(b.rows) for b in batches] == [8, 5]
+    order = subset[epoch_order(len(subset), 4, 1)]
+    assert [b.rows.tolist() for b in batches] == [sorted(order[:8]), sorted(order[8:])]
+
+
+def test_split_batch_inputs_are_the_renderers_view_of_the_batch_rows():
+    batches = _batches(image_size=12, view=2)
+    renderer = ViewRenderer.for_split(PROTOCOL.views, TRAIN, DATA)
+    for b in batches:
+        assert b.x.shape == (len(b.rows), 1, 12, 12)
+        assert torch.equal(b.x, renderer.render(2, b.rows, 12, CPU)[0])
+    assert not torch.equal(batches[0].x, renderer.render(1, batches[0].rows, 12, CPU)[0])
+
+
+def test_split_batch_targets_are_the_rows_labels_and_their_mixup_partners_labels():
+    renderer = ViewRenderer.for_split(PROTOCOL.views, TRAIN, DATA)
+    mixed = 0
+    for b in _batches(view=2):
+        params = renderer.params(2, b.rows)
+        labels = [int(TRAIN.labels[r]) for r in b.rows]
+        partners = [int(TRAIN.labels[p]) if p >= 0 else own for p, own in zip(params.partner, labels)]
+        mixed += int((params.partner >= 0).sum())
+        assert b.targets.labels.tolist() == labels
+        assert b.targets.partner_labels.tolist() == partners
+        assert b.targets.lam.tolist() == params.lam.tolist()
+    assert 0 < mixed < N  # the recipe mixes some views, not all
+
+
+# --- _Run.train_epoch ----------------------------------------------------------------------------------------------
+
+
+def test_train_epoch_row_has_the_epoch_its_view_the_optimisers_lr_and_the_mean_step_loss_and_terms(monkeypatch):
+    protocol = replace(PROTOCOL, epochs=6)
+    run = _run("kd", protocol=protocol, teacher=FakeTeacher())
+    run.step = 16  # epoch 4 of 4 steps: its last step is step 19 of 24
+    steps = _record_steps(monkeypatch)
+    row = run.train_epoch(4, seed=1)
+    assert [(s["epoch"], s["view"]) for s in steps] == [(4, 1)] * 4
+    assert {k: row[k] for k in ("epoch", "view")} == {"epoch": 4, "view": 1}
+    assert row["lr"] == run.optimizer.param_groups[0]["lr"]
+    assert row["lr"] == pytest.approx(0.05 * (1 + math.cos(19 * math.pi / 24)), rel=1e-12)
+    assert row["train_loss"] == pytest.approx(sum(s["loss"] for s in steps) / 4, rel=1e-12)
+    assert set(row["terms"]) == {"ce", "kd"}
+    for k in ("ce", "kd"):
+        assert row["terms"][k] == pytest.approx(sum(s["terms"][k] for s in steps) / 4, rel=1e-12)
+    assert row["terms"]["ce"] != pytest.approx(row["terms"]["kd"])
+    assert set(row) == {"epoch", "view", "lr", "train_loss", "terms", "_t0", "_train_s"}
+    assert 0 < row["_train_s"] < 60 and row["_t0"] <= time.perf_counter() - row["_train_s"]
+
+
+def test_train_epoch_trains_on_the_epochs_batches_in_the_seeded_order(monkeypatch):
+    run = _run()
+    steps = _record_steps(monkeypatch)
+    run.train_epoch(2, seed=5)
+    expected = [b.rows.tolist() for b in _SplitBatches(TRAIN, PROTOCOL, DATA, HW, CPU).epoch(2, 2, 5)]
+    assert [s["rows"] for s in steps] == expected
+
+
+def test_train_epoch_starts_the_methods_epoch_and_puts_student_and_method_in_training_mode(monkeypatch):
+    run = _run()
+    run.step = 8
+    seen = []
+    monkeypatch.setattr(run.method, "on_epoch_start", lambda ctx: seen.append((ctx, run.model.training)))
+    run.model.eval(), run.method.eval()
+    run.train_epoch(2, seed=0)
+    ctx, _ = seen[0]
+    assert len(seen) == 1
+    assert (ctx.epoch, ctx.num_epochs, ctx.step, ctx.steps_per_epoch, ctx.view, ctx.index) == (2, 3, 8, 4, 2, None)
+    assert run.model.training and run.method.training
+
+
+def test_train_epoch_weighs_each_steps_loss_by_this_process_share_of_the_global_batch(monkeypatch):
+    run = _run()
+    real = list(run.batches.epoch(0, 0, 1))
+    parts = [Batch(b.rows[:k], b.x[:k], type(b.targets)(*(t[:k] for t in vars(b.targets).values())), total=len(b.rows))
+             for b, k in zip(real, (2, 4, 8, 3))]
+    run.batches = SimpleNamespace(epoch=lambda epoch, view, seed: iter(parts))
+    steps = _record_steps(monkeypatch)
+    row = run.train_epoch(0, seed=1)
+    shares = [2 / 8, 4 / 8, 8 / 8, 3 / 6]
+    assert row["train_loss"] == pytest.approx(sum(s["loss"] * w for s, w in zip(steps, shares)) / 4, rel=1e-12)
+    assert row["terms"]["ce"] == pytest.approx(sum(s["terms"]["ce"] * w for s, w in zip(steps, shares)) / 4)
+
+
+def test_train_epoch_of_a_data_parallel_job_sums_the_processes_means(monkeypatch):
+    run = _run("kd", teacher=FakeTeacher())
+    run.world = SimpleNamespace(size=2)
+    sums = []
+    monkeypatch.setattr(distributed, "all_sum", lambda values: sums.append(list(values)) or [2 * v + 1 for v in values])
+    steps = _record_steps(monkeypatch)
+    row = run.train_epoch(0, seed=1)
+    loss, ce, kd = (sum(s["loss"] for s in steps), *(sum(s["terms"][k] for s in steps) for k in ("ce", "kd")))
+    assert sums == [pytest.approx([loss, ce, kd])]
+    assert row["train_loss"] == pytest.approx((2 * loss + 1) / 4)
+    assert row["terms"] == {"ce": pytest.approx((2 * ce + 1) / 4), "kd": pytest.approx((2 * kd + 1) / 4)}
+
+
+def test_train_epoch_logs_progress_every_quarter_epoch_with_the_running_mean_loss(monkeypatch, caplog):
+    run = _run(protocol=replace(PROTOCOL, batch_size=4))  # 8 steps: lines after steps 2, 4 and 6
+    steps = _record_steps(monkeypatch)
+    with caplog.at_level("INFO", logger="kdbench.train.loop"):
+        run.train_epoch(1, seed=0)
+    losses = [s["loss"] for s in steps]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [re.sub(r" \| \d+ samples/s$", "", m) for m in lines] == [
+        f"lbl epoch 2/3 step {k}/8 loss {sum(losses[:k]) / k:.4f}" for k in (2, 4, 6)]
+    assert all(re.search(r" \| \d+ samples/s$", m) for m in lines)
+
+
+@pytest.mark.parametrize("yielded", [3, 0])
+def test_an_epoch_of_another_number_of_batches_than_the_steps_per_epoch_is_an_error(yielded):
+    run = _run()
+    batches = list(run.batches.epoch(0, 0, 1))[:yielded]
+    run.batches = SimpleNamespace(epoch=lambda epoch, view, seed: iter(batches))
+    with pytest.raises(RuntimeError) as e:
+        run.train_epoch(2, seed=1)
+    assert str(e.value) == f"lbl: epoch 2 had {yielded} batches, expected 4"
+
+
+def test_a_stop_request_preempts_the_epoch_after_the_current_step(monkeypatch):
+    run = _run()
+    monkeypatch.setattr(loop, "stop_requested", lambda: True)
+    with pytest.raises(Preempted) as e:
+        run.train_epoch(1, seed=0)
+    assert e.value.args == (1,) and run.step == 1
+
+
+def test_a_stop_request_during_the_last_step_lets_the_epoch_end(monkeypatch):
+    run = _run()
+    monkeypatch.setattr(loop, "stop_requested", lambda: run.step == 4)
+    assert run.train_epoch(0, seed=0)["epoch"] == 0 and run.step == 4
+
+
+# --- _Run.train_step -----------------------------------------------------------------------------------------------
+
+
+def test_train_step_sets_the_scheduled_lr_on_every_group_before_the_optimiser_step():
+    run = _run(protocol=replace(PROTOCOL, weight_decay_exclude_1d=True))
+    run.step = 5
+    at_step = []
+    step = run.optimizer.step
+    run.optimizer.step = lambda: (at_step.append([g["lr"] for g in run.optimizer.param_groups]), step())[1]
+    run.train_step(1, 1, _first_batch(run, 1))
+    lr = 0.05 * (1 + math.cos(5 * math.pi / 12))  # cosine over 3 epochs of 4 steps, step 5
+    assert len(run.optimizer.param_groups) == 2
+    assert at_step == [[pytest.approx(lr, rel=1e-12)] * 2]
+
+
+def test_train_step_takes_an_sgd_step_along_the_gradient_of_the_methods_loss_on_the_batch():
+    run = _run(protocol=PLAIN_SGD)
+    batch = _first_batch(run)
+    grads, before = _reference_grads(run, batch), [q.detach().clone() for q in run.model.parameters()]
+    for q in run.params:
+        q.grad = torch.full_like(q, 1e3)  # a previous step's gradient must not leak into this one
+    run.train_step(0, 0, batch)
+    for q, g, old in zip(run.model.parameters(), grads, before):
+        assert torch.allclose(q.grad, g, rtol=1e-4, atol=1e-6)
+        assert torch.allclose(q.detach(), old - 0.1 * g, rtol=1e-4, atol=1e-6)  # lr 0.1 * cosine(0) = 0.1
+
+
+def test_train_step_counts_the_step_and_the_global_batchs_rows():
+    run = _run()
+    run.step, run.student_forward = 3, 40
+    b = _first_batch(run)
+    out = run.train_step(0, 0, Batch(b.rows, b.x, b.targets, total=24))
+    assert (run.step, run.student_forward) == (4, 64)
+    assert isinstance(out, LossOutput) and set(out.terms) == {"ce"}
+
+
+def test_a_part_of_a_short_global_batch_weighs_its_gradient_by_its_share_times_the_processes():
+    run = _run(protocol=PLAIN_SGD)
+    run.world = SimpleNamespace(size=2)
+    b = _first_batch(run)
+    part = Batch(b.rows[:3], b.x[:3], type(b.targets)(*(t[:3] for t in vars(b.targets).values())), total=5)
+    grads = _reference_grads(run, part)
+    run.train_step(0, 0, part)
+    for q, g in zip(run.model.parameters(), grads):
+        assert torch.allclose(q.grad, g * (3 * 2 / 5), rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_clips_the_gradients_global_norm_when_the_protocol_sets_one():
+    run = _run(protocol=replace(PLAIN_SGD, grad_clip_norm=1e-3))
+    batch = _first_batch(run)
+    grads = _reference_grads(run, batch)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+    assert norm > 0.01
+    run.train_step(0, 0, batch)
+    for q, g in zip(run.model.parameters(), grads):
+        assert torch.allclose(q.grad, g * (1e-3 / norm), rtol=1e-3, atol=1e-9)
+
+
+def test_train_step_does_not_clip_without_a_grad_clip_norm():
+    run = _run(protocol=PLAIN_SGD)
+    batch = _first_batch(run)
+    grads = _reference_grads(run, batch)
+    run.train_step(0, 0, batch)
+    assert all(torch.allclose(q.grad, g, rtol=1e-4, atol=1e-6) for q, g in zip(run.model.parameters(), grads))
+
+
+@pytest.mark.parametrize(("ce", "shown"), [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")])
+def test_a_non_finite_loss_raises_naming_the_run_epoch_step_and_terms_without_a_step(ce, shown):
+    run = _run()
+    run.step, run.student_forward = 7, 56
+    run.forward = lambda x, t_out, targets, ctx: LossOutput.from_terms(
+        {"ce": torch.tensor(ce, requires_grad=True), "kd": torch.tensor(0.5)})
+    before = [q.detach().clone() for q in run.params]
+    with pytest.raises(NonFiniteLossError) as e:
+        run.train_step(2, 1, _first_batch(run, 1))
+    assert str(e.value) == (f"lbl: loss is {shown} at epoch 2 step 7 (terms: {{'ce': {shown}, 'kd': 0.5}}); lower the"
+                            " learning rate or check the method's parameters")
+    assert (run.step, run.student_forward) == (7, 56)
+    assert all(torch.equal(q, old) for q, old in zip(run.params, before))
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("same", 2), ("other", 0), ("clean", -1)])
+def test_train_step_asks_the_teacher_for_the_declared_view_of_the_batchs_rows(kind, expected):
+    teacher = FakeTeacher()
+    run = _run("funmatch", {"teacher_view": kind}, teacher=teacher)
+    b = _first_batch(run, 2)
+    run.train_step(2, 2, b)
+    teacher_x = torch.zeros(3)
+    run.train_step(2, 2, Batch(b.rows, b.x, b.targets, teacher_x=teacher_x))
+    assert teacher.calls[0] == (expected, b.rows.tolist(), {})
+    assert teacher.calls[1][:2] == (expected, b.rows.tolist()) and teacher.calls[1][2]["inputs"] is teacher_x
+    assert len(teacher.calls) == 2
+
+
+def test_train_step_does_not_ask_the_teacher_when_the_method_reads_no_teacher_taps():
+    teacher = FakeTeacher()
+    run = _run("baseline", teacher=teacher)
+    run.train_step(0, 0, _first_batch(run))
+    assert teacher.calls == []
+
+
+@pytest.mark.parametrize("method", [Indexing, "baseline"])
+def test_train_step_gives_the_method_the_step_context_with_the_rows_when_it_indexes_samples(method):
+    run = _run(method)
+    run.step = 5
+    seen = []
+    loss = run.method.loss
+    run.method.loss = lambda s, t, targets, ctx: (seen.append(ctx), loss(s, t, targets, ctx))[1]
+    b = _first_batch(run, 1)
+    run.train_step(2, 1, b)
+    ctx = seen[0]
+    assert (ctx.epoch, ctx.num_epochs, ctx.step, ctx.steps_per_epoch, ctx.view) == (2, 3, 5, 4, 1)
+    if method is Indexing:
+        assert ctx.index.dtype == torch.int64 and ctx.index.tolist() == b.rows.tolist()
+    else:
+        assert ctx.index is None
+
+
+# --- _Run.evaluate -------------------------------------------------------------------------------------------------
+
+
+def _labels_with_misses(model, split: Split, misses: int) -> Split:
+    """``split`` relabelled with the model's own top-1 predictions, ``misses`` of them changed: top-1 is known."""
+    x = (split.images.float() / 255 - 0.5) / 0.25
+    model.eval()
+    with torch.no_grad():
+        pred = model(x).argmax(1)
+    model.train()
+    labels = pred.clone()
+    labels[:misses] = (pred[:misses] + 1) % K
+    return Split(split.images, labels, split.ids, split.shard_size)
+
+
+def test_evaluate_adds_each_splits_top1_and_the_epochs_timings():
+    subset = np.arange(0, N, 2)  # 15 training rows
+    run = _run(rows=subset)
+    val = _labels_with_misses(run.model, _split(12, seed=1), misses=3)
+    test = _labels_with_misses(run.model, _split(10, seed=2), misses=5)
+    row = {"epoch": 0, "_t0": time.perf_counter() - 100.0, "_train_s": 4.0}
+    run.evaluate(row, {"val": val, "test": test})
+    assert set(row) == {"epoch", "val_top1", "test_top1", "time_s", "samples_per_s"}
+    assert row["val_top1"] == pytest.approx(75.0) and row["test_top1"] == pytest.approx(50.0)
+    assert 100.0 <= row["time_s"] < 160.0
+    assert row["samples_per_s"] == 15 / 4.0
+    assert run.model.training
+
+
+def test_a_run_on_a_row_subset_has_the_steps_of_the_subset():
+    assert _run(rows=np.arange(17)).steps_per_epoch == 3
+    assert _run().steps_per_epoch == 4
+
+
+# --- _Run.state / restore ------------------------------------------------------------------------------------------
+
+
+def test_restore_brings_a_fresh_run_to_the_saved_state_and_it_then_trains_identically():
+    a = _run(Counting)
+    a.train_epoch(0, seed=1)
+    saved = copy.deepcopy({**a.state(), "epochs_done": 1})
+    assert set(saved) == {"step", "student_forward", "model", "method", "method_extra", "optimizer", "rng",
+                          "epochs_done"}
+    after = torch.rand(4)
+    b = _run(Counting, seed=9)
+    assert b.restore(saved) == 1
+    assert torch.equal(torch.rand(4), after)
+    assert (b.step, b.student_forward) == (4, 30)
+    assert b.method.calls == 4 and torch.equal(b.method.label_sum, a.method.label_sum)
+    assert all(torch.equal(v, a.model.state_dict()[k]) for k, v in b.model.state_dict().items())
+    opt_a, opt_b = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert opt_b["param_groups"] == opt_a["param_groups"] and opt_b["state"].keys() == opt_a["state"].keys()
+    assert all(torch.equal(opt_b["state"][i]["momentum_buffer"], s["momentum_buffer"])
+               for i, s in opt_a["state"].items())
+    rows = [r.train_epoch(1, seed=1) for r in (a, b)]
+    assert [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows[:1]] == [
+        {k: v for k, v in rows[1].items() if not k.startswith("_")}]
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+# --- fit -----------------------------------------------------------------------------------------------------------
+
+
+def test_fit_trains_every_epoch_and_logs_one_line_per_history_row(tmp_path):
+    torch.manual_seed(0)
+    model, teacher = create_model("cnn_xs", K, 1, HW), FakeTeacher()
+    log = tmp_path / "logs" / "epochs.jsonl"
+    result = fit(model, _method("kd"), TRAIN, {"val": _split(12, seed=1)}, DATA, replace(PROTOCOL, epochs=2), 0, CPU,
+                 teacher=teacher, epochs_log=log, label="lbl")
+    assert [(r["epoch"], r["view"]) for r in result.history] == [(0, 0), (1, 1)]
+    assert all("val_top1" in r and "_t0" not in r for r in result.history)
+    assert [json.loads(line) for line in log.read_text().splitlines()] == result.history
+    assert (result.student_forward, result.teacher_forward, result.cache_bytes_read) == (60, 60, 420)
+    assert result.resumed_at == [] and result.train_time_s > 0
