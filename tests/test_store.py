@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -55,11 +56,12 @@ from kdbench.cache.store import (
     reconstruct_topk,
     record_bytes,
     write_manifest,
+    write_shard,
 )
 from kdbench.cli import main as cli_main
-from kdbench.config import CachePolicy
+from kdbench.config import CachePolicy, ViewRecipe
 from kdbench.data.shards import load_split, read_manifest
-from kdbench.data.views import ViewRenderer
+from kdbench.data.views import ViewRenderer, view_params
 from kdbench.meta import data_info
 from kdbench.methods.base import create_method
 from kdbench.modeldir import load_teacher
@@ -628,3 +630,99 @@ def test_shards_are_read_while_another_process_holds_one_open(tmp_path):
         assert torch.equal(sharded.fetch(1, torch.tensor([12])), store.fetch(1, torch.tensor([12])))
     finally:
         holder.communicate("")
+
+
+@pytest.mark.parametrize("reader", [TeacherStore, ShardedTeacherStore])
+def test_an_opened_store_states_its_tap_classes_views_and_samples(tmp_path, reader):
+    top = _synthetic(tmp_path / "top", views=3, classes=12, topk=4)
+    served = reader.open(tmp_path / "top", _expect(top))
+    assert (served.tap, served.num_classes, served.views, len(served)) == ("logits", 12, 3, 25)
+    rebuilt = served.fetch(1, torch.tensor([3, 24, 11]))  # full logits rebuilt from the top-4 record
+    assert rebuilt.shape == (3, 12) and torch.equal(rebuilt, top.fetch(1, torch.tensor([3, 24, 11])))
+
+
+@pytest.mark.parametrize("reader", [TeacherStore, ShardedTeacherStore])
+def test_opening_a_store_verifies_its_shards_unless_told_not_to(tmp_path, reader):
+    store = _synthetic(tmp_path)
+    flip_byte(tmp_path / shard_file(1))
+    mpath = tmp_path / "manifest.json"
+    with pytest.raises(StoreError) as error:
+        reader.open(tmp_path, _expect(store))
+    assert str(error.value) == (
+        f"store shard {tmp_path / shard_file(1)} does not match its sha256 in {mpath}: the file is corrupt or was"
+        f" changed. Fix: delete {tmp_path / shard_file(1)} and {mpath} and rerun the workflow (cache step for shard"
+        f" 1, then the manifest)")
+    reader.open(tmp_path, _expect(store), verify=False)  # (check-cache compares the values itself)
+
+
+def test_missing_shards_are_named_first_with_a_count_of_the_others(tmp_path):
+    store = _synthetic(tmp_path)
+    (tmp_path / shard_file(2)).unlink()
+    fix = "Fix: rerun the cache step for shard {i}, then the manifest step"
+    with pytest.raises(StoreError) as error:
+        TeacherStore.open(tmp_path, _expect(store))
+    assert str(error.value) == f"store shard missing: {tmp_path / shard_file(2)}. {fix.format(i=2)}"
+    (tmp_path / shard_file(0)).unlink()
+    with pytest.raises(StoreError) as error:
+        TeacherStore.open(tmp_path, _expect(store))
+    assert str(error.value) == f"store shard missing: {tmp_path / shard_file(0)}. {fix.format(i=0)} (and 1 more shards)"
+
+
+def test_a_store_of_another_policy_is_refused_with_both_values_and_the_fix(tmp_path):
+    store = _synthetic(tmp_path)
+    expect = {**_expect(store), "policy": {**store.manifest["policy"], "logits_dtype": "float32"}}
+    with pytest.raises(StoreError) as error:
+        TeacherStore.open(tmp_path, expect)
+    assert str(error.value) == (
+        f"{tmp_path / 'manifest.json'}: field 'policy' is {store.manifest['policy']!r} but this run expects"
+        f" {expect['policy']!r}: the store was built for another teacher/view recipe/policy. Fix: delete {tmp_path}"
+        f" and rerun the workflow")
+
+
+def test_a_missing_corrupt_or_other_format_manifest_is_refused_naming_it(tmp_path):
+    store = _synthetic(tmp_path)
+    mpath = tmp_path / "manifest.json"
+    text = mpath.read_text()
+    mpath.write_text(text[:40])
+    with pytest.raises(StoreError, match=rf"^store manifest {re.escape(str(mpath))} is not valid JSON \(.*\); delete"
+                                         r" it and rerun the step that writes it$"):
+        read_store_manifest(tmp_path)
+    mpath.write_text(text.replace('"format_version": 1', '"format_version": 0'))
+    with pytest.raises(StoreError) as error:
+        read_store_manifest(tmp_path)
+    assert str(error.value) == f"{mpath}: format_version 0 != 1; rebuild the store"
+    mpath.unlink()
+    with pytest.raises(StoreError) as error:
+        TeacherStore.open(tmp_path, _expect(store))
+    assert str(error.value) == (f"store manifest not found: {mpath}; the cache step did not finish — rerun the"
+                                " workflow")
+
+
+def test_the_sharded_reader_keeps_the_most_recently_used_slices_and_counts_its_reads(tmp_path):
+    store = _synthetic(tmp_path, n=30, shard_size=10)
+    sharded = ShardedTeacherStore.open(tmp_path, _expect(store), cache_shards=2)
+    assert sharded.shard_reads == 0
+    reads = []
+    for row in (0, 10, 20, 20, 10, 0, 5):  # shards 0, 1, 2, 2 (kept), 1 (kept), 0 (evicted at 2), 0 (kept)
+        assert torch.equal(sharded.fetch(0, torch.tensor([row])), store.fetch(0, torch.tensor([row])))
+        reads.append(sharded.shard_reads)
+    assert reads == [1, 2, 3, 3, 3, 4, 4]
+
+
+def test_the_sharded_reader_refuses_rows_outside_the_store(tmp_path):
+    store = _synthetic(tmp_path)
+    sharded = ShardedTeacherStore.open(tmp_path, _expect(store))
+    assert sharded.fetch(0, torch.tensor([24, 0])).shape == (2, 10)
+    for rows in ([25], [-1], [3, 25], [-1, 3]):
+        with pytest.raises(IndexError, match=r"^rows out of range: the store holds 25 samples$"):
+            sharded.fetch(0, torch.tensor(rows))
+
+
+def test_the_shard_writer_stores_int64_keys_whatever_it_is_given(tmp_path):
+    recipe = ViewRecipe(count=1)
+    params = [view_params(recipe, np.arange(3), np.arange(3), 0, 3, 3)]
+    write_shard(tmp_path / "s.h5", {"values": np.zeros((1, 3, 2), np.float16)}, params,
+                np.array([7, 8, 9], dtype=np.int32), {"first_position": 0})
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        assert f["ids"].dtype == np.int64 and f["ids"][()].tolist() == [7, 8, 9]
+        assert f.attrs["first_position"] == 0
