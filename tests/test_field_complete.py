@@ -15,6 +15,7 @@ from _helpers_store import tiny_raw, write_fmnist_idx
 
 from kdbench.cache.store import IDENTITY_KEYS, POLICY_NOT_STORED, check_identity, store_identity
 from kdbench.config import (
+    DATA_READ_KEYS,
     CachePolicy,
     DataConfig,
     MethodEntry,
@@ -189,20 +190,25 @@ def _changed(obj: Any, name: str) -> Any:
 
 
 def _plan_keys(cfg, stores: bool = True) -> dict[str, Any]:
-    """The keys the plan derives for a config's teacher ``t``, data, ``kd`` job and its stores."""
+    """The keys the plan derives for a config's teacher ``t``, data, ``kd`` job and its stores, the ``takd``
+    assistant (with the stores it is distilled from) and the teacher-less ``baseline`` job."""
     plan = Plan.__new__(Plan)  # the key methods read the tables only; no data is prepared or checked
     plan.tables, plan.teachers, plan.stores, plan.data = {cfg.name: Table(cfg, "<field-complete>")}, {}, {}, {}
     job = DistillJob(cfg.name, "t", "cnn_xs", "kd", 0)
-    keys = {"data": plan.data_key(cfg.name), "teacher": plan.teacher_key(cfg.name, "t").key, "job": plan.job_hash(job)}
+    keys = {"data": plan.data_key(cfg.name), "teacher": plan.teacher_key(cfg.name, "t").key, "job": plan.job_hash(job),
+            "assistant": plan.assistant_key(cfg.name, "t", "takd").key,
+            "baseline_job": plan.job_hash(DistillJob(cfg.name, "t", "cnn_xs", "baseline", 0))}
     if stores:
         keys["store"] = sorted(sk.dir for sk in plan.job_stores(job).values())
+        keys["assistant_store"] = sorted(sk.dir for sk in plan.assistant_stores(cfg.name, "t", "takd").values())
     return keys
 
 
 @pytest.fixture(scope="module")
 def key_cfg(tmp_path_factory):
     root = write_fmnist_idx(tmp_path_factory.mktemp("keys") / "raw")
-    return parse_config(tiny_raw(root), source="<keys>")
+    methods = {"baseline": {}, "kd": {}, "takd": {"assistant": "cnn_xs"}}
+    return parse_config(tiny_raw(root, methods=methods), source="<keys>")
 
 
 def test_equal_configs_give_equal_plan_keys(key_cfg):
@@ -218,8 +224,8 @@ def test_every_data_field_is_in_the_data_key_unless_listed_and_in_every_jobs_has
         keys = _plan_keys(cfg, stores=False)
         assert (keys["data"] != base["data"]) == (f.name not in DATA_NOT_IN_DATA_KEY), f.name
         # The teacher learns on this data (a loaded one would not): it is retrained when the data changes.
-        assert (keys["teacher"] != base["teacher"]) == (f.name != "shards_per_job"), f.name
-        assert (keys["job"] != base["job"]) == (f.name != "shards_per_job"), f.name
+        for key in ("teacher", "job", "assistant", "baseline_job"):
+            assert (keys[key] != base[key]) == (f.name != "shards_per_job"), (key, f.name)
 
 
 def test_every_protocol_field_is_in_a_jobs_hash_and_the_stores_ones_in_its_key(key_cfg):
@@ -228,8 +234,10 @@ def test_every_protocol_field_is_in_a_jobs_hash_and_the_stores_ones_in_its_key(k
     for f in dataclasses.fields(Protocol):
         cfg = dataclasses.replace(key_cfg, protocol=_changed(key_cfg.protocol, f.name))
         keys = _plan_keys(cfg)
-        assert keys["job"] != base["job"], f.name
-        assert (keys["store"] != base["store"]) == (f.name in PROTOCOL_IN_STORE_KEY), f.name
+        assert keys["job"] != base["job"] and keys["baseline_job"] != base["baseline_job"], f.name
+        assert keys["assistant"] != base["assistant"], f.name  # the assistant trains under the table's protocol
+        for key in ("store", "assistant_store"):
+            assert (keys[key] != base[key]) == (f.name in PROTOCOL_IN_STORE_KEY), (key, f.name)
         assert keys["teacher"] == base["teacher"] and keys["data"] == base["data"], f.name  # the table's protocol
 
 
@@ -238,10 +246,10 @@ def test_every_view_recipe_and_cache_policy_field_changes_the_store_and_the_job(
     for f in dataclasses.fields(ViewRecipe):
         protocol = dataclasses.replace(key_cfg.protocol, views=_changed(key_cfg.protocol.views, f.name))
         keys = _plan_keys(dataclasses.replace(key_cfg, protocol=protocol))
-        assert keys["store"] != base["store"] and keys["job"] != base["job"], f.name
+        assert all(keys[k] != base[k] for k in ("store", "job", "assistant", "assistant_store")), f.name
     for f in dataclasses.fields(CachePolicy):
         keys = _plan_keys(dataclasses.replace(key_cfg, cache=_changed(key_cfg.cache, f.name)))
-        assert keys["store"] != base["store"] and keys["job"] != base["job"], f.name
+        assert all(keys[k] != base[k] for k in ("store", "job", "baseline_job", "assistant", "assistant_store")), f.name
         assert keys["teacher"] == base["teacher"], f.name
 
 
@@ -257,9 +265,10 @@ def test_every_teacher_field_is_in_its_key_unless_listed(key_cfg):
     for name, changed in variants.items():
         keys = _plan_keys(dataclasses.replace(key_cfg, teachers={"t": changed}))
         assert (keys["teacher"] != base["teacher"]) == (name not in TEACHER_NOT_IN_KEY), name
-        # A new teacher means new stores and new jobs.
-        assert (keys["store"] != base["store"]) == (keys["teacher"] != base["teacher"]), name
-        assert (keys["job"] != base["job"]) == (keys["teacher"] != base["teacher"]), name
+        # A new teacher means new stores, new jobs and a new assistant; the student alone reads no teacher.
+        for key in ("store", "job", "assistant", "assistant_store"):
+            assert (keys[key] != base[key]) == (keys["teacher"] != base["teacher"]), (key, name)
+        assert keys["baseline_job"] == base["baseline_job"], name
 
 
 def test_every_method_entry_field_is_in_its_jobs_hash(key_cfg):
@@ -273,4 +282,22 @@ def test_every_method_entry_field_is_in_its_jobs_hash(key_cfg):
     for name, changed in variants.items():
         keys = _plan_keys(dataclasses.replace(key_cfg, methods={**key_cfg.methods, "kd": changed}), stores=False)
         assert keys["job"] != base["job"], name
-        assert keys["teacher"] == base["teacher"] and keys["data"] == base["data"], name
+        assert all(keys[k] == base[k] for k in ("teacher", "data", "assistant", "baseline_job")), name
+    takd = key_cfg.methods["takd"]  # an assistant is its method entry's: each field of it makes another
+    for name, changed in {"params": dataclasses.replace(takd, params={**takd.params, "tau": 2.0}),
+                          "method": dataclasses.replace(takd, method="amd", params={}),
+                          "teacher_source": dataclasses.replace(takd, teacher_source="live")}.items():
+        keys = _plan_keys(dataclasses.replace(key_cfg, methods={**key_cfg.methods, "takd": changed}), stores=False)
+        assert keys["assistant"] != base["assistant"] and keys["job"] == base["job"], name
+
+
+def test_a_loaded_teachers_key_ignores_how_jobs_read_the_data(key_cfg):
+    """A teacher loaded from a checkpoint learns on nothing here: the data's reading keys (stream, workers,
+    shuffle buffer) leave its key alone, while a trained teacher's changes with them."""
+    loaded = dataclasses.replace(key_cfg, teachers={"t": dataclasses.replace(key_cfg.teachers["t"],
+                                                                         checkpoint="/ckpt/t.pt")})
+    for cfg, moves in ((loaded, False), (key_cfg, True)):
+        base = _plan_keys(cfg, stores=False)["teacher"]
+        for name in DATA_READ_KEYS:
+            changed = dataclasses.replace(cfg, data=_changed(cfg.data, name))
+            assert (_plan_keys(changed, stores=False)["teacher"] != base) is moves, name

@@ -12,7 +12,7 @@ from _helpers_store import tiny_raw, write_config, write_fmnist_idx
 
 from kdbench.config import load_config, parse_config, to_raw
 from kdbench.errors import ConfigError
-from kdbench.plan import Layout, Plan, apply_overrides, resolve_tables, write_resolved
+from kdbench.plan import DistillJob, Layout, Plan, apply_overrides, resolve_tables, write_resolved
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "workflow" / "config"
@@ -219,3 +219,42 @@ def test_the_cifar10_indistill_config_plans_on_files_in_the_real_format(tmp_path
     assert {j.label for j in plan.jobs} == {"baseline", "kd", "pkt", "indistill", "indistill_ce"} and not plan.skipped
     assert len(plan.jobs) == 15 and {s.tap for s in plan.stores.values()} >= {"feature[0]", "feature[2]", "pre_logits"}
     assert all(len(plan.store_shards(d)) == 1 for d in plan.stores)  # 500 training images, shards of 5000
+
+
+def test_the_zoos_keys_are_golden():
+    """The keys name the directories of every data, teacher, assistant and store job and trigger every rerun:
+    a change of any of them silently orphans a user's results (and retrains or re-caches everything)."""
+    plan = Plan(resolve_tables([CONFIGS / "fashion-mnist-zoo.yaml"]))
+    table = "fashion-mnist-zoo"
+    assert plan.data_key(table) == "fashion-mnist-037f6a05"
+    assert plan.teacher_key(table, "cnn_m").key == "cnn_m-7622cfdd"
+    assert plan.assistant_key(table, "cnn_m", "takd").key == "cnn_m-7622cfdd.takd-9beacfaa"
+    store = "results/cache/cnn_m-7622cfdd/7c1ac220/{}"
+    expected = {"baseline": ("1934afb9", []), "kd": ("e6bd35ee", [store.format("logits")]),
+                "fitnet": ("83d45212", [store.format("feature_1")]),
+                "takd": ("abfac092", ["results/cache/cnn_m-7622cfdd.takd-9beacfaa/7c1ac220/logits"])}
+    for label, (job_hash, stores) in expected.items():
+        job = DistillJob(table, "cnn_m", "cnn_xs", label, 0)
+        assert (plan.job_hash(job), sorted(sk.dir for sk in plan.job_stores(job).values())) == (job_hash, stores), label
+    assert [sk.dir for sk in plan.assistant_stores(table, "cnn_m", "takd").values()] == [store.format("logits")]
+
+
+def test_two_tables_with_the_same_assistant_share_its_job_under_the_first_table(raw_root, tmp_path):
+    raw = tiny_raw(raw_root, methods={"kd": {}, "takd": {"assistant": "cnn_xs"}})
+    write_config(tmp_path / "a.yaml", {**raw, "name": "first"})
+    write_config(tmp_path / "b.yaml", {**raw, "name": "second", "seeds": [1, 2]})
+    (tmp_path / "suite.yaml").write_text("tables: [a.yaml, b.yaml]\n")
+    plan = Plan.resolve([tmp_path / "suite.yaml"], {})
+    first, second = plan.assistant_key("first", "t", "takd"), plan.assistant_key("second", "t", "takd")
+    assert first == second and second.table == "first" and second.label == "takd"
+    assert re.fullmatch(r"t-[0-9a-f]{8}\.takd-[0-9a-f]{8}", second.key) and second.key.startswith(
+        plan.teacher_key("first", "t").key + ".")
+    assert len([k for k in plan.teachers.values() if k.label]) == 1
+
+
+def test_a_job_reads_stores_unless_it_runs_its_teacher_live_or_has_none(raw_root, tmp_path):
+    methods = {"baseline": {}, "kd": {}, "kd_live": {"method": "kd", "teacher_source": "live"},
+               "fixed_teacher": {"method": "funmatch", "teacher_view": "clean"}, "funmatch": {}}
+    plan = _plan(tmp_path, tiny_raw(raw_root, methods=methods))
+    stores = {label: sorted(plan.job_stores(DistillJob("store-test", "t", "cnn_xs", label, 0))) for label in methods}
+    assert stores == {"baseline": [], "kd": ["logits"], "kd_live": [], "fixed_teacher": [], "funmatch": ["logits"]}
