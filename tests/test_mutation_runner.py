@@ -39,3 +39,29 @@ def test_any_other_change_is_not_device_only(added):
 def test_a_device_only_survivor_counts_as_listed_and_another_does_not():
     assert run._listed("m.py", ("m_1", "f", ZEROS, ZEROS.replace("relevant.device", "None")), [])
     assert not run._listed("m.py", ("m_2", "f", ZEROS, ZEROS.replace("float64", "float32")), [])
+
+
+@pytest.mark.parametrize(("removed", "added"), [
+    ("return Targets(labels.to(device), partner_labels.to(device), lam.to(device))",
+     "return Targets(labels.to(None), partner_labels.to(device), lam.to(device))"),
+    ("x, params = self.renderer.render(view, rows, self.image_size, self.device)",
+     "x, params = self.renderer.render(view, rows, self.image_size, None)"),
+    ("x, params = self.renderer.render(view, rows, self.image_size, self.device)",
+     "x, params = self.renderer.render(view, rows, self.image_size, )"),
+    ("logits = predict(self.model, split, self.data, 4, self.device,", "logits = predict(self.model, split, self.data, 4, None,"),
+])
+def test_a_positional_device_nulled_or_dropped_last_is_device_only(removed, added):
+    assert run.device_only(removed, added)
+
+
+@pytest.mark.parametrize(("removed", "added"), [
+    # a device dropped before another argument shifts that argument into its place
+    ("self.batches = _SplitBatches(train, protocol, data, self.image_size, device, rows)",
+     "self.batches = _SplitBatches(train, protocol, data, self.image_size, rows)"),
+    ("y = f(a.device, b)", "y = f(None, None)"),  # another argument changed too
+    ("y = f(a.device, b)", "y = f(a.device, c)"),
+    ("if self.device == 'cuda':", "if None == 'cuda':"),  # a comparison, not an argument
+    ("y = f(mydevice, b)", "y = f(None, b)"),
+])
+def test_other_changes_near_a_positional_device_are_not_device_only(removed, added):
+    assert not run.device_only(removed, added)

@@ -11,7 +11,8 @@ runs ``mutmut run`` there (mutmut copies the code into ``.mutation/<module>/muta
 mutated copy; each mutant runs only the selected tests that call the mutated function), and reads the
 verdicts. A surviving mutant fails the run unless ``tests/mutation/equivalent.toml`` lists it (module,
 function, the line it removes, the line it adds) with the reason it cannot change behaviour, or it is a
-*device-only* mutant (it drops a ``device=`` argument or sets it to ``None``, and changes nothing else): on the
+*device-only* mutant (it drops a ``device=`` argument or sets it to ``None``, or sets a device passed
+positionally to ``None`` or drops it as the last argument, and changes nothing else): on the
 CPU, where the tests run, the tensor is made on the CPU either way, and on a GPU the mutant stops with a device
 mismatch instead of corrupting a number, so no CPU test can tell it apart; these are counted with the listed ones
 and shown as such. Results are
@@ -188,10 +189,30 @@ def _without_device(line: str) -> str:
     return re.sub(r",+(?=\))", "", re.sub(r"\(,+", "(", re.sub(r",{2,}", ",", line)))
 
 
+# A device passed positionally (``x.to(device)``, ``render(v, rows, size, self.device)``), white space removed.
+_POSITIONAL_DEVICE = re.compile(r"(?<=[(,])(?:\w+\.)*device(?=[,)])")
+
+
+def _squeezed(line: str) -> str:
+    return re.sub(r",\)", ")", re.sub(r"\s+", "", line))
+
+
 def device_only(removed: str, added: str) -> bool:
-    """The mutant only drops a ``device=`` argument or sets it to ``None`` (see the module docstring)."""
-    return removed != added and "device" in removed and _without_device(removed) == _without_device(added) and (
-        "device=None" in added.replace(" ", "") or added.count("device") < removed.count("device"))
+    """The mutant only drops a ``device=`` argument or sets it to ``None``, or sets a device passed positionally
+    to ``None`` or drops it when it is the last argument (see the module docstring)."""
+    if removed == added or "device" not in removed:
+        return False
+    if _without_device(removed) == _without_device(added) and (
+            "device=None" in added.replace(" ", "") or added.count("device") < removed.count("device")):
+        return True
+    line, target = re.sub(r"\s+", "", removed), _squeezed(added)
+    for m in _POSITIONAL_DEVICE.finditer(line):
+        nulled = line[:m.start()] + "None" + line[m.end():]
+        last = line[m.end()] == ")"
+        dropped = (line[:m.start()] + line[m.end():]) if last else None
+        if _squeezed(nulled) == target or (dropped is not None and _squeezed(dropped) == target):
+            return True
+    return False
 
 
 def _listed(module: str, survivor: tuple[str, str, str, str], listed: list[dict]) -> bool:
