@@ -67,7 +67,7 @@ class PixelSums:
     def add(self, planes: np.ndarray) -> None:
         """Adds ``uint8 [C, ...]`` (channel first: one image ``[C, H, W]`` or a batch ``[C, N, H, W]``)."""
         for c, plane in enumerate(planes):
-            hist = np.bincount(plane.ravel(), minlength=256).astype(np.int64)
+            hist = np.bincount(plane.ravel(), minlength=256)  # intp: with _VALUES (int64), exact int64 sums
             self.sum[c] += int(hist @ _VALUES)
             self.sq[c] += int(hist @ (_VALUES * _VALUES))
         self.count += planes[0].size
