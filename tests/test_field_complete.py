@@ -293,11 +293,12 @@ def test_every_method_entry_field_is_in_its_jobs_hash(key_cfg):
 
 def test_a_loaded_teachers_key_ignores_how_jobs_read_the_data(key_cfg):
     """A teacher loaded from a checkpoint learns on nothing here: the data's reading keys (stream, workers,
-    shuffle buffer) leave its key alone, while a trained teacher's changes with them."""
+    shuffle buffer) leave its key alone, while a trained teacher's changes with them; an assistant, trained on
+    the table's data either way, changes with them."""
     loaded = dataclasses.replace(key_cfg, teachers={"t": dataclasses.replace(key_cfg.teachers["t"],
                                                                          checkpoint="/ckpt/t.pt")})
     for cfg, moves in ((loaded, False), (key_cfg, True)):
-        base = _plan_keys(cfg, stores=False)["teacher"]
+        base = _plan_keys(cfg, stores=False)
         for name in DATA_READ_KEYS:
-            changed = dataclasses.replace(cfg, data=_changed(cfg.data, name))
-            assert (_plan_keys(changed, stores=False)["teacher"] != base) is moves, name
+            keys = _plan_keys(dataclasses.replace(cfg, data=_changed(cfg.data, name)), stores=False)
+            assert (keys["teacher"] != base["teacher"]) is moves and keys["assistant"] != base["assistant"], name
