@@ -417,7 +417,8 @@ class ShardRenderer:
         self.mean, self.std, self.variable_size = tuple(mean), tuple(std), variable_size
         self.padding = "zeros" if recipe.pad else "border"
 
-    def _params(self, view: int, shard: ShardImages, idx: np.ndarray, hw: np.ndarray, out_size: int) -> ViewParams:
+    def _params(self, view: int, shard: ShardImages, idx: np.ndarray, hw: np.ndarray,
+                out_size: int | None) -> ViewParams:
         n = len(idx)
         if view == CLEAN_VIEW:
             whole = np.tile(np.array([0.0, 0.0, 1.0, 1.0], dtype=np.float32), (n, 1))
@@ -430,9 +431,11 @@ class ShardRenderer:
     def params(self, view: int, shard: ShardImages, idx: np.ndarray, out_size: int | None = None) -> ViewParams:
         """Parameters of view ``view`` (or :data:`CLEAN_VIEW`, which needs ``out_size`` on variable-size
         images) of the samples ``idx`` (indices in the shard); partners are rows of the split."""
+        if view == CLEAN_VIEW and self.variable_size and out_size is None:
+            raise ValueError("the clean view of variable-size images needs out_size (evaluation crops to it)")
         idx = np.asarray(idx, dtype=np.int64)
         hw = np.array([shard.hw(int(i)) for i in idx], dtype=np.int64).reshape(-1, 2)
-        return self._params(view, shard, idx, hw, out_size or 0)
+        return self._params(view, shard, idx, hw, out_size)
 
     def _render_each(
         self, images: Sequence[torch.Tensor], box: np.ndarray | None, flip: np.ndarray | None, out_size: int,
