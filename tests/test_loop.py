@@ -23,7 +23,7 @@ from kdbench import distributed
 from kdbench.config import Protocol, ViewRecipe
 from kdbench.data.shards import Split
 from kdbench.data.views import ViewRenderer
-from kdbench.errors import NonFiniteLossError
+from kdbench.errors import ConfigError, NonFiniteLossError
 from kdbench.meta import DataInfo
 from kdbench.methods.base import LossOutput, Requirements, create_method
 from kdbench.methods.baseline import Baseline
@@ -243,6 +243,16 @@ def test_split_batches_of_a_row_subset_cover_exactly_the_subset_in_its_seeded_or
     assert [b.rows.tolist() for b in batches] == [sorted(order[:8]), sorted(order[8:])]
 
 
+def test_a_process_takes_its_part_of_each_global_batch_and_knows_the_whole_batchs_size(monkeypatch):
+    """Data parallel: each process renders its part of the global batch; the loss weights need the whole size."""
+    monkeypatch.setattr(loop.distributed, "batch_part", lambda rows: rows[1::2])  # this process: every other row
+    whole = _batches()
+    monkeypatch.undo()
+    single = _batches()
+    assert [b.rows.tolist() for b in whole] == [b.rows[1::2].tolist() for b in single]
+    assert [b.global_rows for b in whole] == [len(b.rows) for b in single] == [8, 8, 8, 6]
+
+
 def test_split_batch_inputs_are_the_renderers_view_of_the_batch_rows():
     batches = _batches(image_size=12, view=2)
     renderer = ViewRenderer.for_split(PROTOCOL.views, TRAIN, DATA)
@@ -347,6 +357,17 @@ def test_train_epoch_logs_progress_every_quarter_epoch_with_the_running_mean_los
     assert all(re.search(r" \| \d+ samples/s$", m) for m in lines)
 
 
+def test_the_progress_lines_samples_per_second_is_the_steps_images_over_the_time_since_the_epoch_began(
+        monkeypatch, caplog):
+    run = _run(protocol=replace(PROTOCOL, batch_size=4))  # 8 steps of 4 images
+    ticks = iter(range(100, 1000))
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: float(next(ticks)))  # one second per reading
+    with caplog.at_level("INFO", logger="kdbench.train.loop"):
+        run.train_epoch(1, seed=0)
+    rates = [re.search(r" \| (\d+) samples/s$", r.getMessage()).group(1) for r in caplog.records]
+    assert rates == ["8", "8", "8"]  # after steps 2, 4 and 6: 4 images each, the k-th reading k seconds after t0
+
+
 @pytest.mark.parametrize("yielded", [3, 0])
 def test_an_epoch_of_another_number_of_batches_than_the_steps_per_epoch_is_an_error(yielded):
     run = _run()
@@ -363,6 +384,14 @@ def test_a_stop_request_preempts_the_epoch_after_the_current_step(monkeypatch):
     with pytest.raises(Preempted) as e:
         run.train_epoch(1, seed=0)
     assert e.value.args == (1,) and run.step == 1
+
+
+def test_a_stop_request_during_the_second_to_last_step_preempts_the_epoch(monkeypatch):
+    run = _run()
+    monkeypatch.setattr(loop, "stop_requested", lambda: run.step == 3)
+    with pytest.raises(Preempted) as e:
+        run.train_epoch(0, seed=0)
+    assert e.value.args == (0,) and run.step == 3
 
 
 def test_a_stop_request_during_the_last_step_lets_the_epoch_end(monkeypatch):
@@ -518,9 +547,48 @@ def test_evaluate_adds_each_splits_top1_and_the_epochs_timings():
     assert run.model.training
 
 
-def test_a_run_on_a_row_subset_has_the_steps_of_the_subset():
-    assert _run(rows=np.arange(17)).steps_per_epoch == 3
-    assert _run().steps_per_epoch == 4
+def test_a_run_on_a_row_subset_has_the_steps_of_the_subset_and_trains_on_those_rows_only(monkeypatch):
+    subset = np.arange(3, 20)
+    run = _run(rows=subset)
+    assert run.steps_per_epoch == 3 and _run().steps_per_epoch == 4
+    steps = _record_steps(monkeypatch)
+    run.train_epoch(0, seed=0)
+    assert sorted(r for s in steps for r in s["rows"]) == subset.tolist()
+
+
+def test_a_run_reads_the_methods_taps_from_its_config():
+    run = _run("fitnet", {"hint_stage": 1, "kd_weight": 1.0}, teacher=FakeTeacher())
+    assert run.student_taps == {"logits", "feature[1]"} and run.teacher_taps == {"logits", "feature[1]"}
+    other = _run("fitnet", {"hint_stage": 0}, teacher=FakeTeacher())
+    assert other.student_taps == {"logits", "feature[0]"} and other.teacher_taps == {"feature[0]"}
+
+
+def test_a_step_leaves_parameters_without_a_gradient_untouched_even_under_weight_decay():
+    """A parameter the loss did not reach in this step (an adapter used in other steps) keeps its value: the step's
+    gradients start as None, which the optimiser skips; zeroed ones would still decay it."""
+    run = _run("kd", protocol=replace(PROTOCOL, weight_decay=0.1, momentum=0.9))
+    unused = torch.nn.Parameter(torch.ones(3))
+    run.optimizer.add_param_group({"params": [unused]})
+    batch = _first_batch(run)
+    run.teacher = FakeTeacher()
+    for _ in range(2):
+        unused.grad = torch.ones(3)  # left by an earlier step that used it
+        run.train_step(0, 0, batch)
+    assert torch.equal(unused.detach(), torch.ones(3)) and unused.grad is None
+
+
+def test_evaluation_runs_in_the_protocols_numerics(monkeypatch):
+    seen = []
+    real = loop.predict
+
+    def predict(model, split, data, size, batch, device, numerics):
+        seen.append(numerics)
+        return real(model, split, data, size, batch, device, numerics)
+
+    monkeypatch.setattr(loop, "predict", predict)
+    run = _run(protocol=replace(PROTOCOL, channels_last=False))
+    run.evaluate({"_t0": 0.0, "_train_s": 1.0}, {"val": TRAIN})
+    assert seen == [run.numerics]
 
 
 # --- _Run.state / restore ------------------------------------------------------------------------------------------
@@ -563,3 +631,24 @@ def test_fit_trains_every_epoch_and_logs_one_line_per_history_row(tmp_path):
     assert [json.loads(line) for line in log.read_text().splitlines()] == result.history
     assert (result.student_forward, result.teacher_forward, result.cache_bytes_read) == (60, 60, 420)
     assert result.resumed_at == [] and result.train_time_s > 0
+
+
+# --- what a data-parallel run refuses, checked when the run is built (the processes faked) -----------------------
+
+
+@pytest.mark.parametrize(("size", "over", "method", "message"), [
+    (3, {}, "baseline", "lbl (3 processes): key 'protocol.batch_size' (8) is the global batch and must divide into 3"
+                        " processes (runtime.processes); choose a multiple of 3"),
+    (8, {}, "baseline", "lbl (8 processes): key 'protocol.batch_size': the last batch of an epoch has 6 of 30 images,"
+                        " fewer than the 8 processes; choose a batch size that leaves 0 or at least 8 (or fewer"
+                        " processes, runtime.processes)"),
+    (2, {}, Indexing, "lbl (2 processes): key 'runtime.processes': the method indexes samples (a memory bank each"
+                      " process would update with its own rows only); run it with runtime.processes: 1"),
+    (2, {"sync_batchnorm": True}, "baseline", "lbl (2 processes): key 'protocol.sync_batchnorm' needs CUDA (torch's"
+                                              " SyncBatchNorm has no CPU kernel); set it false on CPU"),
+])
+def test_a_data_parallel_run_refuses_what_its_processes_cannot_do(monkeypatch, size, over, method, message):
+    monkeypatch.setattr(loop.distributed, "world", lambda: distributed.World(0, size, 0, "gloo"))
+    with pytest.raises(ConfigError) as e:
+        _run(method, protocol=replace(PROTOCOL, **over))
+    assert str(e.value) == message
