@@ -345,15 +345,17 @@ def test_train_epoch_of_a_data_parallel_job_sums_the_processes_means(monkeypatch
     assert row["terms"] == {"ce": pytest.approx((2 * ce + 1) / 4), "kd": pytest.approx((2 * kd + 1) / 4)}
 
 
-def test_train_epoch_logs_progress_every_quarter_epoch_with_the_running_mean_loss(monkeypatch, caplog):
-    run = _run(protocol=replace(PROTOCOL, batch_size=4))  # 8 steps: lines after steps 2, 4 and 6
-    steps = _record_steps(monkeypatch)
+@pytest.mark.parametrize(("batch_size", "steps", "logged"), [(2, 15, (3, 6, 9, 12)), (4, 8, (2, 4, 6)), (8, 4, (1, 2, 3))])
+def test_train_epoch_logs_progress_every_quarter_epoch_with_the_running_mean_loss(monkeypatch, caplog, batch_size,
+                                                                                  steps, logged):
+    run = _run(protocol=replace(PROTOCOL, batch_size=batch_size))  # a line after every quarter but the last
+    recorded = _record_steps(monkeypatch)
     with caplog.at_level("INFO", logger="kdbench.train.loop"):
         run.train_epoch(1, seed=0)
-    losses = [s["loss"] for s in steps]
+    losses = [s["loss"] for s in recorded]
     lines = [r.getMessage() for r in caplog.records]
     assert [re.sub(r" \| \d+ samples/s$", "", m) for m in lines] == [
-        f"lbl epoch 2/3 step {k}/8 loss {sum(losses[:k]) / k:.4f}" for k in (2, 4, 6)]
+        f"lbl epoch 2/3 step {k}/{steps} loss {sum(losses[:k]) / k:.4f}" for k in logged]
     assert all(re.search(r" \| \d+ samples/s$", m) for m in lines)
 
 
@@ -636,6 +638,14 @@ def test_fit_trains_every_epoch_and_logs_one_line_per_history_row(tmp_path):
 # --- what a data-parallel run refuses, checked when the run is built (the processes faked) -----------------------
 
 
+def test_a_data_parallel_run_names_the_batch_key_it_was_given(monkeypatch):
+    """A trial's batch comes from another key than the protocol's: the refusal names that key."""
+    monkeypatch.setattr(loop.distributed, "world", lambda: distributed.World(0, 3, 0, "gloo"))
+    model = create_model("cnn_xs", K, 1, HW)
+    with pytest.raises(ConfigError, match=r"^lbl \(3 processes\): key 'tune\.batch_size' \(8\) is the global batch"):
+        _Run(model, _method("baseline"), TRAIN, DATA, PROTOCOL, CPU, None, "lbl", None, "tune.batch_size")
+
+
 @pytest.mark.parametrize(("size", "over", "method", "message"), [
     (3, {}, "baseline", "lbl (3 processes): key 'protocol.batch_size' (8) is the global batch and must divide into 3"
                         " processes (runtime.processes); choose a multiple of 3"),
@@ -652,3 +662,45 @@ def test_a_data_parallel_run_refuses_what_its_processes_cannot_do(monkeypatch, s
     with pytest.raises(ConfigError) as e:
         _run(method, protocol=replace(PROTOCOL, **over))
     assert str(e.value) == message
+
+
+# --- a run on a streamed split ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def streamed(tmp_path_factory):
+    from _helpers_stream import write_variable_data
+
+    from kdbench.config import DataConfig
+    from kdbench.data.stream import StreamedSplit
+
+    data_dir = write_variable_data(tmp_path_factory.mktemp("loop-stream"), {"train": 12}, 6, HW, 1, sizes=(10, 14),
+                                   num_classes=K)
+    return StreamedSplit.open(data_dir, "train", DataConfig(workers=0))
+
+
+class SizedTeacher(FakeTeacher):
+    """A live teacher: the stream renders its inputs at ``input_size``."""
+
+    input_size = 10
+
+
+@pytest.mark.parametrize(("method", "teacher", "teacher_x"), [
+    ("kd", SizedTeacher, (10, 10)), ("kd", FakeTeacher, None), ("baseline", SizedTeacher, None)])
+def test_a_run_on_a_streamed_split_batches_the_stream_with_the_live_teachers_inputs(streamed, method, teacher,
+                                                                                     teacher_x):
+    run = _Run(create_model("cnn_xs", K, 1, HW), _method(method), streamed, DATA, PROTOCOL, CPU, teacher(), "lbl")
+    batches = list(run.batches.epoch(0, 1, 0))
+    assert sorted(r for b in batches for r in b.rows.tolist()) == list(range(12))
+    assert [tuple(b.x.shape) for b in batches] == [(8, 1, HW, HW), (4, 1, HW, HW)]
+    assert [b.global_rows for b in batches] == [8, 4]
+    assert [None if b.teacher_x is None else tuple(b.teacher_x.shape[2:]) for b in batches] == [teacher_x] * 2
+    assert torch.equal(torch.cat([b.targets.labels for b in batches]),
+                       torch.cat([torch.as_tensor(streamed.labels)[torch.from_numpy(b.rows)] for b in batches]))
+
+
+def test_a_row_subset_of_a_streamed_split_is_refused(streamed):
+    with pytest.raises(ValueError) as e:
+        _Run(create_model("cnn_xs", K, 1, HW), _method("baseline"), streamed, DATA, PROTOCOL, CPU, None, "lbl",
+             np.arange(4))
+    assert str(e.value) == "lbl: a subset of rows trains from data in memory only, not a streamed split"
