@@ -380,20 +380,13 @@ def test_an_epoch_of_another_number_of_batches_than_the_steps_per_epoch_is_an_er
     assert str(e.value) == f"lbl: epoch 2 had {yielded} batches, expected 4"
 
 
-def test_a_stop_request_preempts_the_epoch_after_the_current_step(monkeypatch):
+@pytest.mark.parametrize(("epoch", "stop_at"), [(1, 0), (1, 1), (0, 3)])  # any step before the last, of 4
+def test_a_stop_request_preempts_the_epoch_after_the_current_step(monkeypatch, epoch, stop_at):
     run = _run()
-    monkeypatch.setattr(loop, "stop_requested", lambda: True)
+    monkeypatch.setattr(loop, "stop_requested", lambda: run.step >= stop_at)
     with pytest.raises(Preempted) as e:
-        run.train_epoch(1, seed=0)
-    assert e.value.args == (1,) and run.step == 1
-
-
-def test_a_stop_request_during_the_second_to_last_step_preempts_the_epoch(monkeypatch):
-    run = _run()
-    monkeypatch.setattr(loop, "stop_requested", lambda: run.step == 3)
-    with pytest.raises(Preempted) as e:
-        run.train_epoch(0, seed=0)
-    assert e.value.args == (0,) and run.step == 3
+        run.train_epoch(epoch, seed=0)
+    assert e.value.args == (epoch,) and run.step == max(1, stop_at)
 
 
 def test_a_stop_request_during_the_last_step_lets_the_epoch_end(monkeypatch):
