@@ -29,7 +29,8 @@ from kdbench.methods.base import LossOutput, Requirements, create_method
 from kdbench.methods.baseline import Baseline
 from kdbench.models import create_model, model_info
 from kdbench.train import loop
-from kdbench.train.checkpoint import Preempted
+from kdbench.train import checkpoint as ckpt
+from kdbench.train.checkpoint import Checkpointing, Preempted
 from kdbench.train.loop import Batch, _Run, _SplitBatches, epoch_order, fit, teacher_view_index, view_targets
 
 N, K, HW = 30, 4, 8
@@ -626,6 +627,62 @@ def test_fit_trains_every_epoch_and_logs_one_line_per_history_row(tmp_path):
     assert [json.loads(line) for line in log.read_text().splitlines()] == result.history
     assert (result.student_forward, result.teacher_forward, result.cache_bytes_read) == (60, 60, 420)
     assert result.resumed_at == [] and result.train_time_s > 0
+
+
+def _fit(tmp_path=None, epochs=3, checkpoint=None, rows=None, **kw):
+    torch.manual_seed(0)
+    return fit(create_model("cnn_xs", K, 1, HW), _method("baseline"), TRAIN, {"val": _split(12, seed=1)}, DATA,
+               replace(PROTOCOL, epochs=epochs), 0, CPU, label="lbl", checkpoint=checkpoint, rows=rows, **kw)
+
+
+def test_fit_logs_each_epoch_with_its_view_loss_and_accuracies(caplog):
+    with caplog.at_level("INFO", logger="kdbench.train.loop"):
+        result = _fit(epochs=2)
+    lines = [r.getMessage() for r in caplog.records if " view " in r.getMessage()]
+    assert [re.sub(r" \| \d+ samples/s$", "", m) for m in lines] == [
+        f"lbl epoch {r['epoch'] + 1}/2 view {r['view']} loss {r['train_loss']:.4f} val_top1={r['val_top1']:.2f}"
+        for r in result.history]
+
+
+def test_fit_on_a_row_subset_trains_those_rows_only():
+    assert _fit(epochs=2, rows=np.arange(5, 18)).student_forward == 2 * 13
+
+
+def test_fit_checkpoints_every_nth_epoch_and_after_the_last(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(Checkpointing, "save", lambda self, state: saved.append(state["epochs_done"]))
+    _fit(epochs=5, checkpoint=Checkpointing(tmp_path / "c.pt", {"k": 1}, every=2))
+    assert saved == [2, 4, 5]
+
+
+def test_a_stop_asked_at_the_end_of_an_epoch_starts_no_other_epoch(tmp_path, monkeypatch):
+    steps = _record_steps(monkeypatch)
+    orig = _Run.evaluate
+
+    def evaluate(self, row, evals):
+        orig(self, row, evals)
+        ckpt.request_stop()
+
+    monkeypatch.setattr(_Run, "evaluate", evaluate)
+    with ckpt.stop_on_signal(), pytest.raises(Preempted, match=r"^lbl: stopped on request after 1 of 3 epochs"):
+        _fit(checkpoint=Checkpointing(tmp_path / "c.pt", {"k": 1}))
+    assert len(steps) == 4  # epoch 0's steps, none of epoch 1's
+
+
+def test_fit_says_where_it_resumes_and_when_the_checkpoint_had_other_processes(tmp_path, monkeypatch, caplog):
+    path = tmp_path / "c.pt"
+    first = _fit(epochs=1, checkpoint=Checkpointing(path, {"k": 1}, every=1))
+    assert path.exists() and first.history
+    state = torch.load(path, weights_only=True)
+    state["epochs_done"], state["world_size"] = 1, 2
+    torch.save(state, path)
+    with caplog.at_level("INFO", logger="kdbench.train.loop"):
+        result = _fit(epochs=2, checkpoint=Checkpointing(path, {"k": 1}, every=1))
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"lbl: resuming after epoch 1/2 from {path}" in messages
+    assert ("lbl: the checkpoint was written by 2 process(es), this run has 1; the global batch and the sample order"
+            " do not depend on it") in messages
+    assert [r["epoch"] for r in result.history] == [0, 1] and result.resumed_at == [1]
 
 
 # --- what a data-parallel run refuses, checked when the run is built (the processes faked) -----------------------
