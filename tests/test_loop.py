@@ -619,7 +619,7 @@ def test_restore_brings_a_fresh_run_to_the_saved_state_and_it_then_trains_identi
 def test_fit_trains_every_epoch_and_logs_one_line_per_history_row(tmp_path):
     torch.manual_seed(0)
     model, teacher = create_model("cnn_xs", K, 1, HW), FakeTeacher()
-    log = tmp_path / "logs" / "epochs.jsonl"
+    log = tmp_path / "runs" / "kd" / "epochs.jsonl"  # its folders made as needed
     result = fit(model, _method("kd"), TRAIN, {"val": _split(12, seed=1)}, DATA, replace(PROTOCOL, epochs=2), 0, CPU,
                  teacher=teacher, epochs_log=log, label="lbl")
     assert [(r["epoch"], r["view"]) for r in result.history] == [(0, 0), (1, 1)]
@@ -633,6 +633,12 @@ def _fit(tmp_path=None, epochs=3, checkpoint=None, rows=None, **kw):
     torch.manual_seed(0)
     return fit(create_model("cnn_xs", K, 1, HW), _method("baseline"), TRAIN, {"val": _split(12, seed=1)}, DATA,
                replace(PROTOCOL, epochs=epochs), 0, CPU, label="lbl", checkpoint=checkpoint, rows=rows, **kw)
+
+
+def test_fit_names_the_protocols_batch_key_when_the_processes_refuse_it(monkeypatch):
+    monkeypatch.setattr(loop.distributed, "world", lambda: distributed.World(0, 3, 0, "gloo"))
+    with pytest.raises(ConfigError, match=r"^lbl \(3 processes\): key 'protocol\.batch_size' \(8\) is the global"):
+        _fit()
 
 
 def test_fit_logs_each_epoch_with_its_view_loss_and_accuracies(caplog):
