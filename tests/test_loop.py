@@ -629,25 +629,65 @@ def test_fit_trains_every_epoch_and_logs_one_line_per_history_row(tmp_path):
     assert result.resumed_at == [] and result.train_time_s > 0
 
 
-def _fit(tmp_path=None, epochs=3, checkpoint=None, rows=None, **kw):
+def _fit(tmp_path=None, epochs=3, checkpoint=None, rows=None, evals=None, **kw):
     torch.manual_seed(0)
-    return fit(create_model("cnn_xs", K, 1, HW), _method("baseline"), TRAIN, {"val": _split(12, seed=1)}, DATA,
+    evals = {"val": _split(12, seed=1)} if evals is None else evals
+    return fit(create_model("cnn_xs", K, 1, HW), _method("baseline"), TRAIN, evals, DATA,
                replace(PROTOCOL, epochs=epochs), 0, CPU, label="lbl", checkpoint=checkpoint, rows=rows, **kw)
 
 
-def test_fit_names_the_protocols_batch_key_when_the_processes_refuse_it(monkeypatch):
+def test_fit_names_its_batch_key_when_the_processes_refuse_it(monkeypatch):
     monkeypatch.setattr(loop.distributed, "world", lambda: distributed.World(0, 3, 0, "gloo"))
     with pytest.raises(ConfigError, match=r"^lbl \(3 processes\): key 'protocol\.batch_size' \(8\) is the global"):
         _fit()
+    with pytest.raises(ConfigError, match=r"^lbl \(3 processes\): key 'tune\.batch_size' \(8\) is the global"):
+        _fit(batch_key="tune.batch_size")
 
 
 def test_fit_logs_each_epoch_with_its_view_loss_and_accuracies(caplog):
     with caplog.at_level("INFO", logger="kdbench.train.loop"):
-        result = _fit(epochs=2)
+        result = _fit(epochs=2, evals={"val": _split(12, seed=1), "test": _split(9, seed=2)})
     lines = [r.getMessage() for r in caplog.records if " view " in r.getMessage()]
     assert [re.sub(r" \| \d+ samples/s$", "", m) for m in lines] == [
         f"lbl epoch {r['epoch'] + 1}/2 view {r['view']} loss {r['train_loss']:.4f} val_top1={r['val_top1']:.2f}"
-        for r in result.history]
+        f" test_top1={r['test_top1']:.2f}" for r in result.history]
+
+
+def test_fit_without_a_label_logs_the_bare_epoch(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("INFO", logger="kdbench.train.loop"):
+        fit(create_model("cnn_xs", K, 1, HW), _method("baseline"), TRAIN, {}, DATA, replace(PROTOCOL, epochs=1), 0, CPU)
+    assert caplog.records[-1].getMessage().startswith(" epoch 1/1 view 0 loss ")
+
+
+def test_fit_and_its_checkpoints_count_the_training_time_since_the_start(tmp_path, monkeypatch):
+    saved = []
+    monkeypatch.setattr(Checkpointing, "save", lambda self, state: saved.append(dict(state)))
+    t0 = time.perf_counter()
+    result = _fit(epochs=2, checkpoint=Checkpointing(tmp_path / "c.pt", {"k": 1}))
+    elapsed = time.perf_counter() - t0
+    assert 0 < saved[0]["train_time_s"] < saved[1]["train_time_s"] <= result.train_time_s <= elapsed
+    assert [s["world_size"] for s in saved] == [1, 1]
+
+
+def test_a_run_resumed_from_a_checkpoint_without_a_process_count_reads_it_as_one(tmp_path, caplog):
+    path = tmp_path / "c.pt"
+    _fit(epochs=1, checkpoint=Checkpointing(path, {"k": 1}, every=1))
+    state = torch.load(path, weights_only=True)
+    del state["world_size"]
+    torch.save(state, path)
+    with caplog.at_level("INFO", logger="kdbench.train.loop"):
+        assert _fit(epochs=2, checkpoint=Checkpointing(path, {"k": 1}, every=1)).resumed_at == [1]
+    assert not any("process(es)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_resumed_run_stopped_before_its_next_epoch_says_the_checkpoint_holds_its_epochs(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    _fit(epochs=1, checkpoint=Checkpointing(path, {"k": 1}, every=1))
+    monkeypatch.setattr(loop, "stop_requested", lambda: True)
+    with pytest.raises(Preempted) as e:
+        _fit(epochs=3, checkpoint=Checkpointing(path, {"k": 1}, every=1))
+    assert str(e.value).endswith(f"{path} holds 1 epoch(s); run the job again to resume") and not e.value.progressed
 
 
 def test_fit_on_a_row_subset_trains_those_rows_only():
@@ -661,18 +701,25 @@ def test_fit_checkpoints_every_nth_epoch_and_after_the_last(tmp_path, monkeypatc
     assert saved == [2, 4, 5]
 
 
-def test_a_stop_asked_at_the_end_of_an_epoch_starts_no_other_epoch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("after", [1, 2, 3])  # epochs of 3 done when the stop is asked
+def test_a_stop_asked_at_the_end_of_an_epoch_starts_no_other_epoch_and_the_last_epoch_completes(
+        tmp_path, monkeypatch, after):
     steps = _record_steps(monkeypatch)
     orig = _Run.evaluate
 
     def evaluate(self, row, evals):
         orig(self, row, evals)
-        ckpt.request_stop()
+        if row["epoch"] + 1 == after:
+            ckpt.request_stop()
 
     monkeypatch.setattr(_Run, "evaluate", evaluate)
-    with ckpt.stop_on_signal(), pytest.raises(Preempted, match=r"^lbl: stopped on request after 1 of 3 epochs"):
-        _fit(checkpoint=Checkpointing(tmp_path / "c.pt", {"k": 1}))
-    assert len(steps) == 4  # epoch 0's steps, none of epoch 1's
+    with ckpt.stop_on_signal():
+        if after == 3:  # the run is complete: nothing to stop
+            assert len(_fit(checkpoint=Checkpointing(tmp_path / "c.pt", {"k": 1})).history) == 3
+        else:
+            with pytest.raises(Preempted, match=rf"^lbl: stopped on request after {after} of 3 epochs"):
+                _fit(checkpoint=Checkpointing(tmp_path / "c.pt", {"k": 1}))
+    assert len(steps) == 4 * after  # no step of a further epoch
 
 
 def test_fit_says_where_it_resumes_and_when_the_checkpoint_had_other_processes(tmp_path, monkeypatch, caplog):

@@ -256,9 +256,10 @@ def fit(
         result.resumed_at = [*saved["resumed_at"], first]
         result.resumed_train_s = saved["train_time_s"]
         _logger.info("%s: resuming after epoch %d/%d from %s", label, first, protocol.epochs, checkpoint.path)
-        if saved.get("world_size", 1) != run.world.size:  # same global batches and order: only the rounding differs
+        written_by = saved.get("world_size", 1)  # (a checkpoint from before the key: one process)
+        if written_by != run.world.size:  # same global batches and order: only the rounding differs
             _logger.info("%s: the checkpoint was written by %d process(es), this run has %d; the global batch and the"
-                         " sample order do not depend on it", label, saved.get("world_size", 1), run.world.size)
+                         " sample order do not depend on it", label, written_by, run.world.size)
     base = (saved["teacher_forward"], saved["cache_bytes_read"]) if saved else (0, 0)
 
     def counters() -> tuple[int, int]:  # teacher forwards and cache bytes read, earlier runs and every process included
