@@ -629,7 +629,7 @@ def test_fit_trains_every_epoch_and_logs_one_line_per_history_row(tmp_path):
     assert result.resumed_at == [] and result.train_time_s > 0
 
 
-def _fit(tmp_path=None, epochs=3, checkpoint=None, rows=None, evals=None, **kw):
+def _fit(epochs=3, checkpoint=None, rows=None, evals=None, **kw):
     torch.manual_seed(0)
     evals = {"val": _split(12, seed=1)} if evals is None else evals
     return fit(create_model("cnn_xs", K, 1, HW), _method("baseline"), TRAIN, evals, DATA,

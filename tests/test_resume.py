@@ -160,13 +160,8 @@ def test_a_job_killed_mid_epoch_resumes_to_the_uninterrupted_record(setup, refer
 
 def fake_scontrol(monkeypatch, tmp_path: Path) -> Path:
     """Runs the test inside SLURM job 4242 with an ``scontrol`` that appends its arguments to the file returned."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     calls = tmp_path / "scontrol.calls"
-    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _scontrol(monkeypatch, tmp_path, f'echo "$@" >> {calls}')
     return calls
 
 
