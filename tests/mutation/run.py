@@ -207,10 +207,10 @@ def device_only(removed: str, added: str) -> bool:
         return True
     line, target = re.sub(r"\s+", "", removed), _squeezed(added)
     for m in _POSITIONAL_DEVICE.finditer(line):
-        nulled = line[:m.start()] + "None" + line[m.end():]
-        last = line[m.end()] == ")"
-        dropped = (line[:m.start()] + line[m.end():]) if last else None
-        if _squeezed(nulled) == target or (dropped is not None and _squeezed(dropped) == target):
+        before, after = line[:m.start()], line[m.end():]
+        # Dropped: only a last argument leaves a line a mutant can equal ("f(a,)"); one before another leaves
+        # ",," or "(," where the mutant, whose later arguments shift into its place, has one comma.
+        if target in (_squeezed(before + "None" + after), _squeezed(before + after)):
             return True
     return False
 
